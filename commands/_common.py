@@ -1,0 +1,71 @@
+"""What every command shares: the output sink and the option aliases. CLI layer only."""
+
+from __future__ import annotations
+
+import enum
+import sys
+from typing import Annotated, Any, Sequence
+
+import typer
+
+from granite_cli import render
+
+
+class Format(str, enum.Enum):
+    table = "table"
+    json = "json"
+    csv = "csv"
+    md = "md"
+
+
+FormatOpt = Annotated[
+    Format,
+    typer.Option("--format", "-f", help="Output format: table (for people), json, csv or md. Data goes to stdout."),
+]
+
+
+def out(text: str) -> None:
+    """Data to stdout."""
+    sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    sys.stdout.flush()
+
+
+def say(msg: str) -> None:
+    """Messages and progress to stderr, so stdout stays parseable."""
+    sys.stderr.write(msg + "\n")
+    sys.stderr.flush()
+
+
+def emit_rows(
+    rows: Sequence[dict],
+    fmt: Format,
+    *,
+    columns: Sequence[str] | None = None,
+    headers: dict[str, str] | None = None,
+    json_obj: Any = None,
+    title: str | None = None,
+    formatters: dict[str, Any] | None = None,
+) -> None:
+    """Render rows in the chosen format. json prints `json_obj` (default: the rows list)."""
+    if fmt is Format.json:
+        out(render.to_json(json_obj if json_obj is not None else list(rows)))
+    elif fmt is Format.csv:
+        out(render.to_csv(rows, columns))
+    elif fmt is Format.md:
+        out(render.to_markdown(rows, columns, headers))
+    else:
+        _rich_table(rows, columns, headers or {}, title, formatters or {})
+
+
+def _rich_table(rows, columns, headers, title, formatters) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    cols = render.columns_of(rows, columns)
+    t = Table(title=title, show_lines=False, header_style="bold")
+    for c in cols:
+        t.add_column(headers.get(c, c), overflow="fold")
+    for r in rows:
+        t.add_row(*[(formatters[c](r.get(c)) if c in formatters else render._cell(r.get(c))) for c in cols])
+    # Off a terminal Rich would wrap at 80 columns; keep rows whole for pipes and logs.
+    Console(file=sys.stdout, soft_wrap=False, width=None if sys.stdout.isatty() else 200).print(t)

@@ -1,0 +1,3 @@
+from granite_cli.app import main
+
+main()

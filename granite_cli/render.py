@@ -1,0 +1,82 @@
+"""Rows → text for the machine formats (json, csv, md). Knows nothing about what the rows mean.
+
+The human table (Rich) lives in the CLI layer; the core never imports Rich.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from typing import Any, Iterable, Sequence
+
+
+def _json_safe(v: Any) -> Any:
+    """NaN and infinities become null so every JSON document we print parses with json.loads."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {str(k): _json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_json_safe(x) for x in v]
+    return v
+
+
+def to_json(obj: Any) -> str:
+    return json.dumps(_json_safe(obj), indent=2, allow_nan=False)
+
+
+def columns_of(rows: Sequence[dict], columns: Sequence[str] | None = None) -> list[str]:
+    if columns:
+        return list(columns)
+    cols: list[str] = []
+    for r in rows:
+        for k in r:
+            if k not in cols:
+                cols.append(k)
+    return cols
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    if isinstance(v, (list, tuple)):
+        return " ".join(_cell(x) for x in v)
+    return str(v)
+
+
+def to_csv(rows: Sequence[dict], columns: Sequence[str] | None = None) -> str:
+    cols = columns_of(rows, columns)
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(cols)
+    for r in rows:
+        w.writerow([_cell(r.get(c)) for c in cols])
+    return buf.getvalue()
+
+
+def to_markdown(rows: Sequence[dict], columns: Sequence[str] | None = None, headers: dict[str, str] | None = None) -> str:
+    cols = columns_of(rows, columns)
+    headers = headers or {}
+    lines = ["| " + " | ".join(headers.get(c, c) for c in cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for r in rows:
+        lines.append("| " + " | ".join(_cell(r.get(c)).replace("|", "\\|") for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def human_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"  # pragma: no cover
+
+
+def iter_lines(text: str) -> Iterable[str]:
+    return text.splitlines()
