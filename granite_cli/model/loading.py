@@ -1,0 +1,212 @@
+"""Build a model from a profile, config.json or checkpoint folder: random weights at real shapes,
+or a Hugging Face safetensors checkpoint (single file or sharded with an index), read lazily.
+
+Construction happens on the meta device; parameters are then allocated once, directly on the
+target device and in the target dtype, and filled in place (no CPU materialisation first).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from granite_cli.config import ModelConfig, export_hf_config, load_config
+from granite_cli.errors import InputError
+from granite_cli.model.model import GraniteModel
+from granite_cli.model.names import IGNORED_CKPT_SUFFIXES, checkpoint_entries
+from granite_cli.safetensors_io import SafetensorsFile, write_safetensors
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "f32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "f16": torch.float16,
+}
+
+
+def parse_dtype(d: str | torch.dtype | None, default: str = "float32") -> torch.dtype:
+    if isinstance(d, torch.dtype):
+        return d
+    key = (d or default).lower()
+    if key not in _DTYPES:
+        raise InputError(f"unknown dtype {d!r}; use fp32, bf16 or fp16")
+    return _DTYPES[key]
+
+
+def build_empty(cfg: ModelConfig, dtype: torch.dtype, device: str | torch.device = "cpu") -> GraniteModel:
+    """Parameters allocated (uninitialised) on `device` in `dtype`; `device='meta'` allocates nothing."""
+    with torch.device("meta"):
+        model = GraniteModel(cfg).to(dtype)
+    if torch.device(device).type != "meta":
+        model = model.to_empty(device=device)
+    model.requires_grad_(False)
+    return model.eval()
+
+
+# A prime-length block of random values, tiled with a per-tensor random offset: large tensors get
+# distinct, well-spread values at memory speed (normal_ on billions of elements takes minutes on a CPU).
+_TILE = 1_000_003
+
+
+@torch.no_grad()
+def init_random(model: GraniteModel, seed: int = 0) -> None:
+    """Initialise in place with the std-0.02 normal scheme of the reference; Mamba's A_log = log(1..H),
+    D = 1, dt_bias = softplus⁻¹ of dt log-uniform in [1e-3, 1e-1]; norms = 1."""
+    cfg = model.cfg
+    dev = model.device
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    tile = (torch.randn(_TILE, generator=g) * 0.02).to(device=dev, dtype=model.dtype)
+    for name, p in model.named_parameters():
+        leaf = name.rsplit(".", 1)[-1]
+        if "norm" in name and leaf == "weight":
+            p.fill_(1.0)
+        elif leaf == "A_log":
+            p.copy_(torch.log(torch.arange(1, p.numel() + 1, dtype=torch.float32)))
+        elif leaf == "D":
+            p.fill_(1.0)
+        elif leaf == "dt_bias":
+            dt = torch.exp(torch.rand(p.numel(), generator=g) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+            p.copy_(dt + torch.log(-torch.expm1(-dt)))
+        elif leaf == "bias":
+            p.zero_()
+        elif p.numel() <= _TILE:
+            p.copy_((torch.randn(p.shape, generator=g) * 0.02).to(p.dtype))
+        else:
+            flat = p.view(-1)
+            off = int(torch.randint(0, _TILE, (1,), generator=g))
+            done = 0
+            while done < flat.numel():
+                n = min(_TILE - off, flat.numel() - done)
+                flat[done : done + n].copy_(tile[off : off + n])
+                done += n
+                off = 0
+    del tile, cfg
+
+
+def _checkpoint_folder(spec) -> Path:
+    p = Path(str(spec))
+    if p.is_dir():
+        return p
+    if p.is_file() and p.name.endswith(".json"):
+        return p.parent
+    raise InputError(f"{spec}: weights='checkpoint' needs a checkpoint folder (config.json + safetensors); "
+                     "for a profile use weights='random'")
+
+
+def checkpoint_files(folder: Path) -> dict[str, Path]:
+    """Map tensor name → safetensors file, from model.safetensors.index.json or the lone file."""
+    idx = folder / "model.safetensors.index.json"
+    if idx.is_file():
+        try:
+            wm = json.loads(idx.read_text())["weight_map"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError):
+            raise InputError(f"{idx}: not a valid safetensors index (no weight_map)") from None
+        out = {}
+        for name, fname in wm.items():
+            f = folder / fname
+            if not f.is_file():
+                raise InputError(f"{idx}: shard {fname} is named in the index but missing from {folder}")
+            out[name] = f
+        return out
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise InputError(f"{folder}: no .safetensors files and no model.safetensors.index.json")
+    out = {}
+    for f in files:
+        for name in SafetensorsFile(f).keys():
+            out[name] = f
+    return out
+
+
+@torch.no_grad()
+def load_weights(model: GraniteModel, folder: Path) -> None:
+    """Fill the model's parameters from the checkpoint in `folder`, checking every name and shape."""
+    cfg = model.cfg
+    where = checkpoint_files(folder)
+    entries = checkpoint_entries(cfg)
+    params = dict(model.named_parameters())
+    expected = {e.ckpt for e in entries}
+    missing = [e.ckpt for e in entries if e.ckpt not in where]
+    extra = [k for k in where if k not in expected and not k.endswith(IGNORED_CKPT_SUFFIXES)
+             and not (k == "lm_head.weight" and cfg.tie_word_embeddings)]
+    if missing:
+        raise InputError(f"{folder}: checkpoint is missing {len(missing)} tensor(s), e.g. {', '.join(missing[:3])}")
+    if extra:
+        raise InputError(f"{folder}: checkpoint has {len(extra)} unexpected tensor(s), e.g. {', '.join(extra[:3])}")
+    files: dict[Path, SafetensorsFile] = {}
+    bad = []
+    for e in entries:
+        f = files.setdefault(where[e.ckpt], SafetensorsFile(where[e.ckpt]))
+        dst = params[e.param][e.index] if e.index else params[e.param]
+        if tuple(f.shape(e.ckpt)) != tuple(dst.shape):
+            bad.append(f"{e.ckpt} {list(f.shape(e.ckpt))} (expected {list(dst.shape)})")
+            continue
+        dst.copy_(f.tensor(e.ckpt))
+    if bad:
+        raise InputError(f"{folder}: {len(bad)} tensor(s) have the wrong shape for config.json, e.g. {'; '.join(bad[:3])}")
+
+
+def load_model(
+    model: str | Path | ModelConfig,
+    weights: str = "random",
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+) -> GraniteModel:
+    """A ready-to-run model.
+
+    model: a profile name, a config.json path, a checkpoint folder, or a ModelConfig.
+    weights: "random" (real shapes, random values; no files needed) or "checkpoint".
+    dtype: fp32 / bf16 / fp16 (default: the config's torch_dtype). device: any torch device, or "meta".
+    """
+    cfg = load_config(model)
+    dt = parse_dtype(dtype, cfg.torch_dtype)
+    if weights not in ("random", "checkpoint"):
+        raise InputError(f"weights must be 'random' or 'checkpoint', got {weights!r}")
+    m = build_empty(cfg, dt, device)
+    if torch.device(device).type == "meta":
+        return m
+    if weights == "random":
+        init_random(m, seed)
+    else:
+        load_weights(m, _checkpoint_folder(model))
+    return m
+
+
+@torch.no_grad()
+def save_checkpoint(model: GraniteModel, folder: str | Path, shard_bytes: int | None = None) -> Path:
+    """Write config.json + safetensors (sharded with an index when shard_bytes is given) in the
+    Hugging Face layout of the model's architecture."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = model.cfg
+    dtname = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[model.dtype]
+    export_hf_config(cfg.replace(torch_dtype=dtname), folder)
+    params = dict(model.named_parameters())
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for e in checkpoint_entries(cfg):
+        t = params[e.param][e.index] if e.index else params[e.param]
+        nb = t.numel() * t.element_size()
+        if shard_bytes and shards[-1] and size + nb > shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][e.ckpt] = t
+        size += nb
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        write_safetensors(folder / "model.safetensors", shards[0], meta)
+    else:
+        n = len(shards)
+        wm = {}
+        for i, s in enumerate(shards, 1):
+            fname = f"model-{i:05d}-of-{n:05d}.safetensors"
+            write_safetensors(folder / fname, s, meta)
+            wm.update({k: fname for k in s})
+        total = sum(t.numel() * t.element_size() for s in shards for t in s.values())
+        (folder / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": wm}, indent=2) + "\n"
+        )
+    return folder

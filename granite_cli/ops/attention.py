@@ -1,0 +1,35 @@
+"""Causal grouped-query attention over a key/value prefix, without copying KV heads.
+
+q [b, hq, t, d]; k, v [b, hkv, s, d] with s ≥ t: the t queries are the last t positions of the s
+keys (bottom-right causal alignment). Returns [b, hq, t, d].
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+_cpu_flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    t, s = q.shape[2], k.shape[2]
+    gqa = q.shape[1] != k.shape[1]
+    if s == t:  # a fresh prefill: the flash kernel's causal mask is exactly ours
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    if t == 1:  # decode: the one query sees every key
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
+    off = s - t
+    if q.device.type == "cpu" and _cpu_flash is not None and q.dtype in (torch.float32, torch.bfloat16, torch.float16):
+        # Continuation: prefix keys unmasked, then the new block causally; merge by log-sum-exp.
+        rep = q.shape[1] // k.shape[1]
+        kp, vp = k[:, :, :off], v[:, :, :off]
+        kn, vn = k[:, :, off:], v[:, :, off:]
+        if rep > 1:
+            kp, vp, kn, vn = (x.repeat_interleave(rep, dim=1) for x in (kp, vp, kn, vn))
+        o1, l1 = _cpu_flash(q, kp, vp, 0.0, False, scale=scale)
+        o2, l2 = _cpu_flash(q, kn, vn, 0.0, True, scale=scale)
+        lse = torch.logaddexp(l1, l2)
+        return o1 * torch.exp(l1 - lse)[..., None].to(o1.dtype) + o2 * torch.exp(l2 - lse)[..., None].to(o2.dtype)
+    mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(off)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)

@@ -1,0 +1,147 @@
+"""Small functional ops with the numerics of the reference implementation (forward-spec.md §10)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm: statistics in fp32, cast back to the input dtype, then × weight (in that dtype)."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def gated_rms_norm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float, group_size: int) -> torch.Tensor:
+    """Mamba-2 gated RMSNorm (norm_before_gate=False): v = y·silu(z) in fp32, normalised over
+    groups of `group_size`, × weight. y is the fp32 scan output; the result is fp32."""
+    v = y.float() * F.silu(z.float())
+    shape = v.shape
+    vg = v.view(*shape[:-1], shape[-1] // group_size, group_size)
+    vg = vg * torch.rsqrt(vg.pow(2).mean(-1, keepdim=True) + eps)
+    return weight.float() * vg.view(shape)
+
+
+def causal_conv1d(
+    xbc: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, conv_state: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal depthwise conv + SiLU over time.
+
+    xbc [b, t, c]; weight [c, 1, k]; bias [c]; conv_state [b, c, k-1] holds the k-1 inputs before
+    this block (None = zeros, a fresh sequence). Returns (out [b, t, c], new_state [b, c, k-1]).
+    """
+    k = weight.shape[-1]
+    xt = xbc.transpose(1, 2)  # [b, c, t]
+    if conv_state is None:
+        pad = xt.new_zeros(xt.shape[0], xt.shape[1], k - 1)
+    else:
+        pad = conv_state.to(xt.dtype)
+    full = torch.cat([pad, xt], dim=-1)  # [b, c, k-1+t]
+    out = F.conv1d(full, weight, bias, groups=weight.shape[0])  # [b, c, t]
+    new_state = full[:, :, -(k - 1):] if k > 1 else full[:, :, :0]
+    return F.silu(out).transpose(1, 2), new_state
+
+
+def causal_conv1d_step(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, conv_state: torch.Tensor
+) -> torch.Tensor:
+    """One token: x [b, c]; conv_state [b, c, k-1] is shifted in place. Returns silu(conv) [b, c]."""
+    w = weight[:, 0, :]  # [c, k]
+    k = w.shape[-1]
+    out = torch.einsum("bck,ck->bc", conv_state, w[:, : k - 1]) + x * w[:, k - 1]
+    if bias is not None:
+        out = out + bias
+    if k > 1:
+        conv_state.copy_(torch.cat([conv_state[:, :, 1:], x[:, :, None].to(conv_state.dtype)], dim=-1))
+    return F.silu(out)
+
+
+# ---- rotary position embedding ------------------------------------------------------------------
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> torch.Tensor:
+    """inv_freq [head_dim/2] in fp32, with Llama-3 frequency scaling when `scaling` says so."""
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim))
+    if not scaling or scaling.get("rope_type", scaling.get("type")) in (None, "default"):
+        return inv
+    # Llama 3: long wavelengths are divided by `factor`, short ones kept, the band between blended.
+    factor = float(scaling["factor"])
+    lo, hi = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    old = float(scaling["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv
+    low_wl, high_wl = old / lo, old / hi
+    scaled = torch.where(wavelen > low_wl, inv / factor, inv)
+    smooth = (old / wavelen - lo) / (hi - lo)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= high_wl) & (wavelen <= low_wl)
+    return torch.where(medium, blended, scaled)
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, start: int, length: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [length, head_dim] for positions start..start+length-1 (half-split layout)."""
+    pos = torch.arange(start, start + length, device=device, dtype=torch.float32)
+    freqs = pos[:, None] * inv_freq.to(device)[None, :]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [b, heads, t, d]; rotate_half convention (first half / second half pairs)."""
+    h = x.shape[-1] // 2
+    rot = torch.cat([-x[..., h:], x[..., :h]], dim=-1)
+    return x * cos + rot * sin
+
+
+# ---- mixture of experts ------------------------------------------------------------------------
+
+
+def route(logits: torch.Tensor, k: int, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k routing from router logits [tokens, E] (any dtype; done in fp32).
+
+    mode "topk_softmax": softmax over the k selected logits (Granite; equals vLLM renormalize).
+    mode "softmax_topk": softmax over all E, take the top k (Qwen3-MoE with norm_topk_prob=False).
+    mode "softmax_topk_norm": the same, renormalised to sum to 1 (norm_topk_prob=True).
+    Returns fp32 weights [tokens, k] and expert ids [tokens, k].
+    """
+    lf = logits.float()
+    if mode == "topk_softmax":
+        top, ids = lf.topk(k, dim=-1)
+        return torch.softmax(top, dim=-1), ids
+    probs = torch.softmax(lf, dim=-1)
+    w, ids = probs.topk(k, dim=-1)
+    if mode == "softmax_topk_norm":
+        w = w / w.sum(-1, keepdim=True)
+    return w, ids
+
+
+def moe_experts(
+    x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
+) -> torch.Tensor:
+    """Routed SwiGLU experts, tokens grouped by expert (one GEMM pair per expert hit).
+
+    x [tokens, D]; w_in [E, 2I, D] (gate rows first, then up); w_out [E, D, I];
+    weights [tokens, k] (cast to x's dtype before use, as the reference does); ids [tokens, k].
+    Returns [tokens, D] in x's dtype.
+    """
+    n, k = ids.shape
+    i_w = w_in.shape[1] // 2
+    out = torch.zeros_like(x)
+    flat = ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=w_in.shape[0]).tolist()
+    tok = order // k
+    wsel = weights.to(x.dtype).reshape(-1)[order]
+    start = 0
+    for e, c in enumerate(counts):
+        if c == 0:
+            continue
+        t_idx = tok[start : start + c]
+        h = F.linear(x[t_idx], w_in[e])  # [c, 2I]
+        m = F.silu(h[:, :i_w]) * h[:, i_w:]
+        o = F.linear(m, w_out[e]) * wsel[start : start + c, None]
+        out.index_add_(0, t_idx, o)
+        start += c
+    return out

@@ -1,0 +1,148 @@
+"""Mamba-2 SSD: the chunked scan (the reference path) and a naive recurrence (the oracle).
+
+Shapes (b batch, t tokens, h heads, p head dim, g groups, n state; heads h use group h // (h/g)):
+    x  [b, t, h, p]   dt [b, t, h] (already softplus'ed and clamped; fp32)   A [h] (= -exp(A_log), fp32)
+    B  [b, t, g, n]   C  [b, t, g, n]   D [h] or None   initial_state [b, h, p, n] or None
+Returns y [b, t, h, p] (fp32) and the final state [b, h, p, n] (fp32).
+
+Recurrence per head: S_t = exp(dt_t A) S_{t-1} + dt_t x_t ⊗ B_t ;  y_t = S_t C_t + D x_t.
+
+The chunked form walks the sequence one chunk of `chunk_size` tokens at a time, so its working
+memory is O(b·h·chunk² + b·h·p·n) whatever the sequence length (never O(t²), and never the
+broadcast-then-sum (b, chunks, Q, Q, h, n) tensors of the older transformers torch path). Within a
+chunk: the intra-chunk term is attention with a decay mask (L ∘ CBᵀ)·(dt x); the entry state
+contributes exp(cumsum) · C·S; the chunk's own contribution to the state is a single GEMM per group.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def segsum_exp(dA: torch.Tensor) -> torch.Tensor:
+    """exp of the stable segment sums of dA [..., q] → [..., q, q], zero above the diagonal.
+
+    out[..., i, j] = exp(Σ_{k=j+1..i} dA_k) for i ≥ j. Computed as a masked cumsum rather than a
+    difference of cumsums, which loses precision when the cumsum grows large (forward-spec.md §5.2).
+    """
+    q = dA.shape[-1]
+    x = dA[..., None].expand(*dA.shape, q)  # x[..., k, j] = dA_k
+    strict = torch.ones(q, q, dtype=torch.bool, device=dA.device).tril(-1)
+    x = x.masked_fill(~strict, 0.0)  # keep k > j
+    s = torch.cumsum(x, dim=-2)  # s[..., i, j] = Σ_{j<k≤i} dA_k
+    s.masked_fill_(~strict.logical_or(torch.eye(q, dtype=torch.bool, device=dA.device)), float("-inf"))
+    return s.exp_()
+
+
+def ssd_chunked(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    chunk_size: int,
+    D: torch.Tensor | None = None,
+    initial_state: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunked SSD scan. See the module docstring for shapes; returns (y, final_state), both fp32."""
+    b, t, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    hg = h // g
+    f32 = torch.float32
+    A = A.to(f32)
+    y = torch.empty(b, t, h, p, dtype=f32, device=x.device)
+    state = (
+        initial_state.to(f32).clone() if initial_state is not None else torch.zeros(b, h, p, n, dtype=f32, device=x.device)
+    )
+    have_state = initial_state is not None
+    for s in range(0, t, chunk_size):
+        e = min(s + chunk_size, t)
+        q = e - s
+        dtc = dt[:, s:e].to(f32)  # [b, q, h]
+        xt = x[:, s:e].to(f32) * dtc[..., None]  # dt·x  [b, q, h, p]
+        Bc = B[:, s:e].to(f32).transpose(1, 2)  # [b, g, q, n]
+        Cc = C[:, s:e].to(f32).transpose(1, 2)  # [b, g, q, n]
+        dA = (dtc * A).transpose(1, 2)  # [b, h, q]
+        Acs = torch.cumsum(dA, dim=-1)  # [b, h, q]
+
+        # intra-chunk: Y_diag = (L ∘ C Bᵀ) · (dt x), per head
+        L = segsum_exp(dA)  # [b, h, q, q]
+        CB = Cc @ Bc.transpose(-1, -2)  # [b, g, q, q]
+        M = L.view(b, g, hg, q, q).mul_(CB[:, :, None])  # [b, g, hg, q, q]
+        xt_h = xt.permute(0, 2, 1, 3)  # [b, h, q, p]
+        yc = (M.view(b, h, q, q) @ xt_h).permute(0, 2, 1, 3)  # [b, q, h, p]
+
+        if have_state:
+            # entry state → output: exp(Acs_t) · (C_t · S), one GEMM per group over (heads·p)
+            Sg = state.view(b, g, hg * p, n)  # [b, g, hg·p, n]
+            off = (Cc @ Sg.transpose(-1, -2)).view(b, g, q, hg, p)  # [b, g, q, hg, p]
+            off = off.permute(0, 2, 1, 3, 4).reshape(b, q, h, p)
+            yc = yc + off * Acs.exp().transpose(1, 2)[..., None]
+        y[:, s:e] = yc
+
+        # chunk state: S ← exp(Acs_last)·S + Σ_s exp(Acs_last − Acs_s) (dt x)_s ⊗ B_s
+        w = (Acs[:, :, -1:] - Acs).exp_().transpose(1, 2)  # [b, q, h]
+        xw = (xt * w[..., None]).view(b, q, g, hg * p).permute(0, 2, 3, 1)  # [b, g, hg·p, q]
+        S_loc = (xw @ Bc).view(b, h, p, n)  # [b, h, p, n]
+        state.mul_(Acs[:, :, -1].exp()[..., None, None]).add_(S_loc)
+        have_state = True
+    if D is not None:
+        y.add_(x.to(f32) * D.to(f32)[:, None])
+    return y, state
+
+
+def ssd_naive(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    chunk_size: int = 0,
+    D: torch.Tensor | None = None,
+    initial_state: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sequential fp32 recurrence, token by token: the oracle for `ssd_chunked` (same signature;
+    `chunk_size` is ignored)."""
+    b, t, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    f32 = torch.float32
+    idx = torch.arange(h, device=x.device) // (h // g)
+    Bh = B.to(f32)[:, :, idx]  # [b, t, h, n]
+    Ch = C.to(f32)[:, :, idx]
+    S = initial_state.to(f32).clone() if initial_state is not None else torch.zeros(b, h, p, n, dtype=f32, device=x.device)
+    ys = []
+    for i in range(t):
+        dti = dt[:, i].to(f32)  # [b, h]
+        a = torch.exp(dti * A.to(f32))  # [b, h]
+        S = S * a[..., None, None] + (dti[..., None] * x[:, i].to(f32))[..., None] * Bh[:, i, :, None, :]
+        yi = (S @ Ch[:, i, :, :, None]).squeeze(-1)  # [b, h, p]
+        if D is not None:
+            yi = yi + D.to(f32)[:, None] * x[:, i].to(f32)
+        ys.append(yi)
+    return torch.stack(ys, dim=1), S
+
+
+def ssd_step(
+    state: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One decode step, updating `state` [b, h, p, n] in place. x [b, h, p], dt [b, h] (fp32,
+    softplus'ed), B, C [b, g, n]. Returns y [b, h, p] in fp32."""
+    b, h, p, n = state.shape
+    g = B.shape[1]
+    f32 = torch.float32
+    dA = torch.exp(dt * A)  # [b, h]
+    xf = x.to(f32)
+    S = state.view(b, g, h // g, p, n)
+    S.mul_(dA.view(b, g, h // g, 1, 1).to(state.dtype))
+    dtx = (dt[..., None] * xf).view(b, g, h // g, p, 1)
+    S.addcmul_(dtx.to(state.dtype), B.to(state.dtype)[:, :, None, None, :])
+    y = (S.to(f32) @ C.to(f32)[:, :, None, :, None]).view(b, h, p)
+    if D is not None:
+        y = y + D.to(f32)[:, None] * xf
+    return y

@@ -1,0 +1,114 @@
+"""Lazy safetensors reading: a validated header and zero-copy tensor views over an mmap.
+
+Format: 8-byte little-endian header length N, N bytes of JSON {name: {dtype, shape, data_offsets}},
+then the data. A tensor here is a view of the mapped file, so loading copies each tensor exactly
+once, into its destination parameter (with the dtype cast), and the page cache does the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+import warnings
+from pathlib import Path
+
+import torch
+
+from granite_cli.errors import InputError
+
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+NAMES = {v: k for k, v in DTYPES.items()}
+
+
+class SafetensorsFile:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        try:
+            size = os.path.getsize(self.path)
+            fh = open(self.path, "rb")
+        except OSError as e:
+            raise InputError(f"{self.path}: cannot open safetensors file ({e.strerror})") from None
+        with fh:
+            if size < 8:
+                raise InputError(f"{self.path}: truncated safetensors file ({size} bytes); re-download or re-convert it")
+            (n,) = struct.unpack("<Q", fh.read(8))
+            if n > size - 8 or n > 100 * 2**20:
+                raise InputError(f"{self.path}: corrupt safetensors header (length {n} in a {size}-byte file)")
+            try:
+                header = json.loads(fh.read(n))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                raise InputError(f"{self.path}: corrupt safetensors header (not valid JSON)") from None
+            self.metadata = header.pop("__metadata__", {}) or {}
+            self.data_start = 8 + n
+            self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+            data_len = size - self.data_start
+            for name, info in header.items():
+                try:
+                    dt = DTYPES[info["dtype"]]
+                    shape = tuple(int(x) for x in info["shape"])
+                    start, end = (int(x) for x in info["data_offsets"])
+                except (KeyError, TypeError, ValueError):
+                    raise InputError(f"{self.path}: corrupt safetensors header entry for {name!r}") from None
+                numel = 1
+                for s in shape:
+                    numel *= s
+                if end - start != numel * dt.itemsize or not 0 <= start <= end <= data_len:
+                    raise InputError(
+                        f"{self.path}: tensor {name!r} lies outside the file or has the wrong byte size "
+                        "(truncated or corrupt file)"
+                    )
+                self.entries[name] = (dt, shape, start, end)
+            self._mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY) if size > 0 else None
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.entries[name][1]
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.entries[name][0]
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """A zero-copy CPU view of the tensor's bytes in the mapped file."""
+        dt, shape, start, end = self.entries[name]
+        if end == start:
+            return torch.empty(shape, dtype=dt)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            flat = torch.frombuffer(self._mm, dtype=dt, count=(end - start) // dt.itemsize, offset=self.data_start + start)
+        return flat.view(shape)
+
+    def close(self) -> None:
+        self._mm = None
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write tensors to `path` through a temporary name, renamed only when complete."""
+    header: dict = {}
+    if metadata:
+        header["__metadata__"] = metadata
+    off = 0
+    order = list(tensors)
+    for name in order:
+        t = tensors[name]
+        nb = t.numel() * t.element_size()
+        header[name] = {"dtype": NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [off, off + nb]}
+        off += nb
+    hb = json.dumps(header, separators=(",", ":")).encode()
+    hb += b" " * (-len(hb) % 8)  # align the data section to 8 bytes
+    tmp = path.with_name(f".{path.name}.partial")
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(hb)))
+        f.write(hb)
+        for name in order:
+            t = tensors[name].detach().contiguous().cpu()
+            if t.numel():
+                f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+    os.replace(tmp, path)
