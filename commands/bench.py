@@ -1,10 +1,222 @@
-"""`granite bench` (placeholder until the bench issue lands)."""
+"""`granite bench`: context x batch sweeps of prefill and decode, with scaling fits and verdicts."""
 
 from __future__ import annotations
 
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
 
-def bench() -> None:
-    """Sweep context and batch: prefill and decode throughput, latency and memory."""
-    from granite_cli.errors import GraniteError
+import typer
 
-    raise GraniteError("granite bench is not implemented yet")
+from granite_cli.commands._common import Format, FormatOpt, emit_rows, say
+
+COLUMNS = ["model", "batch", "ctx", "phase", "status", "tokens_per_s", "latency_ms", "stdev_s", "peak_delta_bytes"]
+HEADERS = {"tokens_per_s": "tok/s", "latency_ms": "latency ms", "stdev_s": "stdev s", "peak_delta_bytes": "peak +mem"}
+
+
+def _fmt_num(v):
+    return "" if v is None else (f"{v:,.1f}" if v >= 10 else f"{v:.3f}")
+
+
+def bench(
+    model: Annotated[Optional[list[str]], typer.Option("--model", "-m", help="Profile, config.json or checkpoint folder (repeatable).")] = None,
+    ctx: Annotated[Optional[str], typer.Option(help="Contexts: 1k,4k,128k or a range 1k-128k*2 / 512-4k+512.")] = None,
+    batch: Annotated[Optional[str], typer.Option(help="Batch sizes: 1,4 or a range 1-16*2.")] = None,
+    phase: Annotated[str, typer.Option(help="prefill, decode, or prefill,decode.")] = "prefill,decode",
+    gen: Annotated[int, typer.Option(help="Decode tokens timed per repetition.")] = 16,
+    dtype: Annotated[Optional[str], typer.Option(help="fp32, bf16 or fp16 (default: fp32 on CPU, bf16 on GPU).")] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
+    reps: Annotated[Optional[int], typer.Option(help="Timed repetitions per case (default 3; 1 above 16k on a CPU).")] = None,
+    warmup: Annotated[Optional[int], typer.Option(help="Untimed runs per case (default 1; 0 above 16k on a CPU).")] = None,
+    ubatch: Annotated[int, typer.Option(help="Prefill tokens per forward (chunked prefill).")] = 4096,
+    sweep: Annotated[Optional[Path], typer.Option(help="TOML sweep file (the same fields as the options).")] = None,
+    max_case_seconds: Annotated[float, typer.Option(help="Skip cases the fitted curve predicts to take longer.")] = 1800.0,
+    out: Annotated[Optional[Path], typer.Option(help="Write report.md, rows.jsonl and plots into this folder.")] = None,
+    jsonl: Annotated[Optional[Path], typer.Option(help="Append each row to this JSONL file as it finishes.")] = None,
+    resume: Annotated[bool, typer.Option(help="Skip cases already finished in the JSONL file.")] = False,
+    baseline: Annotated[Optional[Path], typer.Option(help="Earlier rows (JSONL or --format json output) to compare with.")] = None,
+    fail_on_regression: Annotated[Optional[str], typer.Option(help="With --baseline: exit 3 if tokens/s drops by more, e.g. 10%.")] = None,
+    check: Annotated[bool, typer.Option(help="Exit 3 when a scaling claim is not reproduced.")] = False,
+    seed: Annotated[int, typer.Option(help="Seed for random weights and inputs.")] = 0,
+    fmt: FormatOpt = Format.table,
+) -> None:
+    """Sweep context and batch: prefill and decode throughput, latency and memory; fit the scaling.
+
+    With no arguments: on a CPU, cpu-hybrid vs cpu-dense over 512-8k at batch 1 and 4; on a GPU,
+    granite-4.0-h-micro vs granite-4.0-micro with random bf16 weights over 1k-32k.
+
+    Examples: granite bench --ctx 128k;  granite bench -m granite-4.0-h-tiny --ctx 1k-32k*2 --batch 1,8 --out rep/
+    """
+    from granite_cli.bench import analysis as an
+    from granite_cli.bench.report import write_report
+    from granite_cli.bench.rows import JsonlStore, finished_keys
+    from granite_cli.bench.runner import Runner, estimate_seconds, matmul_gflops
+    from granite_cli.bench.spec import SweepSpec, load_sweep_file, parse_list
+    from granite_cli.errors import CheckFailed, InputError
+    from granite_cli.model.loading import parse_dtype
+
+    import torch
+
+    fields = load_sweep_file(sweep) if sweep else {}
+    dev = fields.get("device", device)
+    if dev == "auto":
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+    gpu = dev.startswith("cuda")
+    user_ctx = ctx is not None or "ctx" in fields
+    models = model or fields.get("models") or (["granite-4.0-h-micro", "granite-4.0-micro"] if gpu else ["cpu-hybrid", "cpu-dense"])
+    ctxs = parse_list(ctx, "context") if ctx else fields.get("ctx") or parse_list("1k-32k*2" if gpu else "512-8k*2", "context")
+    batches = parse_list(batch, "batch") if batch else fields.get("batch") or ([1] if user_ctx else [1, 4])
+    long_cpu = not gpu and max(ctxs) > 16384
+    spec = SweepSpec(
+        models=list(models), ctx=ctxs, batch=batches,
+        phases=[p.strip() for p in (fields.get("phases") or phase.split(",")) if p.strip()],
+        gen=fields.get("gen", gen), dtype=fields.get("dtype", dtype or ("bf16" if gpu else "fp32")), device=dev,
+        reps=reps if reps is not None else fields.get("reps", 1 if long_cpu else 3),
+        warmup=warmup if warmup is not None else fields.get("warmup", 0 if long_cpu else 1),
+        ubatch=fields.get("ubatch", ubatch), max_case_seconds=fields.get("max_case_seconds", max_case_seconds),
+        seed=fields.get("seed", seed),
+    ).validate()
+    parse_dtype(spec.dtype)
+    threshold = None
+    if fail_on_regression is not None:
+        if baseline is None:
+            raise InputError("--fail-on-regression needs --baseline FILE")
+        try:
+            threshold = float(fail_on_regression.rstrip("%")) / (100 if fail_on_regression.endswith("%") else 1)
+        except ValueError:
+            raise InputError(f"bad --fail-on-regression {fail_on_regression!r}: use a percentage such as 10%") from None
+    base_rows = _read_rows(baseline) if baseline else None
+
+    store = JsonlStore(jsonl or (out / "rows.jsonl")) if (jsonl or out) else None
+    if resume and store is None:
+        raise InputError("--resume needs --jsonl FILE or --out DIR to find finished rows")
+    kept = store.read() if (store and resume) else []
+    if store and not resume and store.path.exists():
+        store.path.unlink()
+    rows: list[dict] = [r for r in kept if r.get("status") in ("ok", "invalid", "oom", "skipped")]
+
+    est = estimate_seconds(spec, matmul_gflops(torch.device(dev), parse_dtype(spec.dtype)))
+    n_cases = len(spec.models) * len(spec.ctx) * len(spec.batch)
+    say(f"granite bench: {len(spec.models)} model(s) x {len(spec.batch)} batch x {len(spec.ctx)} context(s) on {dev} "
+        f"({spec.dtype}, {spec.reps} rep(s) + {spec.warmup} warmup); expected about {_dur(est)}")
+    if not gpu:
+        say("note: CPU timings share this machine with whatever else runs; compare ratios, not absolute times")
+    if kept:
+        say(f"resuming: {len(finished_keys(kept))} finished row(s) kept from {store.path}")
+
+    live = _Progress(n_cases, est, sys.stderr.isatty())
+    t_start = time.perf_counter()
+
+    def on_row(r):
+        rows.append(r)
+        if store:
+            store.append(r)
+        live.row(r)
+
+    try:
+        Runner(spec, on_row, on_case=live.case, done=finished_keys(kept)).run()
+    except KeyboardInterrupt:
+        live.stop()
+        where = f"; {len(rows)} row(s) kept in {store.path} (rerun with --resume)" if store else ""
+        say(f"interrupted{where}")
+        raise
+    live.stop()
+    wall = time.perf_counter() - t_start
+    rows.sort(key=lambda r: (spec.models.index(r["model"]) if r["model"] in spec.models else 99, r["batch"], r["ctx"],
+                             r["phase"]))
+    result = an.analyse(rows)
+    if out:
+        write_report(out, rows, result, {"models": spec.models, "ctx": spec.ctx, "batch": spec.batch,
+                                         "phases": spec.phases, "dtype": spec.dtype, "device": spec.device,
+                                         "reps": spec.reps, "warmup": spec.warmup, "gen": spec.gen,
+                                         "ubatch": spec.ubatch}, wall)
+        say(f"report written to {out / 'report.md'}")
+    emit_rows(rows, fmt, columns=COLUMNS, headers=HEADERS,
+              json_obj={"schema_version": 1, "rows": rows, "verdicts": result["verdicts"], "fits": result["fits"],
+                        "ratios": result["ratios"], "wall_s": wall},
+              formatters={"tokens_per_s": _fmt_num, "latency_ms": _fmt_num, "stdev_s": _fmt_num,
+                          "peak_delta_bytes": _bytes})
+    if fmt is Format.table:
+        for v in result["verdicts"]:
+            say(f"  {v}")
+    say(f"done in {_dur(wall)}")
+    problems = []
+    if check:
+        problems += an.check_claims(rows, result)
+    if base_rows is not None and threshold is not None:
+        problems += an.regressions(rows, base_rows, threshold)
+    if problems:
+        raise CheckFailed(f"{len(problems)} check(s) failed: " + "; ".join(problems))
+    errored = [r for r in rows if r["status"] == "error"]
+    if errored:
+        from granite_cli.errors import GraniteError
+
+        raise GraniteError(f"{len(errored)} case(s) errored, e.g. {errored[0]['model']} ctx {errored[0]['ctx']}: "
+                           f"{errored[0]['error']}")
+
+
+
+def _bytes(v):
+    from granite_cli.render import human_bytes
+
+    return "" if v is None else human_bytes(v)
+
+
+def _dur(s: float) -> str:
+    return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min"
+
+
+def _read_rows(path: Path) -> list[dict]:
+    import json
+
+    from granite_cli.errors import InputError
+
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise InputError(f"{path}: cannot read baseline ({e.strerror})") from None
+    try:
+        d = json.loads(text)
+        return d["rows"] if isinstance(d, dict) else d
+    except (json.JSONDecodeError, KeyError):
+        try:
+            return [json.loads(line) for line in text.splitlines() if line.strip()]
+        except json.JSONDecodeError:
+            raise InputError(f"{path}: not bench rows (expected JSONL or granite bench --format json output)") from None
+
+
+class _Progress:
+    """One line per case on stderr; a Rich progress bar with an estimate when stderr is a terminal."""
+
+    def __init__(self, total: int, est: float, tty: bool) -> None:
+        self.total, self.n, self.t0 = total, 0, time.perf_counter()
+        self.bar = None
+        if tty:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                                TimeElapsedColumn(), TimeRemainingColumn(), transient=True)
+            self.task = self.bar.add_task("bench", total=total)
+            self.bar.start()
+
+    def case(self, info: dict) -> None:
+        self.n += 1
+        msg = f"[{self.n}/{self.total}] {info['model']} batch {info['batch']} ctx {info['ctx']}"
+        if self.bar:
+            self.bar.update(self.task, description=msg, completed=self.n - 1)
+        else:
+            say(msg)
+
+    def row(self, r: dict) -> None:
+        tps = f"{r['tokens_per_s']:.1f} tok/s" if r.get("tokens_per_s") else (r.get("error") or "")
+        line = f"    {r['phase']:7s} {r['status']:7s} {tps}"
+        if self.bar:
+            self.bar.console.print(f"{r['model']} b{r['batch']} ctx {r['ctx']}{line}")
+        else:
+            say(line)
+
+    def stop(self) -> None:
+        if self.bar:
+            self.bar.stop()
+            self.bar = None

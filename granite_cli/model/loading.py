@@ -51,13 +51,13 @@ _TILE = 1_000_003
 
 
 @torch.no_grad()
-def init_random(model: GraniteModel, seed: int = 0) -> None:
-    """Initialise in place with the std-0.02 normal scheme of the reference; Mamba's A_log = log(1..H),
+def init_random(model: GraniteModel, seed: int = 0, std: float = 0.02) -> None:
+    """Initialise in place: weights normal with `std` (0.02, the reference scheme); Mamba's A_log = log(1..H),
     D = 1, dt_bias = softplus⁻¹ of dt log-uniform in [1e-3, 1e-1]; norms = 1."""
     cfg = model.cfg
     dev = model.device
     g = torch.Generator(device="cpu").manual_seed(seed)
-    tile = (torch.randn(_TILE, generator=g) * 0.02).to(device=dev, dtype=model.dtype)
+    tile = (torch.randn(_TILE, generator=g) * std).to(device=dev, dtype=model.dtype)
     for name, p in model.named_parameters():
         leaf = name.rsplit(".", 1)[-1]
         if "norm" in name and leaf == "weight":
@@ -72,7 +72,7 @@ def init_random(model: GraniteModel, seed: int = 0) -> None:
         elif leaf == "bias":
             p.zero_()
         elif p.numel() <= _TILE:
-            p.copy_((torch.randn(p.shape, generator=g) * 0.02).to(p.dtype))
+            p.copy_((torch.randn(p.shape, generator=g) * std).to(p.dtype))
         else:
             flat = p.view(-1)
             off = int(torch.randint(0, _TILE, (1,), generator=g))
@@ -154,6 +154,7 @@ def load_model(
     dtype: str | torch.dtype | None = None,
     device: str | torch.device = "cpu",
     seed: int = 0,
+    std: float = 0.02,
 ) -> GraniteModel:
     """A ready-to-run model.
 
@@ -169,7 +170,7 @@ def load_model(
     if torch.device(device).type == "meta":
         return m
     if weights == "random":
-        init_random(m, seed)
+        init_random(m, seed, std)
     else:
         load_weights(m, _checkpoint_folder(model))
     return m

@@ -22,12 +22,17 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> t
     off = s - t
     if q.device.type == "cpu" and _cpu_flash is not None and q.dtype in (torch.float32, torch.bfloat16, torch.float16):
         # Continuation: prefix keys unmasked, then the new block causally; merge by log-sum-exp.
-        rep = q.shape[1] // k.shape[1]
-        kp, vp = k[:, :, :off], v[:, :, :off]
+        # The prefix part has no mask, so the queries of each KV head are stacked along the time axis
+        # and the (long) prefix K/V are read in place; only the short new block is expanded.
+        b, hq, _, d = q.shape
+        hkv = k.shape[1]
+        rep = hq // hkv
+        qg = q.reshape(b, hkv, rep * t, d)
+        o1, l1 = _cpu_flash(qg, k[:, :, :off], v[:, :, :off], 0.0, False, scale=scale)
+        o1, l1 = o1.reshape(b, hq, t, d), l1.reshape(b, hq, t)
         kn, vn = k[:, :, off:], v[:, :, off:]
         if rep > 1:
-            kp, vp, kn, vn = (x.repeat_interleave(rep, dim=1) for x in (kp, vp, kn, vn))
-        o1, l1 = _cpu_flash(q, kp, vp, 0.0, False, scale=scale)
+            kn, vn = kn.repeat_interleave(rep, dim=1), vn.repeat_interleave(rep, dim=1)
         o2, l2 = _cpu_flash(q, kn, vn, 0.0, True, scale=scale)
         lse = torch.logaddexp(l1, l2)
         return o1 * torch.exp(l1 - lse)[..., None].to(o1.dtype) + o2 * torch.exp(l2 - lse)[..., None].to(o2.dtype)

@@ -1,0 +1,1 @@
+"""`granite bench`: sweep spec, runner, rows and storage, scaling fits, reports. Nothing here prints."""

@@ -1,0 +1,116 @@
+"""Fits and verdicts over bench rows: per model and per layer type, the doubling cost of prefill,
+decode cost vs depth, and hybrid/dense ratios of speed and memory at each context."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from granite_cli.bench.fit import describe, fit_scaling
+
+OK = ("ok",)
+
+
+def _group(rows, phase):
+    g = defaultdict(list)
+    for r in rows:
+        if r["phase"] == phase and r["status"] in OK:
+            g[(r["model"], r["batch"])].append(r)
+    return g
+
+
+def analyse(rows: list[dict]) -> dict:
+    fits: list[dict] = []
+    verdicts: list[str] = []
+    for (model, batch), rs in sorted(_group(rows, "prefill").items()):
+        rs = sorted(rs, key=lambda r: r["ctx"])
+        n = [r["ctx"] for r in rs]
+        total = fit_scaling(n, [r["median_s"] for r in rs])
+        entry = {"model": model, "batch": batch, "phase": "prefill", "part": "total",
+                 **(total.as_dict() if total else {})}
+        fits.append(entry)
+        verdicts.append(describe(f"{model} b{batch} prefill", total))
+        for part, label in (("mamba", "Mamba layers"), ("attention", "attention layers")):
+            ts = [(r["attribution_s"] or {}).get(part) for r in rs]
+            if not any(ts):
+                continue
+            f = fit_scaling(n, ts)
+            fits.append({"model": model, "batch": batch, "phase": "prefill", "part": part, **(f.as_dict() if f else {})})
+            verdicts.append(describe(f"{model} b{batch} {label}", f))
+    for (model, batch), rs in sorted(_group(rows, "decode").items()):
+        rs = sorted(rs, key=lambda r: r["ctx"])
+        f = fit_scaling([r["ctx"] for r in rs], [r["median_s"] for r in rs])
+        if f:
+            fits.append({"model": model, "batch": batch, "phase": "decode", "part": "per_token", **f.as_dict()})
+            lo, hi = rs[0], rs[-1]
+            verdicts.append(
+                f"{model} b{batch} decode: {lo['latency_ms']:.2f} ms/token at depth {lo['ctx']} -> "
+                f"{hi['latency_ms']:.2f} ms at {hi['ctx']} ({hi['median_s'] / lo['median_s']:.2f}x over "
+                f"{hi['ctx'] / lo['ctx']:.0f}x depth)")
+    ratios = hybrid_dense_ratios(rows)
+    for r in ratios:
+        verdicts.append(
+            f"{r['hybrid']} vs {r['dense']} b{r['batch']} ctx {r['ctx']}: prefill {r['prefill_speed']:.2f}x, "
+            f"decode {r['decode_speed']:.2f}x speed, prefill peak memory {r['prefill_memory']:.2f}x"
+            .replace("nanx", "n/a"))
+    return {"fits": fits, "verdicts": verdicts, "ratios": ratios}
+
+
+def hybrid_dense_ratios(rows: list[dict]) -> list[dict]:
+    kinds = {r["model"]: r.get("kind") for r in rows}
+    hybrids = [m for m, k in kinds.items() if k == "hybrid"]
+    denses = [m for m, k in kinds.items() if k == "dense"]
+    idx = {(r["model"], r["batch"], r["ctx"], r["phase"]): r for r in rows if r["status"] in OK}
+    out = []
+    for h in hybrids:
+        for d in denses:
+            for (m, b, c, p) in sorted(k for k in idx if k[0] == h and k[3] == "prefill"):
+                rd = idx.get((d, b, c, "prefill"))
+                if not rd:
+                    continue
+                rh = idx[(h, b, c, "prefill")]
+                dh, dd = idx.get((h, b, c, "decode")), idx.get((d, b, c, "decode"))
+
+                def ratio(x, y):
+                    return x / y if x is not None and y else float("nan")
+
+                out.append({
+                    "hybrid": h, "dense": d, "batch": b, "ctx": c,
+                    "prefill_speed": ratio(rh["tokens_per_s"], rd["tokens_per_s"]),
+                    "decode_speed": ratio(dh and dh["tokens_per_s"], dd and dd["tokens_per_s"]),
+                    "prefill_memory": ratio(rh.get("peak_delta_bytes"), rd.get("peak_delta_bytes")),
+                    "cache_memory": ratio(rh.get("cache_bytes"), rd.get("cache_bytes")),
+                })
+    return out
+
+
+def check_claims(rows: list[dict], analysis: dict) -> list[str]:
+    """Claims `--check` holds the sweep to; returns the failures (empty = reproduced)."""
+    fails = []
+    for f in analysis["fits"]:
+        if f.get("part") == "mamba" and f.get("doubling") is not None and f["doubling"] > 2.6:
+            fails.append(f"{f['model']} b{f['batch']}: Mamba layers not linear (doubling {f['doubling']:.2f}x)")
+    by = {(f["model"], f["batch"]): f for f in analysis["fits"] if f.get("part") == "total" and f.get("doubling")}
+    for r in analysis["ratios"]:
+        fh, fd = by.get((r["hybrid"], r["batch"])), by.get((r["dense"], r["batch"]))
+        if fh and fd and fh["doubling"] > fd["doubling"] * 1.05:
+            fails.append(f"{r['hybrid']} prefill grows faster than {r['dense']} at b{r['batch']} "
+                         f"(doubling {fh['doubling']:.2f}x vs {fd['doubling']:.2f}x)")
+    invalid = [r for r in rows if r["status"] == "invalid"]
+    if invalid:
+        fails.append(f"{len(invalid)} case(s) failed the correctness guard")
+    return sorted(set(fails))
+
+
+def regressions(rows: list[dict], baseline: list[dict], threshold: float) -> list[str]:
+    base = {(r["model"], r["dtype"], r["device"], r["batch"], r["ctx"], r["phase"]): r for r in baseline
+            if r.get("status") == "ok"}
+    out = []
+    for r in rows:
+        b = base.get((r["model"], r["dtype"], r["device"], r["batch"], r["ctx"], r["phase"]))
+        if not b or r["status"] != "ok" or not b.get("tokens_per_s"):
+            continue
+        change = r["tokens_per_s"] / b["tokens_per_s"] - 1
+        if change < -threshold:
+            out.append(f"{r['model']} b{r['batch']} ctx {r['ctx']} {r['phase']}: {r['tokens_per_s']:.1f} tok/s vs "
+                       f"baseline {b['tokens_per_s']:.1f} ({change * 100:+.1f}%)")
+    return out

@@ -1,0 +1,151 @@
+"""A bench report folder: report.md, rows.jsonl, and PNG plots. Written to a temporary folder and
+renamed into place, so a half-written report never appears."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections import defaultdict
+from pathlib import Path
+
+from granite_cli.render import _json_safe, human_bytes, to_markdown
+
+PLOTS = {
+    "prefill_time": "Prefill time vs context (log-log, fitted a + b·n + c·n²)",
+    "decode_tps": "Decode tokens/s vs depth",
+    "memory": "Peak memory increase during prefill vs context",
+    "batch": "Prefill throughput vs batch",
+    "attribution": "Prefill time by layer type",
+}
+
+
+def _plots(rows: list[dict], analysis: dict, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if r["status"] == "ok"]
+    made = []
+    series = defaultdict(list)
+    for r in ok:
+        series[(r["model"], r["batch"], r["phase"])].append(r)
+    fits = {(f["model"], f["batch"]): f for f in analysis["fits"] if f.get("part") == "total" and "a" in f}
+
+    def save(fig, name):
+        fig.tight_layout()
+        fig.savefig(out / f"{name}.png", dpi=110)
+        plt.close(fig)
+        made.append(name)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for (m, b, p), rs in sorted(series.items()):
+        if p != "prefill":
+            continue
+        rs.sort(key=lambda r: r["ctx"])
+        x, y = [r["ctx"] for r in rs], [r["median_s"] for r in rs]
+        line = ax.plot(x, y, "o-", label=f"{m} b{b}")[0]
+        f = fits.get((m, b))
+        if f and f.get("doubling"):
+            xs = [x[0] * (x[-1] / x[0]) ** (i / 40) for i in range(41)]
+            ax.plot(xs, [f["a"] + f["b"] * n + f["c"] * n * n for n in xs], ":", color=line.get_color())
+            line.set_label(f"{m} b{b} (doubling {f['doubling']:.2f}x)")
+    ax.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="prefill time (s)", title=PLOTS["prefill_time"])
+    ax.legend(fontsize=7)
+    ax.grid(True, which="both", alpha=0.3)
+    save(fig, "prefill_time")
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for (m, b, p), rs in sorted(series.items()):
+        if p == "decode":
+            rs.sort(key=lambda r: r["ctx"])
+            ax.plot([r["ctx"] for r in rs], [r["tokens_per_s"] for r in rs], "o-", label=f"{m} b{b}")
+    ax.set(xscale="log", xlabel="depth (tokens in cache)", ylabel="decode tokens/s", title=PLOTS["decode_tps"])
+    ax.legend(fontsize=7)
+    ax.grid(True, which="both", alpha=0.3)
+    save(fig, "decode_tps")
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for (m, b, p), rs in sorted(series.items()):
+        if p == "prefill" and any(r.get("peak_delta_bytes") for r in rs):
+            rs.sort(key=lambda r: r["ctx"])
+            ax.plot([r["ctx"] for r in rs], [(r.get("peak_delta_bytes") or 0) / 2**20 for r in rs], "o-",
+                    label=f"{m} b{b} (+cache {human_bytes(rs[-1].get('cache_bytes'))} at {rs[-1]['ctx']})")
+    ax.set(xscale="log", xlabel="context (tokens)", ylabel="peak increase (MiB)", title=PLOTS["memory"])
+    ax.legend(fontsize=7)
+    ax.grid(True, which="both", alpha=0.3)
+    save(fig, "memory")
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    byb = defaultdict(list)
+    for r in ok:
+        if r["phase"] == "prefill":
+            byb[(r["model"], r["ctx"])].append(r)
+    for (m, c), rs in sorted(byb.items()):
+        if len(rs) > 1:
+            rs.sort(key=lambda r: r["batch"])
+            ax.plot([r["batch"] for r in rs], [r["tokens_per_s"] for r in rs], "o-", label=f"{m} ctx {c}")
+    ax.set(xscale="log", xlabel="batch", ylabel="prefill tokens/s", title=PLOTS["batch"])
+    if ax.lines:
+        ax.legend(fontsize=6, ncol=2)
+    ax.grid(True, which="both", alpha=0.3)
+    save(fig, "batch")
+
+    att = [r for r in ok if r["phase"] == "prefill" and r.get("attribution_s")]
+    if att:
+        b0 = min(r["batch"] for r in att)
+        att = sorted([r for r in att if r["batch"] == b0], key=lambda r: (r["model"], r["ctx"]))
+        fig, ax = plt.subplots(figsize=(max(7, 0.5 * len(att)), 4.5))
+        bottom = [0.0] * len(att)
+        for part in ("mamba", "attention", "moe_mlp", "rest"):
+            vals = [r["attribution_s"].get(part, 0.0) for r in att]
+            ax.bar(range(len(att)), vals, bottom=bottom, label=part)
+            bottom = [a + v for a, v in zip(bottom, vals)]
+        ax.set_xticks(range(len(att)), [f"{r['model']}\n{r['ctx']}" for r in att], fontsize=6, rotation=60)
+        ax.set(ylabel="seconds (one prefill, hooks on)", yscale="log", title=PLOTS["attribution"] + f" (batch {b0})")
+        ax.legend(fontsize=7)
+        save(fig, "attribution")
+    return made
+
+
+def write_report(out_dir: Path, rows: list[dict], analysis: dict, spec_dict: dict, wall_s: float | None = None) -> Path:
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    plots = _plots(rows, analysis, tmp)
+    cols = ["model", "batch", "ctx", "phase", "status", "tokens_per_s", "latency_ms", "stdev_s", "peak_delta_bytes",
+            "cache_bytes"]
+    table = [{**r, "tokens_per_s": round(r["tokens_per_s"], 1) if r.get("tokens_per_s") else None,
+              "latency_ms": round(r["latency_ms"], 2) if r.get("latency_ms") else None,
+              "stdev_s": round(r["stdev_s"], 4) if r.get("stdev_s") is not None else None,
+              "peak_delta_bytes": human_bytes(r.get("peak_delta_bytes")) if r.get("peak_delta_bytes") is not None else None,
+              "cache_bytes": human_bytes(r.get("cache_bytes")) if r.get("cache_bytes") is not None else None}
+             for r in rows]
+    env = {k: rows[0].get(k) for k in ("device", "cpu", "gpu", "threads", "torch", "kernel_impl", "commit", "dirty")} if rows else {}
+    lines = ["# granite bench report", ""]
+    lines += [f"- {k}: `{v}`" for k, v in env.items()]
+    lines += [f"- sweep: `{json.dumps(spec_dict)}`"]
+    if wall_s is not None:
+        lines.append(f"- wall time: {wall_s:.0f} s")
+    lines += ["", "## Verdicts", ""] + [f"- {v}" for v in analysis["verdicts"]]
+    lines += ["", "## Results", "", to_markdown(table, cols)]
+    for name in plots:
+        lines += [f"## {PLOTS[name]}", "", f"![{name}]({name}.png)", ""]
+    (tmp / "report.md").write_text("\n".join(lines) + "\n")
+    with open(tmp / "rows.jsonl", "w") as f:
+        for r in rows:
+            f.write(json.dumps(_json_safe(r)) + "\n")
+    (tmp / "analysis.json").write_text(json.dumps(_json_safe(analysis), indent=2) + "\n")
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, out_dir)
+    return out_dir

@@ -1,0 +1,94 @@
+"""The bench row schema, its environment fields, and JSONL storage (append + flush per row, resume).
+
+A row: schema_version; case parameters (model, kind, dtype, device, batch, ctx, phase, gen, ubatch,
+reps); status (ok | invalid | oom | skipped | error) and error; metrics (tokens_per_s, latency_ms,
+median_s, stdev_s, min_s, max_s, samples_s, peak_bytes, peak_delta_bytes, memory_source,
+cache_bytes, attribution_s); the correctness guard (valid, guard_max_diff); parameter counts; and
+the environment (torch, triton, python, cpu, gpu, threads, kernel_impl, commit, dirty, time).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+SCHEMA_VERSION = 1
+FINISHED = ("ok", "invalid", "oom", "skipped")
+
+
+def case_key(model: str, spec, batch: int, ctx: int, phase: str) -> tuple:
+    return (model, spec.dtype, spec.device, batch, ctx, phase)
+
+
+def row_key(row: dict) -> tuple:
+    return (row["model"], row["dtype"], row["device"], row["batch"], row["ctx"], row["phase"])
+
+
+def _git() -> tuple[str | None, bool | None]:
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=here, capture_output=True, text=True,
+                                timeout=5).stdout.strip() or None
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                                    capture_output=True, text=True, timeout=5).stdout.strip()) if commit else None
+        return commit, dirty
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+
+
+def environment_fields(device) -> dict:
+    import torch
+
+    from granite_cli import __version__
+    from granite_cli.env import cpu_model
+    from granite_cli.ops.dispatch import resolved_impl
+
+    try:
+        import triton
+
+        tv = triton.__version__
+    except ImportError:
+        tv = None
+    commit, dirty = _git()
+    gpu = torch.cuda.get_device_name(device) if getattr(device, "type", "cpu") == "cuda" else None
+    return {
+        "granite_version": __version__, "torch": torch.__version__, "triton": tv, "python": platform.python_version(),
+        "cpu": cpu_model(), "gpu": gpu, "threads": torch.get_num_threads(), "kernel_impl": resolved_impl(),
+        "commit": commit, "dirty": dirty, "host": os.uname().nodename,
+    }
+
+
+class JsonlStore:
+    """Rows appended as one JSON line each, flushed as they finish, so an interrupted sweep keeps them."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def read(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        rows = []
+        for i, line in enumerate(self.path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut by an interruption: that case reruns
+        return rows
+
+    def append(self, row: dict) -> None:
+        from granite_cli.render import _json_safe
+
+        with open(self.path, "a") as f:
+            f.write(json.dumps(_json_safe(row)) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def finished_keys(rows: list[dict]) -> set:
+    return {row_key(r) for r in rows if r.get("status") in FINISHED}

@@ -1,0 +1,315 @@
+"""Run a sweep: one row per (model, batch, context, phase), streamed to a callback as it finishes.
+
+Prefill: time to process `ctx` tokens from an empty cache (in `ubatch`-token pieces), logits for
+the last position only; median over `reps` after `warmup` runs. The first warmup run carries
+forward hooks that attribute time to layer types (Mamba mixers, attention, MoE/MLP, rest).
+Decode: the cache is prefilled to depth `ctx` once, snapshotted, and restored before each
+repetition; then `gen` tokens are decoded one step at a time.
+Failures are data: an out-of-memory case, or one the fitted curve predicts to exceed
+`max_case_seconds`, becomes a row with that status and the sweep goes on.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from granite_cli.bench.fit import fit_scaling
+from granite_cli.bench.rows import SCHEMA_VERSION, case_key, environment_fields
+from granite_cli.bench.spec import SweepSpec
+from granite_cli.config import load_config
+from granite_cli.errors import InputError
+from granite_cli.measure import PeakMemory, sync
+from granite_cli.model.loading import load_model, parse_dtype
+from granite_cli.params import count_params
+
+GUARD_TOKENS = 16
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "out of memory" in str(e).lower()
+
+
+def _weights_for(spec_model: str) -> str:
+    p = Path(spec_model)
+    if p.is_dir() and (any(p.glob("*.safetensors")) or (p / "model.safetensors.index.json").exists()):
+        return "checkpoint"
+    return "random"
+
+
+class _Attribution:
+    """Forward hooks timing each layer type; synchronises on CUDA (used in a warmup run only)."""
+
+    def __init__(self, model, device) -> None:
+        self.device = device
+        self.times = {"mamba": 0.0, "attention": 0.0, "moe_mlp": 0.0}
+        self.handles = []
+        for layer in model.layers:
+            self._hook(layer.mixer, "mamba" if layer.kind == "mamba" else "attention")
+            for sub in (layer.moe, layer.mlp):
+                if sub is not None:
+                    self._hook(sub, "moe_mlp")
+
+    def _hook(self, mod, key) -> None:
+        def pre(_m, _a):
+            sync(self.device)
+            _m._t0 = time.perf_counter()
+
+        def post(_m, _a, _o):
+            sync(self.device)
+            self.times[key] += time.perf_counter() - _m._t0
+
+        self.handles += [mod.register_forward_pre_hook(pre), mod.register_forward_hook(post)]
+
+    def close(self, total: float) -> dict:
+        for h in self.handles:
+            h.remove()
+        out = dict(self.times)
+        out["rest"] = max(0.0, total - sum(self.times.values()))
+        return out
+
+
+def _stats(samples: list[float]) -> dict:
+    return {
+        "median_s": statistics.median(samples),
+        "stdev_s": statistics.stdev(samples) if len(samples) > 1 else 0.0,
+        "min_s": min(samples),
+        "max_s": max(samples),
+        "samples_s": samples,
+    }
+
+
+def correctness_guard(model, device) -> tuple[bool, float]:
+    """Decode logits must equal prefill logits on a short prefix (fp32: 1e-3 of the logit scale;
+    half precision: 5%)."""
+    g = torch.Generator().manual_seed(1234)
+    ids = torch.randint(0, model.cfg.vocab_size, (1, GUARD_TOKENS), generator=g).to(device)
+    with torch.inference_mode():
+        full = model(ids).float()
+        cache = model.allocate_cache(1, GUARD_TOKENS)
+        steps = [model(ids[:, :4], cache).float()] + [model(ids[:, i : i + 1], cache).float() for i in range(4, GUARD_TOKENS)]
+    got = torch.cat(steps, 1)
+    if not (torch.isfinite(full).all() and torch.isfinite(got).all()):
+        return False, math.inf
+    diff = (got - full).abs().max().item()
+    scale = full.abs().max().item() or 1.0
+    tol = 1e-3 if model.dtype == torch.float32 else 5e-2
+    return diff <= tol * max(scale, 1.0), diff
+
+
+class Runner:
+    def __init__(
+        self,
+        spec: SweepSpec,
+        on_row: Callable[[dict], None],
+        on_case: Callable[[dict], None] | None = None,
+        done: set | None = None,
+    ) -> None:
+        self.spec = spec.validate()
+        self.on_row = on_row
+        self.on_case = on_case or (lambda info: None)
+        self.done = done or set()
+        self.device = torch.device(spec.device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise InputError("--device cuda but no CUDA device is available; use --device cpu")
+        self.dtype = parse_dtype(spec.dtype)
+        self.env = environment_fields(self.device)
+
+    # ------------------------------------------------------------------------------------------
+    def run(self) -> None:
+        for name in self.spec.models:
+            cfg = load_config(name)  # fails fast on a bad model before anything heavy
+            pending = [
+                (b, c) for b in self.spec.batch for c in self.spec.ctx
+                if any(case_key(cfg.name, self.spec, b, c, p) not in self.done for p in self.spec.phases)
+            ]
+            if not pending:
+                continue
+            model = load_model(name, weights=_weights_for(name), dtype=self.dtype, device=self.device, seed=self.spec.seed)
+            params = count_params(cfg)
+            ok, diff = correctness_guard(model, self.device)
+            base = {"model": cfg.name, "kind": "hybrid" if cfg.is_hybrid else "dense", "params_total": params.total,
+                    "params_active": params.active, "guard_max_diff": diff, "valid": ok}
+            fits: dict[int, list] = {}
+            for b, c in pending:
+                self._case(model, base, b, c, fits)
+            del model
+
+    def _row(self, base: dict, b: int, c: int, phase: str, **metrics) -> dict:
+        row = {
+            "schema_version": SCHEMA_VERSION, **base, "dtype": self.spec.dtype, "device": self.device.type,
+            "batch": b, "ctx": c, "phase": phase, "gen": self.spec.gen if phase == "decode" else None,
+            "ubatch": self.spec.ubatch if phase == "prefill" else None, "reps": self.spec.reps,
+            "status": "ok", "error": None, "tokens_per_s": None, "latency_ms": None, "median_s": None,
+            "stdev_s": None, "min_s": None, "max_s": None, "samples_s": [], "peak_bytes": None,
+            "peak_delta_bytes": None, "memory_source": None, "cache_bytes": None, "attribution_s": None,
+            **self.env, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        row.update(metrics)
+        if not base["valid"] and row["status"] == "ok":
+            row["status"] = "invalid"
+        return row
+
+    def _emit(self, row: dict) -> None:
+        self.done.add(case_key(row["model"], self.spec, row["batch"], row["ctx"], row["phase"]))
+        self.on_row(row)
+
+    def _case(self, model, base: dict, b: int, c: int, fits: dict) -> None:
+        spec = self.spec
+        phases = [p for p in spec.phases if case_key(base["model"], spec, b, c, p) not in self.done]
+        prev = fits.setdefault(b, [])
+        est = self.predicted_seconds(prev, c)
+        if est > spec.max_case_seconds:
+            for p in phases:
+                self._emit(self._row(base, b, c, p, status="skipped",
+                                     error=f"predicted {est:.0f} s > --max-case-seconds {spec.max_case_seconds:g}"))
+            return
+        self.on_case({"model": base["model"], "batch": b, "ctx": c, "phases": phases})
+        cache = None
+        try:
+            with torch.inference_mode():
+                cache = model.allocate_cache(b, c + spec.gen)
+                cache_bytes = cache.nbytes()["total"]
+                g = torch.Generator().manual_seed(spec.seed + c + b)
+                ids = torch.randint(0, model.cfg.vocab_size, (b, c + spec.gen), generator=g).to(self.device)
+                prefill_row = self._prefill(model, cache, ids[:, :c], base, b, c, cache_bytes)
+                if prefill_row["status"] in ("ok", "invalid"):
+                    prev.append((c, prefill_row["median_s"]))
+                if "prefill" in phases:
+                    self._emit(prefill_row)
+                if "decode" in phases:
+                    self._emit(self._decode(model, cache, ids[:, c:], base, b, c, cache_bytes))
+        except Exception as e:  # noqa: BLE001 - a failed case is a row, the sweep goes on
+            status = "oom" if _is_oom(e) else "error"
+            for p in phases:
+                if case_key(base["model"], spec, b, c, p) not in self.done:
+                    self._emit(self._row(base, b, c, p, status=status, error=f"{type(e).__name__}: {str(e)[:300]}"))
+        finally:
+            del cache
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    def predicted_seconds(self, prev: list[tuple[int, float]], c: int) -> float:
+        """This case's predicted run time, from the fit of this model's earlier prefill times at the same
+        batch (0 until two points exist)."""
+        if len(prev) < 2:
+            return 0.0
+        f = fit_scaling([x for x, _ in prev], [y for _, y in prev])
+        return f.predict(c) * (self.spec.warmup + self.spec.reps) if f else 0.0
+
+    def _prefill_once(self, model, cache, ids) -> torch.Tensor:
+        cache.reset()
+        out = None
+        for s in range(0, ids.shape[1], self.spec.ubatch):
+            out = model(ids[:, s : s + self.spec.ubatch], cache, logits="last")
+        return out
+
+    def _prefill(self, model, cache, ids, base, b, c, cache_bytes) -> dict:
+        spec = self.spec
+        attribution = None
+        for w in range(spec.warmup):
+            if w == 0:
+                att = _Attribution(model, self.device)
+                sync(self.device)
+                t0 = time.perf_counter()
+                try:
+                    self._prefill_once(model, cache, ids)
+                    sync(self.device)
+                finally:
+                    attribution = att.close(time.perf_counter() - t0)
+            else:
+                self._prefill_once(model, cache, ids)
+        samples = []
+        finite = True
+        pm = PeakMemory(self.device)
+        for r in range(spec.reps):
+            with (pm if r == 0 else _null()):
+                sync(self.device)
+                t0 = time.perf_counter()
+                out = self._prefill_once(model, cache, ids)
+                sync(self.device)
+                samples.append(time.perf_counter() - t0)
+            finite = finite and bool(torch.isfinite(out).all())
+        st = _stats(samples)
+        row = self._row(base, b, c, "prefill", **st, tokens_per_s=b * c / st["median_s"], latency_ms=st["median_s"] * 1e3,
+                        peak_bytes=pm.peak, peak_delta_bytes=pm.delta, memory_source=pm.source,
+                        cache_bytes=cache_bytes, attribution_s=attribution)
+        if not finite:
+            row.update(status="invalid", error="non-finite logits")
+        return row
+
+    def _decode(self, model, cache, nxt, base, b, c, cache_bytes) -> dict:
+        spec = self.spec
+        snap = cache.snapshot()
+        samples, finite = [], True
+        pm = PeakMemory(self.device)
+        for r in range(spec.warmup + spec.reps):
+            cache.restore(snap)
+            timed_rep = r >= spec.warmup
+            with (pm if r == spec.warmup else _null()):
+                sync(self.device)
+                t0 = time.perf_counter()
+                for i in range(spec.gen):
+                    out = model(nxt[:, i : i + 1], cache, logits="last")
+                sync(self.device)
+                el = time.perf_counter() - t0
+            if timed_rep:
+                samples.append(el / spec.gen)
+                finite = finite and bool(torch.isfinite(out).all())
+        st = _stats(samples)
+        row = self._row(base, b, c, "decode", **st, tokens_per_s=b / st["median_s"], latency_ms=st["median_s"] * 1e3,
+                        peak_bytes=pm.peak, peak_delta_bytes=pm.delta, memory_source=pm.source, cache_bytes=cache_bytes)
+        if not finite:
+            row.update(status="invalid", error="non-finite logits")
+        return row
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+
+def estimate_seconds(spec: SweepSpec, gflops: float) -> float:
+    """A rough up-front estimate of the sweep's run time from FLOP counts and a measured matmul rate."""
+    total = 0.0
+    for name in spec.models:
+        cfg = load_config(name)
+        p = count_params(cfg)
+        per_tok = 2 * (p.active - p.groups["embedding"]) + 2 * cfg.hidden_size * cfg.vocab_size / max(1, spec.ubatch)
+        att = len(cfg.attention_layers) * cfg.num_attention_heads * cfg.head_dim
+        for b in spec.batch:
+            for c in spec.ctx:
+                flops = b * (per_tok * c + 2 * att * c * c)  # causal QK and PV: 2·2·(c²/2)·heads·hd
+                runs = spec.warmup + spec.reps
+                t = flops / (gflops * 1e9) * runs * 1.6  # 1.6: what a CPU forward reaches of the matmul rate
+                if "decode" in spec.phases:
+                    t += b * runs * spec.gen * (2 * p.active * 4 / 20e9 + 4 * att * c / (gflops * 1e9))
+                total += t
+    return total
+
+
+def matmul_gflops(device: torch.device, dtype: torch.dtype) -> float:
+    n = 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ a
+    sync(device)
+    t0 = time.perf_counter()
+    k = 4
+    for _ in range(k):
+        a @ a
+    sync(device)
+    return 2 * n**3 * k / (time.perf_counter() - t0) / 1e9
+
+
+def row_dict(row) -> dict:
+    return asdict(row) if hasattr(row, "__dataclass_fields__") else dict(row)

@@ -1,0 +1,115 @@
+"""Sweep specification: model list, context and batch lists with range syntax, phases, run options.
+
+Sizes: `512`, `4k` (4096), `128k`, `1m`; lists `1k,4k,128k`; ranges `first-last*mult` (geometric)
+or `first-last+step` (arithmetic), e.g. `1k-128k*2`, `512-4k+512`. A TOML sweep file holds the same
+fields. Cases are ordered model → dtype → batch → context, so each model is built once.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from granite_cli.errors import InputError
+
+_SIZE = re.compile(r"^(\d+)([kKmM]?)$")
+
+
+def parse_size(s: str, what: str = "size") -> int:
+    m = _SIZE.match(s.strip())
+    if not m:
+        raise InputError(f"bad {what} {s!r}: use an integer with an optional k or m suffix, e.g. 4k")
+    n = int(m.group(1)) * {"": 1, "k": 1024, "m": 1024 * 1024}[m.group(2).lower()]
+    if n <= 0:
+        raise InputError(f"bad {what} {s!r}: must be positive")
+    return n
+
+
+def parse_list(spec: str, what: str = "size") -> list[int]:
+    """`1k,4k`, `1k-128k*2`, `512-4k+512` (and mixtures) → sorted unique positive integers."""
+    if spec is None or not str(spec).strip():
+        raise InputError(f"empty {what} list")
+    out: list[int] = []
+    for part in str(spec).split(","):
+        part = part.strip()
+        m = re.match(r"^([^-*+]+)-([^-*+]+)(?:([*+])(\d+))?$", part)
+        if m:
+            lo, hi = parse_size(m.group(1), what), parse_size(m.group(2), what)
+            op, step = m.group(3) or "*", int(m.group(4) or 2)
+            if hi < lo:
+                raise InputError(f"bad {what} range {part!r}: the end is below the start")
+            if (op == "*" and step < 2) or (op == "+" and step < 1):
+                raise InputError(f"bad {what} range {part!r}: the step must grow (*2 or more, +1 or more)")
+            v = lo
+            while v <= hi:
+                out.append(v)
+                v = v * step if op == "*" else v + step
+        else:
+            out.append(parse_size(part, what))
+    return sorted(set(out))
+
+
+PHASES = ("prefill", "decode")
+
+
+@dataclass
+class SweepSpec:
+    models: list[str]
+    ctx: list[int]
+    batch: list[int]
+    phases: list[str] = field(default_factory=lambda: list(PHASES))
+    gen: int = 16
+    dtype: str = "fp32"
+    device: str = "cpu"
+    reps: int = 3
+    warmup: int = 1
+    ubatch: int = 4096
+    max_case_seconds: float = 600.0
+    seed: int = 0
+
+    def validate(self) -> "SweepSpec":
+        if not self.models:
+            raise InputError("no model given; pass -m/--model (a profile, config.json or checkpoint folder)")
+        bad = [p for p in self.phases if p not in PHASES]
+        if bad:
+            raise InputError(f"unknown phase {bad[0]!r}; use prefill, decode or both")
+        for name in ("gen", "reps", "ubatch"):
+            if getattr(self, name) < 1:
+                raise InputError(f"--{name} must be at least 1")
+        if self.warmup < 0:
+            raise InputError("--warmup must not be negative")
+        if self.max_case_seconds <= 0:
+            raise InputError("--max-case-seconds must be positive")
+        return self
+
+    def cases(self):
+        """(model, batch, ctx) in build order: each model once, then batch, then context."""
+        for m in self.models:
+            for b in self.batch:
+                for c in self.ctx:
+                    yield m, b, c
+
+
+def load_sweep_file(path: str | Path) -> dict:
+    """A TOML sweep file with any of: models, ctx, batch, phases, gen, dtype, device, reps, warmup,
+    ubatch, max_case_seconds, seed. ctx and batch may be lists or range strings."""
+    try:
+        d = tomllib.loads(Path(path).read_text())
+    except OSError as e:
+        raise InputError(f"{path}: cannot read sweep file ({e.strerror})") from None
+    except tomllib.TOMLDecodeError as e:
+        raise InputError(f"{path}: not valid TOML ({e})") from None
+    known = {f.name for f in fields(SweepSpec)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise InputError(f"{path}: unknown key {unknown[0]!r}; valid: {', '.join(sorted(known))}")
+    for k in ("ctx", "batch"):
+        if k in d and not isinstance(d[k], list):
+            d[k] = parse_list(str(d[k]), k)
+        elif k in d:
+            d[k] = parse_list(",".join(str(x) for x in d[k]), k)
+    if "phases" in d and isinstance(d["phases"], str):
+        d["phases"] = [p.strip() for p in d["phases"].split(",")]
+    return d

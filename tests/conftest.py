@@ -1,0 +1,65 @@
+"""Shared helpers: tiny configs of every architecture, and transformers as the oracle (test-only).
+
+Run: python -m pytest -q
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+import torch
+
+from granite_cli.config import ModelConfig, from_profile_dict
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+def tiny(arch: str = "granitemoehybrid", **over) -> ModelConfig:
+    """A tiny config of any architecture; keyword overrides are profile keys."""
+    base = dict(architecture=arch, vocab_size=128, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, intermediate_size=48, rms_norm_eps=1e-5, max_position_embeddings=512,
+                torch_dtype="float32")
+    if arch == "granitemoehybrid":
+        base.update(attention_layers=[1, 3], shared_intermediate_size=40, num_local_experts=4, num_experts_per_tok=2,
+                    mamba_n_heads=4, mamba_d_head=32, mamba_n_groups=1, mamba_d_state=16, mamba_d_conv=4,
+                    mamba_expand=2, mamba_chunk_size=16, position_embedding_type="nope", embedding_multiplier=12.0,
+                    attention_multiplier=0.0625, residual_multiplier=0.22, logits_scaling=6.0,
+                    tie_word_embeddings=True)
+    elif arch == "granite":
+        base.update(embedding_multiplier=12.0, attention_multiplier=0.0625, residual_multiplier=0.22,
+                    logits_scaling=6.0, rope_theta=10000.0, tie_word_embeddings=True)
+    elif arch == "llama":
+        base.update(rope_theta=500000.0, tie_word_embeddings=False,
+                    rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                  "original_max_position_embeddings": 64})
+    elif arch == "qwen3":
+        base.update(head_dim=24, rope_theta=1000000.0, tie_word_embeddings=False)
+    elif arch == "qwen3_moe":
+        base.update(head_dim=24, moe_intermediate_size=24, num_local_experts=8, num_experts_per_tok=3,
+                    norm_topk_prob=True, rope_theta=1000000.0, tie_word_embeddings=False)
+    base.update(over)
+    name = base.pop("name", f"tiny-{arch}")
+    return from_profile_dict(base, name, "test")
+
+
+HF_CLASSES = {
+    "granitemoehybrid": "GraniteMoeHybridForCausalLM",
+    "granite": "GraniteForCausalLM",
+    "llama": "LlamaForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+}
+
+
+def hf_load(arch: str, folder):
+    transformers = pytest.importorskip("transformers")
+    cls = getattr(transformers, HF_CLASSES[arch])
+    return cls.from_pretrained(str(folder), dtype=torch.float32).eval()
+
+
+def assert_close(a: torch.Tensor, b: torch.Tensor, atol: float, name: str = "") -> None:
+    diff = (a.float() - b.float()).abs()
+    assert diff.max().item() <= atol, f"{name}: max diff {diff.max().item():.3g} (mean {diff.mean().item():.3g}) > {atol}"

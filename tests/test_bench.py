@@ -1,0 +1,176 @@
+"""granite bench: spec parsing, the scaling fit, rows, resume, failure rows, and a CLI smoke run.
+
+Run: python -m pytest -q tests/test_bench.py
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from granite_cli.bench import runner as runner_mod
+from granite_cli.bench.analysis import analyse, check_claims, regressions
+from granite_cli.bench.fit import describe, fit_scaling
+from granite_cli.bench.rows import JsonlStore, finished_keys
+from granite_cli.bench.runner import Runner
+from granite_cli.bench.spec import SweepSpec, load_sweep_file, parse_list, parse_size
+from granite_cli.errors import InputError
+
+
+def test_sizes_lists_and_ranges():
+    assert parse_size("4k") == 4096 and parse_size("128K") == 131072 and parse_size("1m") == 2**20
+    assert parse_list("1k,4k,128k") == [1024, 4096, 131072]
+    assert parse_list("1k-128k*2") == [1024 * 2**i for i in range(8)]
+    assert parse_list("512-2k+512") == [512, 1024, 1536, 2048]
+    assert parse_list("1,4,1-8*2") == [1, 2, 4, 8]
+
+
+@pytest.mark.parametrize("bad", ["12x", "-4", "0", "4k-1k", "1k-4k*1", "", "1k--2k"])
+def test_bad_sizes_are_input_errors(bad):
+    with pytest.raises(InputError):
+        parse_list(bad)
+
+
+def test_sweep_file(tmp_path):
+    p = tmp_path / "s.toml"
+    p.write_text('models = ["tiny-hybrid"]\nctx = "64-256*2"\nbatch = [1, 2]\nreps = 2\n')
+    d = load_sweep_file(p)
+    assert d["ctx"] == [64, 128, 256] and d["batch"] == [1, 2] and d["reps"] == 2
+    p.write_text("contexts = [1]\n")
+    with pytest.raises(InputError, match="unknown key 'contexts'"):
+        load_sweep_file(p)
+
+
+def test_fit_quadratic_and_linear_series():
+    n = [1024 * 2**i for i in range(6)]
+    q = fit_scaling(n, [3e-9 * x * x for x in n])
+    assert q.doubling == pytest.approx(4.0) and all(s == pytest.approx(2.0) for s in q.slopes)
+    assert "quadratic (doubling 4.0x)" in describe("attention layers", q)
+    lin = fit_scaling(n, [2e-5 * x for x in n])
+    assert lin.doubling == pytest.approx(2.0) and all(s == pytest.approx(1.0) for s in lin.slopes)
+    assert "linear (doubling 2.0x)" in describe("Mamba layers", lin)
+    mixed = fit_scaling(n, [0.01 + 1e-5 * x + 1e-10 * x * x for x in n])
+    assert mixed.a == pytest.approx(0.01, rel=1e-3) and mixed.c == pytest.approx(1e-10, rel=1e-3)
+
+
+def _spec(**kw):
+    base = dict(models=["tiny-hybrid"], ctx=[32, 64], batch=[1], gen=2, reps=1, warmup=1, dtype="fp32", device="cpu")
+    base.update(kw)
+    return SweepSpec(**base)
+
+
+def test_runner_rows_schema_and_jsonl_round_trip(tmp_path):
+    store = JsonlStore(tmp_path / "rows.jsonl")
+    rows = []
+    Runner(_spec(), lambda r: (rows.append(r), store.append(r))).run()
+    assert [(r["ctx"], r["phase"]) for r in rows] == [(32, "prefill"), (32, "decode"), (64, "prefill"), (64, "decode")]
+    for r in rows:
+        assert r["status"] == "ok" and r["valid"] and r["schema_version"] == 1
+        assert r["tokens_per_s"] > 0 and r["latency_ms"] > 0 and len(r["samples_s"]) == 1
+        assert r["kernel_impl"] == "torch" and r["torch"] == torch.__version__
+    assert set(rows[0]["attribution_s"]) == {"mamba", "attention", "moe_mlp", "rest"}
+    assert rows[0]["tokens_per_s"] == pytest.approx(32 / rows[0]["median_s"])
+    back = store.read()
+    assert [(r["ctx"], r["phase"], r["tokens_per_s"]) for r in back] == [(r["ctx"], r["phase"], r["tokens_per_s"]) for r in rows]
+
+
+def test_resume_skips_finished_cases(tmp_path):
+    store = JsonlStore(tmp_path / "rows.jsonl")
+    Runner(_spec(ctx=[32]), store.append).run()
+    with open(store.path, "a") as f:
+        f.write('{"model": "tiny-hybrid", "cut-off li')  # an interrupted write
+    kept = store.read()
+    assert len(kept) == 2
+    new = []
+    Runner(_spec(ctx=[32, 64]), new.append, done=finished_keys(kept)).run()
+    assert [(r["ctx"], r["phase"]) for r in new] == [(64, "prefill"), (64, "decode")]
+
+
+def test_oom_becomes_a_row_and_the_sweep_goes_on(monkeypatch):
+    real = runner_mod.Runner._prefill_once
+
+    def flaky(self, model, cache, ids):
+        if ids.shape[1] == 64:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+        return real(self, model, cache, ids)
+
+    monkeypatch.setattr(runner_mod.Runner, "_prefill_once", flaky)
+    rows = []
+    Runner(_spec(ctx=[32, 64, 128]), rows.append).run()
+    status = {(r["ctx"], r["phase"]): r["status"] for r in rows}
+    assert status[(64, "prefill")] == "oom" and status[(64, "decode")] == "oom"
+    assert status[(128, "prefill")] == "ok" and status[(32, "decode")] == "ok"
+
+
+def test_predicted_slow_case_is_skipped():
+    spec = _spec(ctx=[32, 64, 512], max_case_seconds=20.0, phases=["prefill"])
+    r = Runner(spec, lambda row: None)
+    # prefill times of ctx/10 s: the fit predicts 51.2 s per run at 512, two runs (warmup + rep)
+    assert r.predicted_seconds([(32, 3.2), (64, 6.4)], 512) == pytest.approx(102.4, rel=1e-6)
+    assert r.predicted_seconds([(32, 3.2)], 512) == 0.0
+    rows = []
+    r = Runner(spec, rows.append)
+    r.predicted_seconds = lambda prev, c: 1e6 if c == 512 else 0.0
+    r.run()
+    st = {row["ctx"]: row for row in rows}
+    assert st[512]["status"] == "skipped" and "predicted 1000000 s" in st[512]["error"]
+    assert st[32]["status"] == st[64]["status"] == "ok"
+
+
+def _row(model, kind, ctx, t, phase="prefill", batch=1, att=None):
+    return {"model": model, "kind": kind, "ctx": ctx, "batch": batch, "phase": phase, "status": "ok", "median_s": t,
+            "tokens_per_s": batch * ctx / t if phase == "prefill" else batch / t, "latency_ms": t * 1e3,
+            "attribution_s": att, "peak_delta_bytes": ctx * 10, "cache_bytes": ctx, "dtype": "fp32", "device": "cpu"}
+
+
+def test_analysis_verdicts_claims_and_regressions():
+    n = [1024, 2048, 4096, 8192]
+    rows = [_row("h", "hybrid", c, 1e-4 * c, att={"mamba": 8e-5 * c, "attention": 1e-9 * c * c}) for c in n]
+    rows += [_row("d", "dense", c, 1e-4 * c + 2e-8 * c * c) for c in n]
+    res = analyse(rows)
+    text = "\n".join(res["verdicts"])
+    assert "h b1 Mamba layers: linear (doubling 2.0x)" in text
+    assert "h b1 attention layers: quadratic (doubling 4.0x)" in text
+    assert any(r["ctx"] == 8192 and r["prefill_speed"] > 1 for r in res["ratios"])
+    assert check_claims(rows, res) == []
+    slow = [dict(r, tokens_per_s=r["tokens_per_s"] * 0.8) for r in rows]
+    assert len(regressions(slow, rows, 0.10)) == len(rows)
+    assert regressions(slow, rows, 0.25) == []
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "granite_cli", "bench", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_cli_smoke_on_tiny_profiles(tmp_path):
+    r = _cli("-m", "tiny-hybrid", "-m", "tiny-dense", "--ctx", "32,64", "--batch", "1,2", "--gen", "2", "--reps", "1",
+             "--format", "json", "--out", str(tmp_path / "rep"))
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert len(d["rows"]) == 2 * 2 * 2 * 2
+    for row in d["rows"]:
+        for k in ("model", "ctx", "batch", "phase", "status", "tokens_per_s", "latency_ms", "peak_bytes"):
+            assert k in row
+    assert d["verdicts"]
+    for f in ("report.md", "rows.jsonl", "prefill_time.png", "decode_tps.png", "memory.png", "attribution.png"):
+        assert (tmp_path / "rep" / f).exists(), f
+    assert "expected about" in r.stderr
+    # the same rows as a baseline: no regression; --check on tiny models is allowed to go either way
+    base = tmp_path / "base.json"
+    base.write_text(r.stdout)
+    r2 = _cli("-m", "tiny-hybrid", "--ctx", "32", "--gen", "2", "--reps", "1", "--baseline", str(base),
+              "--fail-on-regression", "1000%", "--format", "csv")
+    assert r2.returncode == 0 and r2.stdout.startswith("model,batch,ctx")
+
+
+@pytest.mark.parametrize("args,msg", [(["--ctx", "12x"], "bad context '12x'"), (["--batch", "-1"], "bad batch"),
+                                      (["-m", "nope"], "unknown model 'nope'"), (["--reps", "0"], "--reps must be"),
+                                      (["--fail-on-regression", "5%"], "needs --baseline")])
+def test_cli_bad_input_exits_2(args, msg):
+    r = _cli(*args, "--ctx" if "--ctx" not in args else "--gen", "64" if "--ctx" not in args else "2")
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert msg in r.stderr and len(r.stderr.strip().splitlines()) == 1
