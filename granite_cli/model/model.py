@@ -50,7 +50,7 @@ class Mamba2Mixer(nn.Module):
         cfg = self.cfg
         b, t, _ = u.shape
         d_in, h, p, g, n = cfg.d_inner, cfg.mamba_n_heads, cfg.mamba_d_head, cfg.mamba_n_groups, cfg.mamba_d_state
-        zxbcdt = self.in_proj(u)  # [b, t, 2·d_in + 2·g·n + h]
+        zxbcdt = basic.linear(u, self.in_proj.weight, self.in_proj.bias)  # [b, t, 2·d_in + 2·g·n + h]
         z, xbc, dt = zxbcdt.split([d_in, cfg.conv_dim, h], dim=-1)
         A = -torch.exp(self.A_log.float())  # [h]
         lo, hi = cfg.time_step_limit
@@ -76,7 +76,7 @@ class Mamba2Mixer(nn.Module):
                 state.ssm.copy_(final)
             y = y.view(b, t, d_in)
         v = basic.gated_rms_norm(y, z, self.norm.weight, cfg.rms_norm_eps, d_in // g)
-        return self.out_proj(v.to(u.dtype))
+        return basic.linear(v.to(u.dtype), self.out_proj.weight, self.out_proj.bias)
 
 
 class Attention(nn.Module):
@@ -99,9 +99,9 @@ class Attention(nn.Module):
         cfg = self.cfg
         b, t, _ = u.shape
         hd = cfg.head_dim
-        q = self.q_proj(u).view(b, t, cfg.num_attention_heads, hd)
-        k = self.k_proj(u).view(b, t, cfg.num_key_value_heads, hd)
-        v = self.v_proj(u).view(b, t, cfg.num_key_value_heads, hd)
+        q = basic.linear(u, self.q_proj.weight, self.q_proj.bias).view(b, t, cfg.num_attention_heads, hd)
+        k = basic.linear(u, self.k_proj.weight, self.k_proj.bias).view(b, t, cfg.num_key_value_heads, hd)
+        v = basic.linear(u, self.v_proj.weight, self.v_proj.bias).view(b, t, cfg.num_key_value_heads, hd)
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [b, heads, t, hd]
@@ -113,7 +113,7 @@ class Attention(nn.Module):
             kv.v[:, :, pos : pos + t] = v
             k, v = kv.k[:, :, : pos + t], kv.v[:, :, : pos + t]
         o = attend(q, k, v, cfg.softmax_scale)  # [b, heads, t, hd]
-        return self.o_proj(o.transpose(1, 2).reshape(b, t, -1))
+        return basic.linear(o.transpose(1, 2).reshape(b, t, -1), self.o_proj.weight, self.o_proj.bias)
 
 
 class MLP(nn.Module):
@@ -126,8 +126,8 @@ class MLP(nn.Module):
         self.w_out = nn.Linear(width, d, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.w_in(x)
-        return self.w_out(F.silu(h[..., : self.width]) * h[..., self.width :])
+        h = basic.linear(x, self.w_in.weight)
+        return basic.linear(F.silu(h[..., : self.width]) * h[..., self.width :], self.w_out.weight)
 
 
 class MoE(nn.Module):
@@ -148,7 +148,7 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        weights, ids = basic.route(self.router(flat), self.k, self.mode)
+        weights, ids = basic.route(basic.linear(flat, self.router.weight), self.k, self.mode)
         return basic.moe_experts(flat, self.w_in, self.w_out, weights, ids).view(shape)
 
 
@@ -226,7 +226,7 @@ class GraniteModel(nn.Module):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         w = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        out = F.linear(h, w)
+        out = basic.linear(h, w)
         return out / self.cfg.logits_scaling if self.cfg.logits_scaling != 1.0 else out
 
     def forward(self, ids: torch.Tensor, cache: Cache | None = None, logits: str = "all") -> torch.Tensor:

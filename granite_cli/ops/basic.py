@@ -8,8 +8,21 @@ import torch
 import torch.nn.functional as F
 
 
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ wᵀ (+ b): the one place the model's projections go through (a hook for kernel dispatch).
+
+    Measured and rejected on our 2-core AMD machine: sending single-row (decode) products to numpy's
+    OpenBLAS GEMV streams weights 1.8x faster in isolation, but its threads and torch's spinning
+    OpenMP threads fight over the cores (decode 4x slower) unless OMP_WAIT_POLICY=PASSIVE, which
+    costs prefill 25%. See reports/core-cpu/README.md.
+    """
+    return F.linear(x, w, b)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm: statistics in fp32, cast back to the input dtype, then × weight (in that dtype)."""
+    if x.dtype == torch.float32:  # already fp32: skip the casts (fewer ops matter in decode)
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(x.dtype)
@@ -35,11 +48,13 @@ def causal_conv1d(
     """
     k = weight.shape[-1]
     xt = xbc.transpose(1, 2)  # [b, c, t]
-    if conv_state is None:
-        pad = xt.new_zeros(xt.shape[0], xt.shape[1], k - 1)
-    else:
-        pad = conv_state.to(xt.dtype)
-    full = torch.cat([pad, xt], dim=-1)  # [b, c, k-1+t]
+    if conv_state is None:  # a fresh sequence: let the conv pad, no concatenated copy
+        out = F.conv1d(xt, weight, bias, padding=k - 1, groups=weight.shape[0])[:, :, : xt.shape[-1]]
+        tail = xt[:, :, -(k - 1):] if k > 1 else xt[:, :, :0]
+        if tail.shape[-1] < k - 1:
+            tail = F.pad(tail, (k - 1 - tail.shape[-1], 0))
+        return F.silu(out).transpose(1, 2), tail
+    full = torch.cat([conv_state.to(xt.dtype), xt], dim=-1)  # [b, c, k-1+t]
     out = F.conv1d(full, weight, bias, groups=weight.shape[0])  # [b, c, t]
     new_state = full[:, :, -(k - 1):] if k > 1 else full[:, :, :0]
     return F.silu(out).transpose(1, 2), new_state
@@ -49,13 +64,11 @@ def causal_conv1d_step(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, conv_state: torch.Tensor
 ) -> torch.Tensor:
     """One token: x [b, c]; conv_state [b, c, k-1] is shifted in place. Returns silu(conv) [b, c]."""
-    w = weight[:, 0, :]  # [c, k]
-    k = w.shape[-1]
-    out = torch.einsum("bck,ck->bc", conv_state, w[:, : k - 1]) + x * w[:, k - 1]
+    window = torch.cat([conv_state, x[:, :, None].to(conv_state.dtype)], dim=-1)  # [b, c, k]
+    out = (window.to(weight.dtype) * weight[:, 0, :]).sum(-1)  # a grouped conv1d call costs ~20x more here
     if bias is not None:
         out = out + bias
-    if k > 1:
-        conv_state.copy_(torch.cat([conv_state[:, :, 1:], x[:, :, None].to(conv_state.dtype)], dim=-1))
+    conv_state.copy_(window[:, :, 1:])
     return F.silu(out)
 
 
@@ -128,12 +141,27 @@ def moe_experts(
     """
     n, k = ids.shape
     i_w = w_in.shape[1] // 2
+    wx = weights.to(x.dtype)
+    if n * k <= 8 and x.device.type != "meta":
+        # decode: walk the few (token, expert) pairs directly; no sort, no scatter
+        rows = []
+        for t, (es, ws) in enumerate(zip(ids.tolist(), wx.unbind(0))):
+            acc = None
+            for j, e in enumerate(es):
+                h = linear(x[t], w_in[e])
+                o = linear(F.silu(h[:i_w]) * h[i_w:], w_out[e]) * ws[j]
+                acc = o if acc is None else acc + o
+            rows.append(acc)
+        return torch.stack(rows)
     out = torch.zeros_like(x)
     flat = ids.reshape(-1)
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=w_in.shape[0]).tolist()
     tok = order // k
-    wsel = weights.to(x.dtype).reshape(-1)[order]
+    wsel = wx.reshape(-1)[order]
+    if x.device.type == "meta":  # tracing: routing is unknown, assume a balanced split
+        counts = [n * k // w_in.shape[0] + (1 if e < n * k % w_in.shape[0] else 0) for e in range(w_in.shape[0])]
+    else:
+        counts = torch.bincount(flat, minlength=w_in.shape[0]).tolist()
     start = 0
     for e, c in enumerate(counts):
         if c == 0:

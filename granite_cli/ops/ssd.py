@@ -19,6 +19,17 @@ from __future__ import annotations
 import torch
 
 
+_MASKS: dict = {}
+
+
+def _lower(q: int, device, strict: bool = False) -> torch.Tensor:
+    """[q, q] bool, True below the diagonal (and on it unless strict); cached per size and device."""
+    key = (q, str(device), strict)
+    if key not in _MASKS:
+        _MASKS[key] = torch.ones(q, q, dtype=torch.bool, device=device).tril(-1 if strict else 0)
+    return _MASKS[key]
+
+
 def segsum_exp(dA: torch.Tensor) -> torch.Tensor:
     """exp of the stable segment sums of dA [..., q] → [..., q, q], zero above the diagonal.
 
@@ -26,12 +37,11 @@ def segsum_exp(dA: torch.Tensor) -> torch.Tensor:
     difference of cumsums, which loses precision when the cumsum grows large (forward-spec.md §5.2).
     """
     q = dA.shape[-1]
-    x = dA[..., None].expand(*dA.shape, q)  # x[..., k, j] = dA_k
-    strict = torch.ones(q, q, dtype=torch.bool, device=dA.device).tril(-1)
-    x = x.masked_fill(~strict, 0.0)  # keep k > j
+    low = _lower(q, dA.device)
+    strict = _lower(q, dA.device, strict=True)
+    x = dA[..., None].expand(*dA.shape, q).masked_fill(~strict, 0.0)  # x[..., k, j] = dA_k for k > j
     s = torch.cumsum(x, dim=-2)  # s[..., i, j] = Σ_{j<k≤i} dA_k
-    s.masked_fill_(~strict.logical_or(torch.eye(q, dtype=torch.bool, device=dA.device)), float("-inf"))
-    return s.exp_()
+    return s.masked_fill_(~low, float("-inf")).exp_()
 
 
 def ssd_chunked(
@@ -136,13 +146,11 @@ def ssd_step(
     b, h, p, n = state.shape
     g = B.shape[1]
     f32 = torch.float32
-    dA = torch.exp(dt * A)  # [b, h]
     xf = x.to(f32)
     S = state.view(b, g, h // g, p, n)
-    S.mul_(dA.view(b, g, h // g, 1, 1).to(state.dtype))
-    dtx = (dt[..., None] * xf).view(b, g, h // g, p, 1)
-    S.addcmul_(dtx.to(state.dtype), B.to(state.dtype)[:, :, None, None, :])
-    y = (S.to(f32) @ C.to(f32)[:, :, None, :, None]).view(b, h, p)
+    S.mul_(torch.exp(dt * A).view(b, g, h // g, 1, 1))
+    S.addcmul_((dt[..., None] * xf).view(b, g, h // g, p, 1), B.view(b, g, 1, 1, n).to(state.dtype))
+    y = (S.to(f32) * C.view(b, g, 1, 1, n).to(f32)).sum(-1).view(b, h, p)
     if D is not None:
-        y = y + D.to(f32)[:, None] * xf
+        y = torch.addcmul(y, D.to(f32)[:, None], xf)
     return y

@@ -1,0 +1,152 @@
+"""Predicted memory from a ModelConfig alone (no torch): weights, KV cache, Mamba state, activations.
+
+- Weights by group, in any storage format: bf16/fp16 (2 B), fp32 (4 B), fp8/int8 (1 B + one fp32
+  scale per output row), GGUF q8_0 (34 B per 32 weights) and q4_0 (18 B per 32); the tensors
+  llama.cpp and our converter keep in F32 (norms, router, conv, SSM scalars) are counted as F32 in
+  the GGUF formats. Routed-expert, shared-expert and dense bytes; total and active.
+- KV cache: attention layers only (2 · kv_heads · head_dim · ctx · batch · kv bytes per layer).
+- Mamba state per sequence, constant in context: conv [conv_dim, d_conv − 1] in the KV/model dtype,
+  SSM [heads, head_dim, d_state] in the state dtype (fp32 by default, as llama.cpp keeps it).
+- Activations: the working set of the core's prefill of `ubatch` tokens (chunked prefill) and of
+  a decode step, from the tensors its forward keeps alive at its peak layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from granite_cli.config import ModelConfig
+from granite_cli.errors import InputError
+from granite_cli.params import count_params
+
+BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "int8": 1.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
+ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "f32": "fp32", "f16": "fp16", "8bit": "int8"}
+
+
+def norm_dtype(d: str) -> str:
+    k = ALIASES.get(d.lower(), d.lower())
+    if k not in BYTES:
+        raise InputError(f"unknown dtype {d!r}; use one of {', '.join(BYTES)}")
+    return k
+
+
+def _f32_params(cfg: ModelConfig) -> int:
+    """Parameters llama.cpp keeps in F32 whatever the file type: 1-D tensors, norms, router, conv, SSM scalars."""
+    d = cfg.hidden_size
+    n = cfg.num_hidden_layers * 2 * d + d
+    if cfg.is_hybrid:
+        per = cfg.conv_dim * cfg.mamba_d_conv + (cfg.conv_dim if cfg.mamba_conv_bias else 0) + 3 * cfg.mamba_n_heads + cfg.d_inner
+        n += len(cfg.mamba_layers) * per
+    n += cfg.num_hidden_layers * cfg.num_local_experts * d
+    if cfg.qk_norm:
+        n += len(cfg.attention_layers) * 2 * cfg.head_dim
+    return n
+
+
+def _row_count(cfg: ModelConfig) -> int:
+    """Output rows of the 2-D weight matrices (one scale each in per-channel fp8/int8)."""
+    d = cfg.hidden_size
+    rows = cfg.vocab_size * (1 if cfg.tie_word_embeddings else 2)
+    att = cfg.num_attention_heads * cfg.head_dim + 2 * cfg.num_key_value_heads * cfg.head_dim + d
+    rows += len(cfg.attention_layers) * att
+    if cfg.is_hybrid:
+        rows += len(cfg.mamba_layers) * (cfg.in_proj_dim + d)
+    e = cfg.num_local_experts
+    rows += cfg.num_hidden_layers * (e * (2 * cfg.expert_width + d) + (2 * cfg.mlp_width + d if cfg.mlp_width else 0))
+    return rows
+
+
+def weight_bytes(cfg: ModelConfig, dtype: str = "bf16") -> dict[str, float]:
+    """Bytes by parameter group in `dtype`, plus total and active (routed experts at top-k)."""
+    dtype = norm_dtype(dtype)
+    p = count_params(cfg)
+    per = BYTES[dtype]
+    out = {g: n * per for g, n in p.groups.items()}
+    if dtype in ("q8_0", "q4_0"):
+        # norms, router, conv and SSM scalars stay F32 in the GGUF
+        keep = _f32_params(cfg)
+        out["norms"] = p.groups["norms"] * 4.0
+        extra = (keep - p.groups["norms"]) * (4.0 - per)
+        out["mamba"] += extra
+    if dtype in ("fp8", "int8"):
+        out["scales"] = _row_count(cfg) * 4.0
+    total = sum(out.values())
+    inactive = out["routed_experts"] * (cfg.num_local_experts - cfg.num_experts_per_tok) / max(1, cfg.num_local_experts)
+    out["total"] = total
+    out["active"] = total - inactive
+    return out
+
+
+def kv_bytes(cfg: ModelConfig, ctx: int, batch: int = 1, kv_dtype: str = "bf16") -> float:
+    per_tok = 2 * len(cfg.attention_layers) * cfg.num_key_value_heads * cfg.head_dim * BYTES[norm_dtype(kv_dtype)]
+    return per_tok * ctx * batch
+
+
+def state_bytes(cfg: ModelConfig, batch: int = 1, state_dtype: str = "fp32", conv_dtype: str = "bf16") -> dict[str, float]:
+    n = len(cfg.mamba_layers)
+    conv = n * cfg.conv_dim * (cfg.mamba_d_conv - 1) * BYTES[norm_dtype(conv_dtype)] * batch
+    ssm = n * cfg.mamba_n_heads * cfg.mamba_d_head * cfg.mamba_d_state * BYTES[norm_dtype(state_dtype)] * batch
+    return {"conv": conv, "ssm": ssm, "total": conv + ssm}
+
+
+def kv_state_crossover(cfg: ModelConfig, kv_dtype: str = "bf16", state_dtype: str = "fp32") -> float | None:
+    """The context at which one sequence's KV cache equals its Mamba state (None without both)."""
+    per_tok = kv_bytes(cfg, 1, 1, kv_dtype)
+    st = state_bytes(cfg, 1, state_dtype, kv_dtype)["total"]
+    if not per_tok or not st:
+        return None
+    return st / per_tok
+
+
+def activation_bytes(cfg: ModelConfig, tokens: int, batch: int = 1, dtype: str = "bf16") -> float:
+    """Peak working set of one forward of `tokens` new tokens per sequence (prefill piece or decode step).
+
+    Counts what the core keeps alive at its peak: the residual stream and its normalised copy; in a
+    Mamba layer the in_proj output, the conv input/output, the fp32 scan output and the fp32 gated-norm
+    temporaries, and one chunk's fp32 [heads, Q, Q] decay/score tiles; in an attention layer q/k/v and
+    the output; the MoE/MLP hidden [tokens, 2·width] pair; and the last-position logits.
+    """
+    s = BYTES[norm_dtype(dtype)]
+    bt = batch * tokens
+    d = cfg.hidden_size
+    resid = 3 * bt * d * s
+    peak = 0.0
+    if cfg.is_hybrid:
+        q = min(cfg.mamba_chunk_size, tokens)
+        mamba = bt * cfg.in_proj_dim * s + 2 * bt * cfg.conv_dim * s + 2 * bt * cfg.d_inner * 4 \
+            + 3 * batch * cfg.mamba_n_heads * q * q * 4 + bt * cfg.d_inner * 4
+        peak = max(peak, mamba)
+    if cfg.attention_layers:
+        att = bt * (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim * s * 2 + bt * d * s
+        peak = max(peak, att)
+    width = max(cfg.mlp_width, cfg.expert_width * cfg.num_experts_per_tok)
+    ffn = bt * 2 * width * s * 2 + bt * d * s * 2
+    peak = max(peak, ffn)
+    logits = batch * cfg.vocab_size * 4
+    return resid + peak + logits
+
+
+@dataclass
+class Prediction:
+    model: str
+    ctx: int
+    batch: int
+    weights_bytes: float
+    kv_bytes: float
+    state_bytes: float
+    activation_bytes: float
+
+    @property
+    def total_bytes(self) -> float:
+        return self.weights_bytes + self.kv_bytes + self.state_bytes + self.activation_bytes
+
+
+def predict(cfg: ModelConfig, ctx: int, batch: int = 1, weights: str = "bf16", kv: str = "bf16",
+            state: str = "fp32", ubatch: int = 4096) -> Prediction:
+    return Prediction(
+        model=cfg.name, ctx=ctx, batch=batch,
+        weights_bytes=weight_bytes(cfg, weights)["total"],
+        kv_bytes=kv_bytes(cfg, ctx, batch, kv),
+        state_bytes=state_bytes(cfg, batch, state, kv)["total"],
+        activation_bytes=activation_bytes(cfg, min(ctx, ubatch), batch, kv),
+    )
