@@ -99,31 +99,34 @@ def kv_state_crossover(cfg: ModelConfig, kv_dtype: str = "bf16", state_dtype: st
 
 
 def activation_bytes(cfg: ModelConfig, tokens: int, batch: int = 1, dtype: str = "bf16") -> float:
-    """Peak working set of one forward of `tokens` new tokens per sequence (prefill piece or decode step).
+    """Peak working set of one forward of `tokens` new tokens per sequence (a prefill piece or a
+    decode step), modelled on what the core keeps alive at each layer type's peak:
 
-    Counts what the core keeps alive at its peak: the residual stream and its normalised copy; in a
-    Mamba layer the in_proj output, the conv input/output, the fp32 scan output and the fp32 gated-norm
-    temporaries, and one chunk's fp32 [heads, Q, Q] decay/score tiles; in an attention layer q/k/v and
-    the output; the MoE/MLP hidden [tokens, 2·width] pair; and the last-position logits.
+    - Mamba mixer: the residual and its normalised copy, the in_proj output, the conv output, the
+      fp32 scan output, and two of one chunk's fp32 [heads, Q, Q] tiles;
+    - attention: the residual pair, q/k/v, the attention output and its projection;
+    - MoE/MLP: four [tokens, hidden] tensors (residual, normalised input, routed output, the
+      product) and four [tokens, width] ones (the gate|up projection, SiLU(gate), the product);
+    plus the last-position logits (fp32).
     """
     s = BYTES[norm_dtype(dtype)]
     bt = batch * tokens
     d = cfg.hidden_size
-    resid = 3 * bt * d * s
-    peak = 0.0
+    parts = []
     if cfg.is_hybrid:
         q = min(cfg.mamba_chunk_size, tokens)
-        mamba = bt * cfg.in_proj_dim * s + 2 * bt * cfg.conv_dim * s + 2 * bt * cfg.d_inner * 4 \
-            + 3 * batch * cfg.mamba_n_heads * q * q * 4 + bt * cfg.d_inner * 4
-        peak = max(peak, mamba)
+        parts.append(bt * (2 * d + cfg.in_proj_dim + cfg.conv_dim) * s + bt * cfg.d_inner * (8 - s)
+                     + 2 * batch * cfg.mamba_n_heads * q * q * 4)  # (8 - s): fp32 scan output + upcasts
     if cfg.attention_layers:
-        att = bt * (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim * s * 2 + bt * d * s
-        peak = max(peak, att)
-    width = max(cfg.mlp_width, cfg.expert_width * cfg.num_experts_per_tok)
-    ffn = bt * 2 * width * s * 2 + bt * d * s * 2
-    peak = max(peak, ffn)
-    logits = batch * cfg.vocab_size * 4
-    return resid + peak + logits
+        qkv = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim
+        parts.append(bt * (2 * d + qkv + 2 * cfg.num_attention_heads * cfg.head_dim + d) * s)
+    width = cfg.mlp_width or cfg.expert_width
+    if cfg.num_local_experts and not cfg.mlp_width:  # routed experts only: one expert's rows at a time
+        rows = bt * cfg.num_experts_per_tok / cfg.num_local_experts
+        parts.append(bt * 3 * d * s + rows * (d + 4 * width) * s)
+    else:
+        parts.append(bt * (4 * d + 4 * width) * s)
+    return max(parts) + batch * cfg.vocab_size * 4
 
 
 @dataclass

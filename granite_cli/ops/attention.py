@@ -14,6 +14,8 @@ _cpu_flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cp
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     t, s = q.shape[2], k.shape[2]
+    if q.device.type == "meta":  # tracing: the flash kernels' output, with O(t) workspace only
+        return torch.empty_like(q)
     gqa = q.shape[1] != k.shape[1]
     if s == t:  # a fresh prefill: the flash kernel's causal mask is exactly ours
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
@@ -23,9 +25,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> t
             # place. (The CPU flash kernel takes ~2x longer for a single query here.)
             b, hq, _, d = q.shape
             hkv = k.shape[1]
-            qg = q.reshape(b, hkv, hq // hkv, d)
-            p = torch.softmax((qg @ k.transpose(-1, -2)).float() * scale, dim=-1).to(v.dtype)
-            return (p @ v).reshape(b, hq, 1, d)
+            qg = q.reshape(b, hkv, hq // hkv, d).float()
+            p = torch.softmax((qg @ k.transpose(-1, -2).float()) * scale, dim=-1)
+            return (p @ v.float()).to(q.dtype).reshape(b, hq, 1, d)
         return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
     off = s - t
     if q.device.type == "cpu" and _cpu_flash is not None and q.dtype in (torch.float32, torch.bfloat16, torch.float16):

@@ -8,14 +8,36 @@ import torch
 import torch.nn.functional as F
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ wᵀ (+ b): the one place the model's projections go through (a hook for kernel dispatch).
+_NATIVE_BF16: bool | None = None
 
-    Measured and rejected on our 2-core AMD machine: sending single-row (decode) products to numpy's
-    OpenBLAS GEMV streams weights 1.8x faster in isolation, but its threads and torch's spinning
-    OpenMP threads fight over the cores (decode 4x slower) unless OMP_WAIT_POLICY=PASSIVE, which
-    costs prefill 25%. See reports/core-cpu/README.md.
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU has bf16 dot-product instructions (AVX512_BF16 or AMX-BF16)."""
+    global _NATIVE_BF16
+    if _NATIVE_BF16 is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                flags = next((line for line in f if line.startswith("flags")), "")
+            _NATIVE_BF16 = "avx512_bf16" in flags or "amx_bf16" in flags
+        except OSError:
+            _NATIVE_BF16 = True  # unknown platform: leave torch to it
+    return _NATIVE_BF16
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ wᵀ (+ b): the one place the model's projections go through.
+
+    bf16 on a CPU without bf16 dot-product instructions: torch's bf16 GEMM falls to a scalar path
+    (16 GFLOP/s against 130 for fp32 on our AVX2 machine), so the operands are widened to fp32 and the
+    result rounded back to bf16. A product of two bf16 numbers is exact in fp32, so this computes what
+    a native bf16 GEMM with fp32 accumulation computes, up to summation order.
+
+    Measured and rejected: sending single-row (decode) products to numpy's OpenBLAS GEMV streams
+    weights 1.8x faster in isolation, but its threads and torch's spinning OpenMP threads fight over
+    the cores (decode 4x slower) unless OMP_WAIT_POLICY=PASSIVE, which costs prefill 25%.
     """
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and not cpu_has_native_bf16():
+        return F.linear(x.float(), w.float(), None if b is None else b.float()).to(torch.bfloat16)
     return F.linear(x, w, b)
 
 
@@ -48,6 +70,11 @@ def causal_conv1d(
     """
     k = weight.shape[-1]
     xt = xbc.transpose(1, 2)  # [b, c, t]
+    if xt.dtype == torch.bfloat16 and xt.device.type == "cpu" and not cpu_has_native_bf16():
+        # the bf16 depthwise conv takes a slow im2col path on such CPUs; widen, convolve, round back
+        out, state = causal_conv1d(xbc.float(), weight.float(), None if bias is None else bias.float(),
+                                   None if conv_state is None else conv_state.float())
+        return out.to(xbc.dtype), state.to(xbc.dtype)
     if conv_state is None:  # a fresh sequence: let the conv pad, no concatenated copy
         out = F.conv1d(xt, weight, bias, padding=k - 1, groups=weight.shape[0])[:, :, : xt.shape[-1]]
         tail = xt[:, :, -(k - 1):] if k > 1 else xt[:, :, :0]
@@ -167,9 +194,9 @@ def moe_experts(
         if c == 0:
             continue
         t_idx = tok[start : start + c]
-        h = F.linear(x[t_idx], w_in[e])  # [c, 2I]
+        h = linear(x[t_idx], w_in[e])  # [c, 2I]
         m = F.silu(h[:, :i_w]) * h[:, i_w:]
-        o = F.linear(m, w_out[e]) * wsel[start : start + c, None]
+        o = linear(m, w_out[e]) * wsel[start : start + c, None]
         out.index_add_(0, t_idx, o)
         start += c
     return out
