@@ -51,8 +51,10 @@ def emit_rows(
         out(render.to_json(json_obj if json_obj is not None else list(rows)))
     elif fmt is Format.csv:
         out(render.to_csv(rows, columns))
-    elif fmt is Format.md:
-        out(render.to_markdown(rows, columns, headers))
+    elif fmt is Format.md:  # for people: the table's formatting; csv stays raw for machines
+        f = formatters or {}
+        shown = [{k: (f[k](v) if k in f else v) for k, v in r.items()} for r in rows]
+        out(render.to_markdown(shown, columns, headers))
     else:
         _rich_table(rows, columns, headers or {}, title, formatters or {})
 

@@ -20,15 +20,15 @@ def _fmt_num(v):
 
 
 def bench(
-    model: Annotated[Optional[list[str]], typer.Option("--model", "-m", help="Profile, config.json or checkpoint folder (repeatable).")] = None,
+    model: Annotated[Optional[list[str]], typer.Option("--model", "-m", metavar="MODEL", help="Profile, config.json or checkpoint folder (repeatable).")] = None,
     ctx: Annotated[Optional[str], typer.Option(help="Contexts: 1k,4k,128k or a range 1k-128k*2 / 512-4k+512.")] = None,
     batch: Annotated[Optional[str], typer.Option(help="Batch sizes: 1,4 or a range 1-16*2.")] = None,
     phase: Annotated[str, typer.Option(help="prefill, decode, or prefill,decode.")] = "prefill,decode",
     gen: Annotated[int, typer.Option(help="Decode tokens timed per repetition.")] = 16,
     dtype: Annotated[Optional[str], typer.Option(help="fp32, bf16 or fp16 (default: fp32 on CPU, bf16 on GPU).")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
-    reps: Annotated[Optional[int], typer.Option(help="Timed repetitions per case (default 3; 1 above 16k on a CPU).")] = None,
-    warmup: Annotated[Optional[int], typer.Option(help="Untimed runs per case (default 1; 0 above 16k on a CPU).")] = None,
+    reps: Annotated[Optional[int], typer.Option(help="Timed repetitions per case (default 3; on a CPU 1 for the default sweep and above 16k).")] = None,
+    warmup: Annotated[Optional[int], typer.Option(help="Untimed runs per case (default 1; on a CPU 0 for the default sweep and above 16k).")] = None,
     ubatch: Annotated[int, typer.Option(help="Prefill tokens per forward (chunked prefill).")] = 4096,
     sweep: Annotated[Optional[Path], typer.Option(help="TOML sweep file (the same fields as the options).")] = None,
     max_case_seconds: Annotated[float, typer.Option(help="Skip cases the fitted curve predicts to take longer.")] = 1800.0,
@@ -67,13 +67,15 @@ def bench(
     models = model or fields.get("models") or (["granite-4.0-h-micro", "granite-4.0-micro"] if gpu else ["cpu-hybrid", "cpu-dense"])
     ctxs = parse_list(ctx, "context") if ctx else fields.get("ctx") or parse_list("1k-32k*2" if gpu else "512-8k*2", "context")
     batches = parse_list(batch, "batch") if batch else fields.get("batch") or ([1] if user_ctx else [1, 4])
-    long_cpu = not gpu and max(ctxs) > 16384
+    # On a CPU the default sweep and long contexts run one timed repetition with no warmup (the
+    # default must finish in minutes); pass --reps/--warmup for statistics.
+    quick_cpu = not gpu and (max(ctxs) > 16384 or not (model or ctx or batch or sweep))
     spec = SweepSpec(
         models=list(models), ctx=ctxs, batch=batches,
         phases=[p.strip() for p in (fields.get("phases") or phase.split(",")) if p.strip()],
         gen=fields.get("gen", gen), dtype=fields.get("dtype", dtype or ("bf16" if gpu else "fp32")), device=dev,
-        reps=reps if reps is not None else fields.get("reps", 1 if long_cpu else 3),
-        warmup=warmup if warmup is not None else fields.get("warmup", 0 if long_cpu else 1),
+        reps=reps if reps is not None else fields.get("reps", 1 if quick_cpu else 3),
+        warmup=warmup if warmup is not None else fields.get("warmup", 0 if quick_cpu else 1),
         ubatch=fields.get("ubatch", ubatch), max_case_seconds=fields.get("max_case_seconds", max_case_seconds),
         seed=fields.get("seed", seed),
     ).validate()

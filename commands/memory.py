@@ -1,10 +1,70 @@
-"""`granite memory-report` (placeholder until the memory-report issue lands)."""
+"""`granite memory-report`: what each model needs, predicted (and traced / measured), with budgets."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated, Optional
 
-def memory_report() -> None:
-    """Weights, KV cache, Mamba state and activations per model: predicted, traced and measured."""
-    from granite_cli.errors import GraniteError
+import typer
 
-    raise GraniteError("granite memory-report is not implemented yet")
+from granite_cli.commands._common import Format, FormatOpt, emit_rows, say
+
+
+def memory_report(
+    model: Annotated[Optional[list[str]], typer.Option("--model", "-m", metavar="MODEL", help="Profile, config.json or checkpoint folder (repeatable). Default: the family and the baselines.")] = None,
+    ctx: Annotated[str, typer.Option(help="Contexts: 4k,32k,128k or a range 4k-128k*2.")] = "4k,32k,128k",
+    batch: Annotated[str, typer.Option(help="Batch sizes (concurrent sequences): 1,8 or 1-8*2.")] = "1,8",
+    weights: Annotated[str, typer.Option(help="Weight format: bf16, fp16, fp32, fp8, int8, q8_0, q4_0.")] = "bf16",
+    kv: Annotated[str, typer.Option(help="KV cache dtype (and Mamba conv state): bf16, fp16, fp32, fp8, int8.")] = "bf16",
+    state: Annotated[str, typer.Option(help="Mamba SSM state dtype: fp32 (llama.cpp, our core) or bf16 (vLLM default).")] = "fp32",
+    ubatch: Annotated[int, typer.Option(help="Prefill piece (tokens per forward) for the activation working set.")] = 4096,
+    trace: Annotated[bool, typer.Option(help="Also run the core's forward on the meta device and report its own peak.")] = False,
+    measure: Annotated[bool, typer.Option(help="Also run real forwards (CPU: what fits in RAM; CUDA: allocator peaks).")] = False,
+    device: Annotated[str, typer.Option(help="Device for --measure: cpu or cuda.")] = "cpu",
+    budget: Annotated[Optional[str], typer.Option(help="Exit 3 if any row's total exceeds this, e.g. 10GiB or 24GB.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Write report.md, report.json and plots into this folder.")] = None,
+    fmt: FormatOpt = Format.table,
+) -> None:
+    """Weights, KV cache, Mamba state and activations per model, context and batch; capacity; IBM's claims.
+
+    Examples: granite memory-report;  granite memory-report -m granite-4.0-h-tiny --ctx 128k --batch 4 --budget 24GB
+    """
+    from granite_cli.bench.spec import parse_list
+    from granite_cli.errors import CheckFailed, InputError
+    from granite_cli.memory import report as R
+    from granite_cli.render import human_bytes
+
+    models = model or R.DEFAULT_MODELS
+    ctxs = parse_list(ctx, "context")
+    batches = parse_list(batch, "batch")
+    if ubatch < 1:
+        raise InputError("--ubatch must be at least 1")
+    limit = R.parse_bytes(budget) if budget is not None else None
+    if device not in ("cpu", "cuda"):
+        raise InputError(f"--device must be cpu or cuda, got {device!r}")
+    rep = R.full_report(models, ctxs, batches, weights, kv, state, ubatch)
+    if trace:
+        say(f"tracing {len(rep['rows'])} case(s) on the meta device ...")
+        R.add_traced(rep["rows"], ubatch)
+    if measure:
+        say(f"measuring {len(rep['rows'])} case(s) on {device} ...")
+        R.add_measured(rep["rows"], ubatch, device)
+    if out:
+        R.write_report_dir(out, rep)
+        say(f"report written to {out / 'report.md'}")
+    cols = ["model", "ctx", "batch", "weights_bytes", "kv_bytes", "state_bytes", "activation_bytes", "total_bytes"]
+    cols += [c for c in ("traced_total_bytes", "measured_total_bytes") if any(c in r for r in rep["rows"])]
+    hb = lambda v: human_bytes(v) if isinstance(v, (int, float)) else ""  # noqa: E731
+    emit_rows(rep["rows"], fmt, columns=cols,
+              headers={c: c.replace("_bytes", "") for c in cols}, json_obj=rep,
+              formatters={c: hb for c in cols if c.endswith("bytes")})
+    if fmt is Format.table:
+        say("claims:")
+        for c in rep["claims"]:
+            say(f"  {c['claim']}: {c['verdict']}")
+    if limit is not None:
+        fails = R.budget_failures(rep["rows"], limit)
+        if fails:
+            raise CheckFailed(f"{len(fails)} case(s) over budget: " + "; ".join(fails[:5]) +
+                              (f"; and {len(fails) - 5} more" if len(fails) > 5 else ""))
+        say(f"all {len(rep['rows'])} case(s) within the {human_bytes(limit)} budget")

@@ -78,6 +78,14 @@ def test_runner_rows_schema_and_jsonl_round_trip(tmp_path):
     assert [(r["ctx"], r["phase"], r["tokens_per_s"]) for r in back] == [(r["ctx"], r["phase"], r["tokens_per_s"]) for r in rows]
 
 
+def test_cpu_attribution_without_warmup():
+    rows = []
+    Runner(_spec(ctx=[32], warmup=0, reps=2, phases=["prefill"]), rows.append).run()
+    (r,) = rows
+    assert set(r["attribution_s"]) == {"mamba", "attention", "moe_mlp", "rest"} and len(r["samples_s"]) == 2
+    assert r["attribution_s"]["mamba"] > 0 and sum(r["attribution_s"].values()) <= max(r["samples_s"]) * 1.01
+
+
 def test_resume_skips_finished_cases(tmp_path):
     store = JsonlStore(tmp_path / "rows.jsonl")
     Runner(_spec(ctx=[32]), store.append).run()

@@ -86,3 +86,14 @@ def test_user_errors_are_one_line_exit_2(tmp_path, args, msg):
 def test_bad_usage_exits_2():
     r = granite("profiles", "list", "--format", "xml")
     assert r.returncode == 2
+
+
+def test_every_subpackage_ships_in_the_wheel():
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {"granite_cli." + p.parent.name for p in (root / "granite_cli").glob("*/__init__.py")}
+    found |= {"granite_cli", "granite_cli.commands", "granite_cli.profiles"}
+    assert found <= listed, f"not packaged: {sorted(found - listed)}"

@@ -1,0 +1,257 @@
+"""memory-report: rows (predicted, and optionally traced / measured), capacity, claims, report files."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+from granite_cli.config import load_config
+from granite_cli.errors import InputError
+from granite_cli.memory.claims import all_claims, max_batch, max_context
+from granite_cli.memory.predict import kv_state_crossover, norm_dtype, predict, weight_bytes
+from granite_cli.render import _json_safe, human_bytes, to_markdown
+
+DEFAULT_MODELS = [
+    "granite-4.0-h-small", "granite-4.0-h-tiny", "granite-4.0-h-micro", "granite-4.0-micro", "granite-4.0-h-1b",
+    "granite-4.0-h-350m", "granite-4.0-1b", "granite-4.0-350m", "granite-3.3-8b", "llama-3.1-8b", "llama-3.2-3b",
+    "qwen3-4b", "qwen3-8b", "qwen3-30b-a3b", "qwen3-32b",
+]
+GPU_SIZES_GB = [24, 48, 80, 141]
+
+_UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
+          "tib": 2**40, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+
+def parse_bytes(s: str) -> float:
+    """`10GiB`, `10GB` (decimal), `512MiB`, `80G` (binary), `1e10` → bytes."""
+    m = re.match(r"^\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*$", str(s))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise InputError(f"bad size {s!r}: use a number with a unit such as 10GiB, 24GB or 512MiB")
+    v = float(m.group(1)) * _UNITS[m.group(2).lower()]
+    if v <= 0:
+        raise InputError(f"bad size {s!r}: must be positive")
+    return v
+
+
+def rows_for(models, ctxs, batches, weights="bf16", kv="bf16", state="fp32", ubatch=4096) -> list[dict]:
+    for d in (weights, kv, state):
+        norm_dtype(d)
+    out = []
+    for m in models:
+        cfg = load_config(m)
+        for c in ctxs:
+            for b in batches:
+                p = predict(cfg, c, b, weights, kv, state, ubatch)
+                out.append({
+                    "model": cfg.name, "kind": "hybrid" if cfg.is_hybrid else "dense", "ctx": c, "batch": b,
+                    "weights_dtype": weights, "kv_dtype": kv, "state_dtype": state,
+                    "weights_bytes": p.weights_bytes, "kv_bytes": p.kv_bytes, "state_bytes": p.state_bytes,
+                    "activation_bytes": p.activation_bytes, "total_bytes": p.total_bytes,
+                })
+    return out
+
+
+def add_traced(rows: list[dict], ubatch: int) -> None:
+    import torch
+
+    from granite_cli.memory.trace import traced
+
+    dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    for r in rows:
+        wd = r["weights_dtype"] if r["weights_dtype"] in dt else "bf16"
+        t = traced(load_config(r["model"]), r["ctx"], r["batch"], dt[wd], ubatch,
+                   dt.get(r["state_dtype"], torch.float32))
+        r["traced_activation_bytes"] = t["prefill_activation_bytes"]
+        r["traced_decode_activation_bytes"] = t["decode_activation_bytes"]
+        r["traced_cache_bytes"] = t["cache_bytes"]
+        r["traced_total_bytes"] = t["weights_bytes"] + t["cache_bytes"] + t["prefill_activation_bytes"]
+        r["traced_vs_predicted"] = r["traced_total_bytes"] / r["total_bytes"] - 1
+
+
+def add_measured(rows: list[dict], ubatch: int, device: str) -> None:
+    """Real forward passes: CPU (tracked live tensors + RSS) for what fits in RAM; CUDA allocator peaks on a GPU."""
+    import psutil
+    import torch
+
+    from granite_cli.memory.trace import measured_cpu
+
+    dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    avail = psutil.virtual_memory().available
+    for r in rows:
+        if r["total_bytes"] > 0.5 * avail or r["weights_dtype"] not in dt:
+            r["measured_status"] = "skipped: too large for this machine" if r["weights_dtype"] in dt else \
+                f"skipped: {r['weights_dtype']} weights are not run by the core"
+            continue
+        cfg = load_config(r["model"])
+        if device == "cuda":
+            m = _measured_cuda(cfg, r, dt[r["weights_dtype"]], ubatch)
+        else:
+            m = measured_cpu(cfg, r["ctx"], r["batch"], dt[r["weights_dtype"]], ubatch)
+        r["measured_status"] = "ok"
+        r["measured_activation_bytes"] = m["prefill_activation_bytes"]
+        r["measured_total_bytes"] = m["weights_bytes"] + m["cache_bytes"] + m["prefill_activation_bytes"]
+        r["measured_rss_peak_delta_bytes"] = m.get("rss_peak_delta_bytes")
+        r["measured_cuda_max_allocated_bytes"] = m.get("cuda_max_allocated_bytes")
+        r["measured_cuda_max_reserved_bytes"] = m.get("cuda_max_reserved_bytes")
+        r["measured_nvml_used_bytes"] = m.get("nvml_used_bytes")
+        r["measured_vs_predicted"] = r["measured_total_bytes"] / r["total_bytes"] - 1
+
+
+def _measured_cuda(cfg, r, dtype, ubatch) -> dict:
+    import torch
+
+    from granite_cli.measure import PeakMemory
+    from granite_cli.memory.trace import run_forward
+    from granite_cli.model.loading import load_model
+
+    model = load_model(cfg, weights="random", dtype=dtype, device="cuda")
+    with PeakMemory("cuda") as pm:
+        res = run_forward(model, r["ctx"], r["batch"], ubatch, torch.device("cuda"))
+    res["cuda_max_allocated_bytes"] = pm.peak
+    res["cuda_max_reserved_bytes"] = pm.reserved
+    res["nvml_used_bytes"] = _nvml_used(torch.cuda.current_device())
+    del model
+    torch.cuda.empty_cache()
+    return res
+
+
+def _nvml_used(index: int) -> int | None:
+    """Device-wide memory in use (all processes) from NVML, or None without it."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            return int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(index)).used)
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # noqa: BLE001 - NVML missing or refusing: the counter is simply absent
+        return None
+
+
+def capacity(models, ctxs, gpu_gb=GPU_SIZES_GB, weights="bf16", kv="bf16", state="fp32") -> list[dict]:
+    out = []
+    for m in models:
+        cfg = load_config(m)
+        for gb in gpu_gb:
+            mem = gb * 1e9
+            out.append({
+                "model": cfg.name, "gpu_gb": gb,
+                **{f"max_batch@{c // 1024}k": max_batch(cfg, mem, c, weights, kv, state) for c in ctxs},
+                "max_ctx@b1": max_context(cfg, mem, 1, weights, kv, state),
+                "max_ctx@b8": max_context(cfg, mem, 8, weights, kv, state),
+            })
+    return out
+
+
+def crossovers(models, kv="bf16", state="fp32") -> list[dict]:
+    out = []
+    for m in models:
+        cfg = load_config(m)
+        x = kv_state_crossover(cfg, kv, state)
+        if x is not None:
+            out.append({"model": cfg.name, "kv_equals_state_at_ctx": round(x), "kv_dtype": kv, "state_dtype": state})
+    return out
+
+
+def budget_failures(rows: list[dict], budget: float) -> list[str]:
+    fails = []
+    for r in rows:
+        if r["total_bytes"] > budget:
+            fails.append(f"{r['model']} at ctx {r['ctx']} x batch {r['batch']} needs {human_bytes(r['total_bytes'])}, "
+                         f"{human_bytes(r['total_bytes'] - budget)} over the {human_bytes(budget)} budget")
+    return fails
+
+
+def full_report(models, ctxs, batches, weights, kv, state, ubatch) -> dict:
+    rows = rows_for(models, ctxs, batches, weights, kv, state, ubatch)
+    return {
+        "schema_version": 1, "rows": rows, "claims": all_claims(),
+        "capacity": capacity(models, [c for c in ctxs if c >= 4096] or ctxs, weights=weights, kv=kv, state=state),
+        "crossover": crossovers(models, kv, state),
+        "weights": [{"model": load_config(m).name, **{k: v for k, v in weight_bytes(load_config(m), weights).items()}}
+                    for m in models],
+    }
+
+
+def _plots(report: dict, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    rows = report["rows"]
+    b1 = min(r["batch"] for r in rows)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for m in dict.fromkeys(r["model"] for r in rows):
+        rs = sorted((r for r in rows if r["model"] == m and r["batch"] == b1), key=lambda r: r["ctx"])
+        ax.plot([r["ctx"] for r in rs], [r["total_bytes"] / 1e9 for r in rs], "o-" if rs[0]["kind"] == "hybrid" else "s--",
+                label=m, lw=1.2, ms=3)
+    ax.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel=f"total memory (GB), batch {b1}",
+           title="Predicted memory vs context (hybrids solid, Transformers dashed)")
+    ax.legend(fontsize=6, ncol=2)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "memory_vs_context.png", dpi=110)
+    plt.close(fig)
+    made.append("memory_vs_context")
+
+    cap = report["capacity"]
+    keys = [k for k in cap[0] if k.startswith("max_batch@")] if cap else []
+    if keys:
+        fig, axes = plt.subplots(1, len(GPU_SIZES_GB), figsize=(14, 4), sharey=True)
+        for ax, gb in zip(axes, GPU_SIZES_GB):
+            for m in dict.fromkeys(c["model"] for c in cap):
+                c = next(x for x in cap if x["model"] == m and x["gpu_gb"] == gb)
+                xs = [int(k.split("@")[1][:-1]) * 1024 for k in keys]
+                ys = [max(c[k], 0.5) for k in keys]
+                ax.plot(xs, ys, "o-", lw=1, ms=3, label=m)
+            ax.set(xscale="log", yscale="log", title=f"{gb} GB", xlabel="context")
+            ax.grid(True, which="both", alpha=0.3)
+        axes[0].set_ylabel("max concurrent sequences (bf16)")
+        axes[-1].legend(fontsize=5)
+        fig.tight_layout()
+        fig.savefig(out / "capacity.png", dpi=110)
+        plt.close(fig)
+        made.append("capacity")
+    return made
+
+
+def write_report_dir(out_dir: Path, report: dict) -> Path:
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    plots = _plots(report, tmp)
+    cols = ["model", "ctx", "batch", "weights_bytes", "kv_bytes", "state_bytes", "activation_bytes", "total_bytes"]
+    extra = [c for c in ("traced_total_bytes", "measured_total_bytes", "measured_rss_peak_delta_bytes")
+             if any(c in r for r in report["rows"])]
+    fmt = [{k: (human_bytes(v) if k.endswith("bytes") and isinstance(v, (int, float)) else v) for k, v in r.items()}
+           for r in report["rows"]]
+    lines = ["# granite memory-report", "",
+             "Predicted from each model's config (weights by dtype; KV for attention layers only; Mamba conv + SSM "
+             "state per sequence, constant in context; the working set of a 4096-token prefill piece). "
+             "Sizes in binary units.", "",
+             "## IBM's claims", "", to_markdown(report["claims"], ["claim", "conditions", "ratio", "verdict"]),
+             "## Where a hybrid's KV cache overtakes its Mamba state", "", to_markdown(report["crossover"]),
+             "## Capacity: most concurrent sequences that fit (bf16 weights and KV, fp32 state)", "",
+             to_markdown(report["capacity"]), "## Memory by model, context and batch", "", to_markdown(fmt, cols + extra)]
+    for p in plots:
+        lines += [f"![{p}]({p}.png)", ""]
+    (tmp / "report.md").write_text("\n".join(lines) + "\n")
+    (tmp / "report.json").write_text(json.dumps(_json_safe(report), indent=1) + "\n")
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, out_dir)
+    return out_dir
