@@ -118,10 +118,6 @@ class ModelConfig:
         return bool(self.mamba_layers)
 
     @property
-    def num_experts(self) -> int:
-        return self.num_local_experts
-
-    @property
     def expert_width(self) -> int:
         """Width of one routed expert (0 when the model has no routed experts)."""
         if self.num_local_experts == 0:

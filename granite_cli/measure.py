@@ -7,10 +7,6 @@ allocator's peaks), `nvml_used` (device-wide, from NVML).
 
 from __future__ import annotations
 
-import os
-import time
-from contextlib import contextmanager
-
 import torch
 
 
@@ -85,16 +81,3 @@ def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
-
-@contextmanager
-def timed(device: torch.device, out: list):
-    """Append the wall time of the block (synchronised on CUDA) to `out`."""
-    sync(device)
-    t0 = time.perf_counter()
-    yield
-    sync(device)
-    out.append(time.perf_counter() - t0)
-
-
-def machine_id() -> str:
-    return f"{os.uname().nodename}"

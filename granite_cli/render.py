@@ -9,7 +9,7 @@ import csv
 import io
 import json
 import math
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 
 def _json_safe(v: Any) -> Any:
@@ -77,6 +77,3 @@ def human_bytes(n: float | None) -> str:
         n /= 1024
     return f"{n:.2f} TiB"  # pragma: no cover
 
-
-def iter_lines(text: str) -> Iterable[str]:
-    return text.splitlines()

@@ -79,10 +79,11 @@ def test_causal_conv_prefill_continuation_and_step_agree():
     bias = torch.randn(6, generator=gen)
     full, state_full = causal_conv1d(x, w, bias, None)
     a, st1 = causal_conv1d(x[:, :9], w, bias, None)
-    b, st2 = causal_conv1d(x[:, 9:15], w, bias, st1)
-    state = st2.clone()
+    b, st2 = causal_conv1d(x[:, 9:11], w, bias, st1)  # a block shorter than the k-1 history
+    c, st3 = causal_conv1d(x[:, 11:15], w, bias, st2)
+    state = st3.clone()
     steps = [causal_conv1d_step(x[:, i], w, bias, state) for i in range(15, 20)]
-    got = torch.cat([a, b, torch.stack(steps, 1)], 1)
+    got = torch.cat([a, b, c, torch.stack(steps, 1)], 1)
     assert torch.allclose(got, full, atol=1e-5)
     assert torch.allclose(state, state_full, atol=1e-6)
     # against a direct definition: out[t] = silu(sum_j w[j] x[t-3+j] + b)

@@ -48,9 +48,10 @@ def analyse(rows: list[dict]) -> dict:
                 f"{hi['ctx'] / lo['ctx']:.0f}x depth)")
     ratios = hybrid_dense_ratios(rows)
     for r in ratios:
+        mem = f", prefill RSS peak {r['prefill_memory']:.2f}x" if r["prefill_memory"] == r["prefill_memory"] else ""
         verdicts.append(
             f"{r['hybrid']} vs {r['dense']} b{r['batch']} ctx {r['ctx']}: prefill {r['prefill_speed']:.2f}x, "
-            f"decode {r['decode_speed']:.2f}x speed, prefill peak memory {r['prefill_memory']:.2f}x"
+            f"decode {r['decode_speed']:.2f}x speed; cache (KV + state) {r['cache_memory']:.2f}x{mem}"
             .replace("nanx", "n/a"))
     return {"fits": fits, "verdicts": verdicts, "ratios": ratios}
 
@@ -73,11 +74,14 @@ def hybrid_dense_ratios(rows: list[dict]) -> list[dict]:
                 def ratio(x, y):
                     return x / y if x is not None and y else float("nan")
 
+                def rss_ratio(x, y):  # RSS deltas under 16 MiB are allocator noise, not the model
+                    return x / y if x and y and min(x, y) >= 16 * 2**20 else float("nan")
+
                 out.append({
                     "hybrid": h, "dense": d, "batch": b, "ctx": c,
                     "prefill_speed": ratio(rh["tokens_per_s"], rd["tokens_per_s"]),
                     "decode_speed": ratio(dh and dh["tokens_per_s"], dd and dd["tokens_per_s"]),
-                    "prefill_memory": ratio(rh.get("peak_delta_bytes"), rd.get("peak_delta_bytes")),
+                    "prefill_memory": rss_ratio(rh.get("peak_delta_bytes"), rd.get("peak_delta_bytes")),
                     "cache_memory": ratio(rh.get("cache_bytes"), rd.get("cache_bytes")),
                 })
     return out

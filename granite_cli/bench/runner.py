@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
@@ -324,6 +323,3 @@ def matmul_gflops(device: torch.device, dtype: torch.dtype) -> float:
     sync(device)
     return 2 * n**3 * k / (time.perf_counter() - t0) / 1e9
 
-
-def row_dict(row) -> dict:
-    return asdict(row) if hasattr(row, "__dataclass_fields__") else dict(row)

@@ -75,15 +75,21 @@ def causal_conv1d(
         out, state = causal_conv1d(xbc.float(), weight.float(), None if bias is None else bias.float(),
                                    None if conv_state is None else conv_state.float())
         return out.to(xbc.dtype), state.to(xbc.dtype)
-    if conv_state is None:  # a fresh sequence: let the conv pad, no concatenated copy
-        out = F.conv1d(xt, weight, bias, padding=k - 1, groups=weight.shape[0])[:, :, : xt.shape[-1]]
-        tail = xt[:, :, -(k - 1):] if k > 1 else xt[:, :, :0]
-        if tail.shape[-1] < k - 1:
-            tail = F.pad(tail, (k - 1 - tail.shape[-1], 0))
-        return F.silu(out).transpose(1, 2), tail
-    full = torch.cat([conv_state.to(xt.dtype), xt], dim=-1)  # [b, c, k-1+t]
-    out = F.conv1d(full, weight, bias, groups=weight.shape[0])  # [b, c, t]
-    new_state = full[:, :, -(k - 1):] if k > 1 else full[:, :, :0]
+    c, t = xt.shape[1], xt.shape[2]
+    # The conv is linear: convolve the block with zero history (the conv pads; no concatenated copy
+    # of the block), then add the history's contribution, which reaches only the first k-1 outputs.
+    out = F.conv1d(xt, weight, bias, padding=k - 1, groups=c)[:, :, :t]
+    if conv_state is not None and k > 1:
+        hist = F.pad(conv_state.to(xt.dtype), (0, k - 1))  # [b, c, 2(k-1)]: the history, then zeros
+        n = min(k - 1, t)
+        out[:, :, :n] += F.conv1d(hist, weight, None, groups=c)[:, :, :n]
+    if k == 1:
+        new_state = xt[:, :, :0]
+    elif t >= k - 1:
+        new_state = xt[:, :, t - (k - 1):]
+    else:
+        prev = conv_state.to(xt.dtype) if conv_state is not None else xt.new_zeros(xt.shape[0], c, k - 1)
+        new_state = torch.cat([prev[:, :, t:], xt], dim=-1)
     return F.silu(out).transpose(1, 2), new_state
 
 
