@@ -5,6 +5,7 @@ Run: python -m pytest -q tests/test_ssd.py
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
@@ -53,8 +54,10 @@ def test_chunked_split_anywhere_equals_one_pass():
     assert _rel(torch.cat([y1, y2], 1), y) < 1e-5 and _rel(s2, s) < 1e-5
 
 
-def test_decode_step_equals_recurrence_and_updates_state_in_place():
-    kw = _inputs(2, 12, 4, 8, 2, 16, 1)
+@pytest.mark.parametrize("shape", [(2, 4, 8, 2, 16), (3, 16, 64, 1, 128)])  # small state / above 2^20 elements
+def test_decode_step_equals_recurrence_and_updates_state_in_place(shape):
+    b, h, p, g, n = shape
+    kw = _inputs(b, 12, h, p, g, n, 1)
     y_ref, s_ref = ssd_naive(**kw)
     state = kw["initial_state"].clone()
     ptr = state.data_ptr()

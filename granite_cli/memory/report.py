@@ -11,7 +11,7 @@ from pathlib import Path
 from granite_cli.config import load_config
 from granite_cli.errors import InputError
 from granite_cli.memory.claims import all_claims, max_batch, max_context
-from granite_cli.memory.predict import kv_state_crossover, norm_dtype, predict, weight_bytes
+from granite_cli.memory.predict import activation_bytes, kv_state_crossover, norm_dtype, predict, weight_bytes
 from granite_cli.render import _json_safe, human_bytes, to_markdown
 
 DEFAULT_MODELS = [
@@ -50,6 +50,7 @@ def rows_for(models, ctxs, batches, weights="bf16", kv="bf16", state="fp32", uba
                     "weights_dtype": weights, "kv_dtype": kv, "state_dtype": state,
                     "weights_bytes": p.weights_bytes, "kv_bytes": p.kv_bytes, "state_bytes": p.state_bytes,
                     "activation_bytes": p.activation_bytes, "total_bytes": p.total_bytes,
+                    "decode_activation_bytes": activation_bytes(cfg, 1, b, kv),
                 })
     return out
 

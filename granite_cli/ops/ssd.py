@@ -150,7 +150,10 @@ def ssd_step(
     S = state.view(b, g, h // g, p, n)
     S.mul_(torch.exp(dt * A).view(b, g, h // g, 1, 1))
     S.addcmul_((dt[..., None] * xf).view(b, g, h // g, p, 1), B.view(b, g, 1, 1, n).to(state.dtype))
-    y = (S.to(f32) * C.view(b, g, 1, 1, n).to(f32)).sum(-1).view(b, h, p)
+    if S.numel() <= 1 << 20:  # small: multiply-sum is faster than a batched GEMV here
+        y = (S.to(f32) * C.view(b, g, 1, 1, n).to(f32)).sum(-1).view(b, h, p)
+    else:  # large (long batches, big models): a matmul, without a state-sized fp32 temporary
+        y = (S.to(f32) @ C.view(b, g, 1, n, 1).to(f32)).view(b, h, p)
     if D is not None:
         y = torch.addcmul(y, D.to(f32)[:, None], xf)
     return y
