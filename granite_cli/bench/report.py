@@ -4,11 +4,10 @@ renamed into place, so a half-written report never appears."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from collections import defaultdict
 from pathlib import Path
 
+from granite_cli.fsutil import commit_dir, partial_dir
 from granite_cli.render import _json_safe, human_bytes, to_markdown
 
 PLOTS = {
@@ -111,10 +110,7 @@ def _plots(rows: list[dict], analysis: dict, out: Path) -> list[str]:
 
 def write_report(out_dir: Path, rows: list[dict], analysis: dict, spec_dict: dict, wall_s: float | None = None) -> Path:
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    tmp = partial_dir(out_dir)
     plots = _plots(rows, analysis, tmp)
     cols = ["model", "batch", "ctx", "phase", "status", "tokens_per_s", "latency_ms", "stdev_s", "peak_delta_bytes",
             "cache_bytes"]
@@ -139,13 +135,4 @@ def write_report(out_dir: Path, rows: list[dict], analysis: dict, spec_dict: dic
         for r in rows:
             f.write(json.dumps(_json_safe(r)) + "\n")
     (tmp / "analysis.json").write_text(json.dumps(_json_safe(analysis), indent=2) + "\n")
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, out_dir)
-    return out_dir
+    return commit_dir(tmp, out_dir)

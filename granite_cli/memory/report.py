@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 from pathlib import Path
 
 from granite_cli.config import load_config
 from granite_cli.errors import InputError
+from granite_cli.fsutil import commit_dir, partial_dir
 from granite_cli.memory.claims import all_claims, max_batch, max_context
 from granite_cli.memory.predict import activation_bytes, kv_state_crossover, norm_dtype, predict, weight_bytes
 from granite_cli.render import _json_safe, human_bytes, to_markdown
@@ -224,10 +223,7 @@ def _plots(report: dict, out: Path) -> list[str]:
 
 def write_report_dir(out_dir: Path, report: dict) -> Path:
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    tmp = partial_dir(out_dir)
     plots = _plots(report, tmp)
     cols = ["model", "ctx", "batch", "weights_bytes", "kv_bytes", "state_bytes", "activation_bytes", "total_bytes"]
     extra = [c for c in ("traced_total_bytes", "measured_total_bytes", "measured_rss_peak_delta_bytes")
@@ -246,13 +242,4 @@ def write_report_dir(out_dir: Path, report: dict) -> Path:
         lines += [f"![{p}]({p}.png)", ""]
     (tmp / "report.md").write_text("\n".join(lines) + "\n")
     (tmp / "report.json").write_text(json.dumps(_json_safe(report), indent=1) + "\n")
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, out_dir)
-    return out_dir
+    return commit_dir(tmp, out_dir)
