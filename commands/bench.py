@@ -195,10 +195,12 @@ class _Progress:
         self.total, self.n, self.t0 = total, 0, time.perf_counter()
         self.bar = None
         if tty:
+            from rich.console import Console
             from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
             self.bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                                TimeElapsedColumn(), TimeRemainingColumn(), transient=True)
+                                TimeElapsedColumn(), TimeRemainingColumn(), transient=True,
+                                console=Console(stderr=True))  # progress never touches stdout
             self.task = self.bar.add_task("bench", total=total)
             self.bar.start()
 
