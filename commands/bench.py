@@ -63,6 +63,10 @@ def bench(
     if dev == "auto":
         dev = "cuda" if torch.cuda.is_available() else "cpu"
     gpu = dev.startswith("cuda")
+    if gpu and not torch.cuda.is_available():
+        raise InputError("--device cuda but no CUDA device is available; use --device cpu")
+    if dev not in ("cpu",) and not gpu:
+        raise InputError(f"--device must be cpu, cuda or auto, got {dev!r}")
     user_ctx = ctx is not None or "ctx" in fields
     models = model or fields.get("models") or (["granite-4.0-h-micro", "granite-4.0-micro"] if gpu else ["cpu-hybrid", "cpu-dense"])
     ctxs = parse_list(ctx, "context") if ctx else fields.get("ctx") or parse_list("1k-32k*2" if gpu else "512-8k*2", "context")

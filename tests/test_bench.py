@@ -177,7 +177,8 @@ def test_cli_smoke_on_tiny_profiles(tmp_path):
 
 @pytest.mark.parametrize("args,msg", [(["--ctx", "12x"], "bad context '12x'"), (["--batch", "-1"], "bad batch"),
                                       (["-m", "nope"], "unknown model 'nope'"), (["--reps", "0"], "--reps must be"),
-                                      (["--fail-on-regression", "5%"], "needs --baseline")])
+                                      (["--fail-on-regression", "5%"], "needs --baseline"),
+                                      (["--device", "tpu"], "--device must be")])
 def test_cli_bad_input_exits_2(args, msg):
     r = _cli(*args, "--ctx" if "--ctx" not in args else "--gen", "64" if "--ctx" not in args else "2")
     assert r.returncode == 2, (r.stdout, r.stderr)
