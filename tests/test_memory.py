@@ -15,7 +15,7 @@ import torch
 
 from granite_cli.config import load_config
 from granite_cli.memory.claims import all_claims, max_batch, max_context
-from granite_cli.memory.predict import BYTES, kv_bytes, kv_state_crossover, predict, state_bytes, weight_bytes
+from granite_cli.memory.predict import kv_bytes, kv_state_crossover, predict, state_bytes, weight_bytes
 from granite_cli.memory.report import parse_bytes
 from granite_cli.memory.trace import LiveTensorBytes, measured_cpu, traced
 from granite_cli.model.loading import build_empty
@@ -52,7 +52,7 @@ def test_weight_bytes_by_format():
 
 def test_hybrid_state_is_constant_in_context_and_kv_is_attention_only():
     h = load_config("granite-4.0-h-small")
-    assert state_bytes(h, 1, "fp32")["total"] == state_bytes(h, 1, "fp32")["total"]
+    assert state_bytes(h, 1, "fp32")["ssm"] == 36 * 128 * 64 * 128 * 4 == 2 * state_bytes(h, 1, "bf16")["ssm"]
     assert predict(h, 4096).state_bytes == predict(h, 131072).state_bytes
     assert kv_bytes(h, 131072, 1, "bf16") == 4 * 2 * 8 * 128 * 2 * 131072  # 4 attention layers: 2 GiB
     assert kv_state_crossover(h, "bf16", "bf16") == pytest.approx(4719, abs=5)  # family.md §4a: ≈ 4.7k
@@ -162,4 +162,6 @@ def test_report_folder(tmp_path):
     assert r.returncode == 0, r.stderr
     for f in ("report.md", "report.json", "memory_vs_context.png", "capacity.png"):
         assert (tmp_path / "rep" / f).exists()
-    assert BYTES["q8_0"] == 34 / 32
+    rep = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert len(rep["rows"]) == 4 and rep["claims"]
+    assert "## IBM's claims" in (tmp_path / "rep" / "report.md").read_text()

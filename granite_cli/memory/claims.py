@@ -23,7 +23,7 @@ def max_batch(cfg, mem_bytes: float, ctx: int, weights="bf16", kv="bf16", state=
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return lo if fits(lo) or lo == 0 else lo
+    return lo  # the bisection keeps fits(lo) true, or lo == 0
 
 
 def max_context(cfg, mem_bytes: float, batch: int, weights="bf16", kv="bf16", state="fp32", ubatch=4096) -> int:

@@ -30,17 +30,12 @@ def norm_dtype(d: str) -> str:
     return k
 
 
-def _f32_params(cfg: ModelConfig) -> int:
-    """Parameters llama.cpp keeps in F32 whatever the file type: 1-D tensors, norms, router, conv, SSM scalars."""
-    d = cfg.hidden_size
-    n = cfg.num_hidden_layers * 2 * d + d
-    if cfg.is_hybrid:
-        per = cfg.conv_dim * cfg.mamba_d_conv + (cfg.conv_dim if cfg.mamba_conv_bias else 0) + 3 * cfg.mamba_n_heads + cfg.d_inner
-        n += len(cfg.mamba_layers) * per
-    n += cfg.num_hidden_layers * cfg.num_local_experts * d
-    if cfg.qk_norm:
-        n += len(cfg.attention_layers) * 2 * cfg.head_dim
-    return n
+def _mamba_f32_params(cfg: ModelConfig) -> int:
+    """Mamba parameters llama.cpp keeps in F32 whatever the file type: conv, SSM scalars, gated norm."""
+    if not cfg.is_hybrid:
+        return 0
+    per = cfg.conv_dim * cfg.mamba_d_conv + (cfg.conv_dim if cfg.mamba_conv_bias else 0) + 3 * cfg.mamba_n_heads + cfg.d_inner
+    return len(cfg.mamba_layers) * per
 
 
 def _row_count(cfg: ModelConfig) -> int:
@@ -63,11 +58,12 @@ def weight_bytes(cfg: ModelConfig, dtype: str = "bf16") -> dict[str, float]:
     per = BYTES[dtype]
     out = {g: n * per for g, n in p.groups.items()}
     if dtype in ("q8_0", "q4_0"):
-        # norms, router, conv and SSM scalars stay F32 in the GGUF
-        keep = _f32_params(cfg)
+        # GGUF keeps norms, the router, and the Mamba conv / SSM scalars / gated norm in F32
         out["norms"] = p.groups["norms"] * 4.0
-        extra = (keep - p.groups["norms"]) * (4.0 - per)
-        out["mamba"] += extra
+        out["router"] = p.groups["router"] * 4.0
+        out["mamba"] += _mamba_f32_params(cfg) * (4.0 - per)
+        if cfg.qk_norm:
+            out["attention"] += len(cfg.attention_layers) * 2 * cfg.head_dim * (4.0 - per)
     if dtype in ("fp8", "int8"):
         out["scales"] = _row_count(cfg) * 4.0
     total = sum(out.values())

@@ -172,8 +172,7 @@ def full_report(models, ctxs, batches, weights, kv, state, ubatch) -> dict:
         "schema_version": 1, "rows": rows, "claims": all_claims(),
         "capacity": capacity(models, [c for c in ctxs if c >= 4096] or ctxs, weights=weights, kv=kv, state=state),
         "crossover": crossovers(models, kv, state),
-        "weights": [{"model": load_config(m).name, **{k: v for k, v in weight_bytes(load_config(m), weights).items()}}
-                    for m in models],
+        "weights": [{"model": c.name, **weight_bytes(c, weights)} for c in map(load_config, models)],
     }
 
 

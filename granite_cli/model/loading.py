@@ -54,7 +54,6 @@ _TILE = 1_000_003
 def init_random(model: GraniteModel, seed: int = 0, std: float = 0.02) -> None:
     """Initialise in place: weights normal with `std` (0.02, the reference scheme); Mamba's A_log = log(1..H),
     D = 1, dt_bias = softplus⁻¹ of dt log-uniform in [1e-3, 1e-1]; norms = 1."""
-    cfg = model.cfg
     dev = model.device
     g = torch.Generator(device="cpu").manual_seed(seed)
     tile = (torch.randn(_TILE, generator=g) * std).to(device=dev, dtype=model.dtype)
@@ -82,7 +81,6 @@ def init_random(model: GraniteModel, seed: int = 0, std: float = 0.02) -> None:
                 flat[done : done + n].copy_(tile[off : off + n])
                 done += n
                 off = 0
-    del tile, cfg
 
 
 def _checkpoint_folder(spec) -> Path:

@@ -24,6 +24,11 @@ def cpu_has_native_bf16() -> bool:
     return _NATIVE_BF16
 
 
+def widen_bf16(x: torch.Tensor) -> bool:
+    """Whether bf16 work on x should run widened to fp32: a CPU tensor on a CPU without bf16 dot products."""
+    return x.dtype == torch.bfloat16 and x.device.type == "cpu" and not cpu_has_native_bf16()
+
+
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     """x @ wᵀ (+ b): the one place the model's projections go through.
 
@@ -36,7 +41,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     weights 1.8x faster in isolation, but its threads and torch's spinning OpenMP threads fight over
     the cores (decode 4x slower) unless OMP_WAIT_POLICY=PASSIVE, which costs prefill 25%.
     """
-    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and not cpu_has_native_bf16():
+    if widen_bf16(x):
         return F.linear(x.float(), w.float(), None if b is None else b.float()).to(torch.bfloat16)
     return F.linear(x, w, b)
 
@@ -70,7 +75,7 @@ def causal_conv1d(
     """
     k = weight.shape[-1]
     xt = xbc.transpose(1, 2)  # [b, c, t]
-    if xt.dtype == torch.bfloat16 and xt.device.type == "cpu" and not cpu_has_native_bf16():
+    if widen_bf16(xt):
         # the bf16 depthwise conv takes a slow im2col path on such CPUs; widen, convolve, round back
         out, state = causal_conv1d(xbc.float(), weight.float(), None if bias is None else bias.float(),
                                    None if conv_state is None else conv_state.float())

@@ -22,11 +22,13 @@ import torch
 _MASKS: dict = {}
 
 
-def _lower(q: int, device, strict: bool = False) -> torch.Tensor:
-    """[q, q] bool, True below the diagonal (and on it unless strict); cached per size and device."""
-    key = (q, str(device), strict)
+def _fill_masks(q: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """[q, q] bool masks of what segsum_exp fills, cached per size and device: (on and above the
+    diagonal, strictly above it)."""
+    key = (q, str(device))
     if key not in _MASKS:
-        _MASKS[key] = torch.ones(q, q, dtype=torch.bool, device=device).tril(-1 if strict else 0)
+        ones = torch.ones(q, q, dtype=torch.bool, device=device)
+        _MASKS[key] = (ones.triu(), ones.triu(1))
     return _MASKS[key]
 
 
@@ -37,11 +39,10 @@ def segsum_exp(dA: torch.Tensor) -> torch.Tensor:
     difference of cumsums, which loses precision when the cumsum grows large (forward-spec.md §5.2).
     """
     q = dA.shape[-1]
-    low = _lower(q, dA.device)
-    strict = _lower(q, dA.device, strict=True)
-    x = dA[..., None].expand(*dA.shape, q).masked_fill(~strict, 0.0)  # x[..., k, j] = dA_k for k > j
+    not_below, above = _fill_masks(q, dA.device)
+    x = dA[..., None].expand(*dA.shape, q).masked_fill(not_below, 0.0)  # x[..., k, j] = dA_k for k > j
     s = torch.cumsum(x, dim=-2)  # s[..., i, j] = Σ_{j<k≤i} dA_k
-    return s.masked_fill_(~low, float("-inf")).exp_()
+    return s.masked_fill_(above, float("-inf")).exp_()
 
 
 def ssd_chunked(
