@@ -26,7 +26,7 @@ app = typer.Typer(
 )
 app.command("bench")(bench.bench)
 app.command("memory-report")(memory.memory_report)
-app.add_typer(convert.app, name="convert")
+app.command("convert")(convert.convert)
 app.add_typer(profiles.app, name="profiles")
 app.command("env")(env.env)
 

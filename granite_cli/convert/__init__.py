@@ -1,0 +1,1 @@
+"""Checkpoint conversion: safetensors and GGUF, dtypes and quantization, streamed and verified."""

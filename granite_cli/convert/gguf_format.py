@@ -1,0 +1,259 @@
+"""The GGUF container (version 3), read and written by this project, one tensor at a time.
+
+Layout: magic "GGUF", version, tensor count, metadata count; the metadata key/value pairs; one
+info record per tensor (name, dims innermost-first, ggml type, offset into the data section);
+padding to `general.alignment` (32); then each tensor's bytes, each padded to the alignment.
+Because every offset follows from the names, shapes and types, the whole header is written first
+and tensor data then streams in order: nothing is held in memory but the tensor being written.
+The reader maps the file and hands out zero-copy views.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from granite_cli.errors import InputError
+
+MAGIC = b"GGUF"
+ALIGN = 32
+
+# Metadata value types.
+U8, I8, U16, I16, U32, I32, F32, BOOL, STR, ARR, U64, I64, F64 = range(13)
+_SCALAR = {U8: "<B", I8: "<b", U16: "<H", I16: "<h", U32: "<I", I32: "<i", F32: "<f", BOOL: "<?",
+           U64: "<Q", I64: "<q", F64: "<d"}
+
+# ggml tensor types this project reads and writes: (name, block elements, block bytes).
+GGML_F32, GGML_F16, GGML_Q8_0, GGML_BF16 = 0, 1, 8, 30
+GGML_TYPES = {GGML_F32: ("F32", 1, 4), GGML_F16: ("F16", 1, 2), GGML_Q8_0: ("Q8_0", 32, 34), GGML_BF16: ("BF16", 1, 2)}
+# Names of other common types, for error messages only.
+_OTHER = {2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K"}
+
+
+def type_name(t: int) -> str:
+    return GGML_TYPES[t][0] if t in GGML_TYPES else _OTHER.get(t, f"type {t}")
+
+
+def tensor_nbytes(shape: tuple[int, ...], t: int) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    _, blk, nb = GGML_TYPES[t]
+    return n // blk * nb
+
+
+def _pad(n: int) -> int:
+    return -n % ALIGN
+
+
+@dataclass(frozen=True)
+class KV:
+    key: str
+    vtype: int
+    value: Any
+    atype: int | None = None  # element type when vtype is ARR
+
+
+def _enc_str(s: str) -> bytes:
+    b = s.encode("utf-8")
+    return struct.pack("<Q", len(b)) + b
+
+
+def _enc_value(vtype: int, value, atype: int | None) -> bytes:
+    if vtype == STR:
+        return _enc_str(value)
+    if vtype == ARR:
+        out = [struct.pack("<IQ", atype, len(value))]
+        if atype == STR:
+            out += [_enc_str(v) for v in value]
+        else:
+            out.append(struct.pack(f"<{len(value)}{_SCALAR[atype][1]}", *value))
+        return b"".join(out)
+    return struct.pack(_SCALAR[vtype], value)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]  # PyTorch order (outermost first)
+    gtype: int
+
+    @property
+    def nbytes(self) -> int:
+        return tensor_nbytes(self.shape, self.gtype)
+
+
+class GGUFWriter:
+    """Write the header for a known list of tensors, then each tensor's bytes in that order."""
+
+    def __init__(self, path: Path, kvs: list[KV], tensors: list[TensorInfo]) -> None:
+        self.path, self.tensors = Path(path), tensors
+        self._next = 0
+        head = [MAGIC, struct.pack("<IQQ", 3, len(tensors), len(kvs))]
+        for kv in kvs:
+            head += [_enc_str(kv.key), struct.pack("<I", kv.vtype), _enc_value(kv.vtype, kv.value, kv.atype)]
+        off = 0
+        for t in tensors:
+            dims = tuple(reversed(t.shape)) or (1,)
+            head += [_enc_str(t.name), struct.pack(f"<I{len(dims)}Q", len(dims), *dims), struct.pack("<IQ", t.gtype, off)]
+            off += t.nbytes + _pad(t.nbytes)
+        self.data_bytes = off
+        h = b"".join(head)
+        self.header = h + b"\0" * _pad(len(h))
+        self._f = open(self.path, "wb")
+        self._f.write(self.header)
+
+    @property
+    def total_bytes(self) -> int:
+        return len(self.header) + self.data_bytes
+
+    def write(self, name: str, data: torch.Tensor) -> None:
+        t = self.tensors[self._next]
+        if name != t.name:
+            raise RuntimeError(f"GGUF tensors out of order: got {name}, expected {t.name}")
+        raw = data.detach().contiguous().reshape(-1).view(torch.uint8)
+        if raw.numel() != t.nbytes:
+            raise RuntimeError(f"{name}: {raw.numel()} bytes, header says {t.nbytes}")
+        self._f.write(raw.numpy().data)
+        self._f.write(b"\0" * _pad(t.nbytes))
+        self._next += 1
+
+    def close(self) -> None:
+        if self._next != len(self.tensors):
+            self._f.close()
+            raise RuntimeError(f"GGUF closed after {self._next} of {len(self.tensors)} tensors")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+
+
+class GGUFFile:
+    """A mapped GGUF file: `.kv` (key → value), `.tensors` (name → TensorInfo), `.raw(name)`."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        try:
+            size = os.path.getsize(self.path)
+            fh = open(self.path, "rb")
+        except OSError as e:
+            raise InputError(f"{self.path}: cannot open GGUF file ({e.strerror})") from None
+        with fh:
+            self._mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+        self._pos = 0
+        self.size = size
+        try:
+            self._parse()
+        except (struct.error, UnicodeDecodeError, IndexError, OverflowError):
+            raise InputError(f"{self.path}: truncated or corrupt GGUF header; re-download or re-convert it") from None
+
+    def _take(self, fmt: str):
+        n = struct.calcsize(fmt)
+        if self._pos + n > self.size:
+            raise struct.error("past end")
+        v = struct.unpack_from(fmt, self._mm, self._pos)
+        self._pos += n
+        return v
+
+    def _str(self) -> str:
+        (n,) = self._take("<Q")
+        if self._pos + n > self.size:
+            raise struct.error("past end")
+        s = bytes(self._mm[self._pos : self._pos + n]).decode("utf-8")
+        self._pos += n
+        return s
+
+    def _value(self, vtype: int):
+        if vtype == STR:
+            return self._str()
+        if vtype == ARR:
+            atype, n = self._take("<IQ")
+            if atype == STR:
+                return [self._str() for _ in range(n)]
+            if atype not in _SCALAR or n > self.size:
+                raise InputError(f"{self.path}: corrupt GGUF metadata array")
+            return list(self._take(f"<{n}{_SCALAR[atype][1]}"))
+        if vtype not in _SCALAR:
+            raise InputError(f"{self.path}: corrupt GGUF metadata (value type {vtype})")
+        return self._take(_SCALAR[vtype])[0]
+
+    def _parse(self) -> None:
+        if self.size < 24 or bytes(self._mm[:4]) != MAGIC:
+            raise InputError(f"{self.path}: not a GGUF file (bad magic); pass a .gguf written by llama.cpp or granite")
+        self._pos = 4
+        version, nt, nkv = self._take("<IQQ")
+        if version not in (2, 3):
+            raise InputError(f"{self.path}: GGUF version {version} is not supported (only 2 and 3)")
+        if nt > self.size or nkv > self.size:
+            raise InputError(f"{self.path}: corrupt GGUF header (counts {nt}/{nkv})")
+        self.kv: dict[str, Any] = {}
+        for _ in range(nkv):
+            key = self._str()
+            (vt,) = self._take("<I")
+            self.kv[key] = self._value(vt)
+        align = int(self.kv.get("general.alignment", ALIGN))
+        infos = []
+        for _ in range(nt):
+            name = self._str()
+            (nd,) = self._take("<I")
+            dims = self._take(f"<{nd}Q")
+            gt, off = self._take("<IQ")
+            infos.append((name, tuple(reversed(dims)), gt, off))
+        start = self._pos + (-self._pos % align)
+        self.tensors: dict[str, TensorInfo] = {}
+        self.offsets: dict[str, int] = {}
+        for name, shape, gt, off in infos:
+            if gt not in GGML_TYPES:
+                raise InputError(
+                    f"{self.path}: tensor {name} is {type_name(gt)}, which granite cannot read (F32, F16, BF16, Q8_0); "
+                    "convert from the original safetensors checkpoint instead"
+                )
+            ti = TensorInfo(name, shape, gt)
+            if start + off + ti.nbytes > self.size:
+                raise InputError(f"{self.path}: tensor {name} lies past the end of the file (truncated download?)")
+            self.tensors[name] = ti
+            self.offsets[name] = start + off
+
+    def raw(self, name: str) -> torch.Tensor:
+        """The tensor's bytes as a zero-copy uint8 view."""
+        ti = self.tensors[name]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.frombuffer(self._mm, dtype=torch.uint8, count=ti.nbytes, offset=self.offsets[name])
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """Decoded to a float tensor in PyTorch order (F32/F16/BF16 zero-copy; Q8_0 dequantised to F32)."""
+        ti = self.tensors[name]
+        r = self.raw(name)
+        if ti.gtype == GGML_Q8_0:
+            return dequantize_q8_0(r, ti.shape)
+        dt = {GGML_F32: torch.float32, GGML_F16: torch.float16, GGML_BF16: torch.bfloat16}[ti.gtype]
+        return r.view(dt).view(ti.shape)
+
+
+# ---- Q8_0: blocks of 32 values along the innermost dimension, an f16 scale then 32 int8 ----
+
+def quantize_q8_0(x: torch.Tensor) -> torch.Tensor:
+    """Bytes of `x` in Q8_0, rounding as ggml's reference (d = amax/127, q = round-half-away(x/d))."""
+    b = x.detach().to(torch.float32).reshape(-1, 32)
+    d = b.abs().amax(dim=1, keepdim=True) / 127
+    inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
+    v = b * inv
+    q = (torch.sign(v) * torch.floor(v.abs() + 0.5)).to(torch.int8)
+    out = torch.empty(b.shape[0], 34, dtype=torch.uint8)
+    out[:, :2] = d.to(torch.float16).view(torch.uint8)
+    out[:, 2:] = q.view(torch.uint8)
+    return out.reshape(-1)
+
+
+def dequantize_q8_0(raw: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    blocks = raw.reshape(-1, 34)
+    d = blocks[:, :2].contiguous().view(torch.float16).to(torch.float32)
+    q = blocks[:, 2:].contiguous().view(torch.int8).to(torch.float32)
+    return (q * d).reshape(shape)

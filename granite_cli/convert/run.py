@@ -1,0 +1,485 @@
+"""Plan, write and verify a conversion, one tensor at a time.
+
+plan():    what will be written (names, shapes, storage types, bytes), the memory and disk it needs;
+           refuses up front (exit 2) when DST exists without force or the disk is too small.
+execute(): streams every tensor from the source to a temporary name beside DST, verifies the
+           result, and only then renames it into place; any failure or interruption leaves no DST.
+verify():  inventory (via re-opening the output, which checks every tensor the config implies),
+           metadata (the output's config equals the source's), numbers (each tensor against the
+           source: exact, or within the quantization's bound), and logits (our core, layer by layer,
+           on the source and on the output: max difference reported).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import struct
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from granite_cli.convert import gguf_format as G
+from granite_cli.convert import mapping, quant
+from granite_cli.convert.sources import (TOKENIZER_FILES, TORCH_DTYPE_NAMES, GGUFSource, HFSource, ProfileSource,
+                                         Source)
+from granite_cli.convert.tokenizer import vocab_kvs
+from granite_cli.errors import CheckFailed, InputError
+from granite_cli.fsutil import commit_dir, partial_dir
+from granite_cli.model.loading import parse_dtype
+from granite_cli.safetensors_io import NAMES as ST_NAMES
+
+STORE_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+_GG = {"f32": G.GGML_F32, "f16": G.GGML_F16, "bf16": G.GGML_BF16, "q8_0": G.GGML_Q8_0}
+_STORE_OF = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
+
+
+def parse_size(s: str) -> int:
+    t = s.strip().upper().replace("IB", "I")
+    units = {"KI": 2**10, "MI": 2**20, "GI": 2**30, "K": 10**3, "M": 10**6, "G": 10**9, "KB": 10**3, "MB": 10**6,
+             "GB": 10**9, "B": 1, "": 1}
+    for u in sorted(units, key=len, reverse=True):
+        if t.endswith(u):
+            try:
+                v = float(t[: len(t) - len(u)] or "x")
+            except ValueError:
+                break
+            if v > 0:
+                return int(v * units[u])
+    raise InputError(f"bad size {s!r}; use e.g. 5GB, 500MB or 2GiB")
+
+
+@dataclass
+class Out:
+    name: str                 # output tensor name
+    src: str                  # canonical source tensor
+    shape: tuple[int, ...]    # PyTorch order
+    store: str                # f32 f16 bf16 q8_0 | fp8 | int8 | scale | shape
+    part: mapping.Part | None = None
+
+    @property
+    def nbytes(self) -> int:
+        n = math.prod(self.shape)
+        return {"q8_0": n // 32 * 34, "fp8": n, "int8": n, "scale": 4 * n, "shape": 8 * n}.get(
+            self.store, n * (STORE_DTYPES[self.store].itemsize if self.store in STORE_DTYPES else 0))
+
+
+@dataclass
+class Plan:
+    source: Source
+    dst: Path
+    fmt: str                       # hf | gguf
+    outs: list[Out]
+    hf_dtype: dict[str, torch.dtype]  # dtype of each canonical tensor as the output represents it
+    method: dict[str, str]         # canonical name → exact | fp8 | int8 | q8_0
+    shards: list[list[Out]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    quant: str | None = None
+    bytes_out: int = 0
+
+    @property
+    def by_src(self) -> dict[str, list[Out]]:
+        if not hasattr(self, "_by_src"):
+            self._by_src: dict[str, list[Out]] = {}
+            for o in self.outs:
+                self._by_src.setdefault(o.src, []).append(o)
+        return self._by_src
+
+    @property
+    def largest_tensor_bytes(self) -> int:
+        return max(math.prod(self.source.shape(n)) * 4 for n in self.source.names)
+
+    def summary(self) -> dict:
+        by_store: dict[str, int] = {}
+        for o in self.outs:
+            by_store[o.store] = by_store.get(o.store, 0) + 1
+        free = shutil.disk_usage(_existing_parent(self.dst)).free
+        return {
+            "source": str(self.source.path), "source_format": self.source.kind, "destination": str(self.dst),
+            "format": "gguf" if self.fmt == "gguf" else "safetensors", "model": self.source.cfg.name,
+            "architecture": mapping.gguf_arch(self.source.cfg) if self.fmt == "gguf" else self.source.cfg.architecture,
+            "tensors_in": len(self.source.names), "tensors_out": len(self.outs), "storage": by_store,
+            "quant": self.quant, "shards": max(1, len(self.shards)),
+            "bytes_in": self.source.nbytes, "bytes_out": self.bytes_out,
+            "memory_needed_bytes": 3 * self.largest_tensor_bytes,
+            "disk_needed_bytes": self.bytes_out, "disk_free_bytes": free, "notes": self.notes,
+        }
+
+
+def _existing_parent(p: Path) -> Path:
+    p = p.resolve().parent
+    while not p.exists():
+        p = p.parent
+    return p
+
+
+def plan(source: Source, dst: str | Path, *, dtype: str | None = None, quant_method: str | None = None,
+         keep: tuple[str, ...] = (), shard_size: str = "5GB", force: bool = False) -> Plan:
+    dst = Path(dst)
+    fmt = "gguf" if dst.suffix == ".gguf" else "hf"
+    if dst.exists() and not force:
+        raise InputError(f"{dst} already exists; pass --force to replace it")
+    if dst.exists() and fmt == "gguf" and dst.is_dir():
+        raise InputError(f"{dst} is a folder; a .gguf destination must be a file path")
+    if source.kind != "profile" and Path(source.path).resolve() == dst.resolve():
+        raise InputError("DST is the same as SRC; write to a new path")
+    qm = (quant_method or "").lower() or None
+    if qm not in (None, "fp8", "int8", "q8_0"):
+        raise InputError(f"unknown --quant {quant_method!r}; use fp8, int8 (safetensors) or q8_0 (GGUF)")
+    if qm == "q8_0" and fmt != "gguf":
+        raise InputError("--quant q8_0 is a GGUF format; give DST a .gguf name, or use --quant fp8/int8 for safetensors")
+    if qm in ("fp8", "int8") and fmt == "gguf":
+        raise InputError(f"--quant {qm} writes compressed-tensors safetensors; for GGUF use --quant q8_0")
+    want = parse_dtype(dtype) if dtype else None
+    cfg = source.cfg
+    hf_dtype = {n: want or source.dtype(n) for n in source.names}
+    method = {n: "exact" for n in source.names}
+    outs: list[Out] = []
+    notes: list[str] = []
+    if fmt == "gguf":
+        for t in mapping.tensor_map(cfg):
+            hi = _STORE_OF[hf_dtype[t.hf]]
+            q = qm == "q8_0" and t.quantizable and quant.quantizable(t.hf, source.shape(t.hf), keep)
+            for p in t.parts:
+                shape = tuple(mapping.to_gguf(p, torch.empty(source.shape(t.hf), device="meta")).shape)
+                if p.keep_f32:
+                    store = "f32"
+                elif q and shape[-1] % 32 == 0:
+                    store = "q8_0"
+                    method[t.hf] = "q8_0"
+                else:
+                    store = hi
+                    if q:
+                        notes.append(f"{p.gguf}: width {shape[-1]} is not a multiple of 32, kept {hi}")
+                outs.append(Out(p.gguf, t.hf, shape, store, p))
+    else:
+        for n in source.names:
+            shape = source.shape(n)
+            if qm and quant.quantizable(n, shape, keep):
+                method[n] = qm
+                base = n[: -len(".weight")]
+                if qm == "fp8":
+                    outs += [Out(n, n, shape, "fp8"), Out(base + ".weight_scale", n, (*shape[:-1], 1), "scale")]
+                else:
+                    if shape[-1] % 4:
+                        raise InputError(f"{n}: input width {shape[-1]} is not a multiple of 4, which int8 packing needs; "
+                                         f"add --keep-high-precision '{n}' or use --quant fp8")
+                    outs += [Out(base + ".weight_packed", n, (*shape[:-1], shape[-1] // 4), "int8"),
+                             Out(base + ".weight_shape", n, (len(shape),), "shape"),
+                             Out(base + ".weight_scale", n, (*shape[:-1], 1), "scale")]
+            else:
+                outs.append(Out(n, n, shape, _STORE_OF[hf_dtype[n]]))
+    p = Plan(source, dst, fmt, outs, hf_dtype, method, notes=notes, quant=qm)
+    if fmt == "hf":
+        limit = parse_size(shard_size)
+        size = 0
+        p.shards = [[]]
+        for o in outs:
+            if p.shards[-1] and size + o.nbytes > limit and o.src != p.shards[-1][-1].src:
+                p.shards.append([])
+                size = 0
+            p.shards[-1].append(o)
+            size += o.nbytes
+        p.bytes_out = sum(o.nbytes for o in outs) + 4096 * len(p.shards) + 64 * len(outs)
+    else:
+        p.bytes_out = sum(o.nbytes + 32 for o in outs) + 64 * len(outs) + 2**16
+        if source.tokenizer_dir is not None:
+            p.bytes_out += (source.tokenizer_dir / "tokenizer.json").stat().st_size
+    free = shutil.disk_usage(_existing_parent(dst)).free
+    if p.bytes_out > free:
+        raise InputError(f"too little disk at {_existing_parent(dst)}: the output needs {_gb(p.bytes_out)}, "
+                         f"{_gb(free)} is free; free some space or choose another DST")
+    return p
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+# ------------------------------------------------------------------------------------------ write
+
+def _products(p: Plan, src_name: str, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every output tensor made from canonical tensor `src_name` (value `x`)."""
+    if p.fmt == "gguf":
+        res = {}
+        for o in p.by_src[src_name]:
+            y = mapping.to_gguf(o.part, x)
+            res[o.name] = G.quantize_q8_0(y) if o.store == "q8_0" else y.to(STORE_DTYPES[o.store])
+        return res
+    m = p.method[src_name]
+    if m == "exact":
+        return {src_name: x.to(p.hf_dtype[src_name])}
+    base = src_name[: -len(".weight")]
+    if m == "fp8":
+        q, s = quant.quantize_fp8(x)
+        return {src_name: q, base + ".weight_scale": s}
+    packed, shape, s = quant.quantize_int8(x)
+    return {base + ".weight_packed": packed, base + ".weight_shape": shape, base + ".weight_scale": s}
+
+
+_ST_STORE = {"f32": "F32", "f16": "F16", "bf16": "BF16", "fp8": "F8_E4M3", "int8": "I32", "scale": "F32", "shape": "I64"}
+
+
+def _stream(p: Plan, progress: Callable[[int, int, str], None] | None):
+    """Yield (out, tensor) in output order, each canonical tensor read once."""
+    total = sum(math.prod(p.source.shape(n)) for n in p.source.names)
+    done = 0
+    cur, made = None, {}
+    for o in p.outs:
+        if o.src != cur:
+            if cur is not None:
+                done += math.prod(p.source.shape(cur))
+                if progress:
+                    progress(done, total, cur)
+            cur = o.src
+            made = _products(p, cur, p.source.get(cur))
+        yield o, made.pop(o.name)
+    if progress and cur is not None:
+        progress(total, total, cur)
+
+
+def _write_shard(path: Path, outs: list[Out], items, metadata: dict[str, str]) -> None:
+    header: dict = {"__metadata__": metadata}
+    off = 0
+    for o in outs:
+        header[o.name] = {"dtype": _ST_STORE[o.store], "shape": list(o.shape), "data_offsets": [off, off + o.nbytes]}
+        off += o.nbytes
+    hb = json.dumps(header, separators=(",", ":")).encode()
+    hb += b" " * (-len(hb) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(hb)))
+        f.write(hb)
+        for o in outs:
+            oo, t = next(items)
+            assert oo is o
+            raw = t.detach().contiguous().reshape(-1).view(torch.uint8)
+            if raw.numel() != o.nbytes:
+                raise RuntimeError(f"{o.name}: produced {raw.numel()} bytes, planned {o.nbytes}")
+            f.write(raw.numpy().data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _hf_config_out(p: Plan) -> dict:
+    d = dict(p.source.hf_config) if p.source.kind == "safetensors" else p.source.cfg.to_hf_dict()
+    d.pop("quantization_config", None)
+    dts = {p.hf_dtype[n] for n in p.source.names}
+    main = p.hf_dtype.get("model.embed_tokens.weight", next(iter(dts)))
+    d["torch_dtype"] = TORCH_DTYPE_NAMES[main]
+    if "dtype" in d:
+        d["dtype"] = d["torch_dtype"]
+    if p.quant in ("fp8", "int8"):
+        kept = sorted({o.name[: -len(".weight")] for o in p.outs if o.store in STORE_DTYPES and len(o.shape) == 2
+                       and o.name.endswith(".weight") and "norm" not in o.name and "embed_tokens" not in o.name})
+        d["quantization_config"] = quant.compressed_tensors_config(p.quant, kept)
+    return d
+
+
+def _write_hf(p: Plan, tmp: Path, progress) -> None:
+    items = _stream(p, progress)
+    meta = {"format": "pt", "producer": "granite convert"}
+    n = len(p.shards)
+    wm = {}
+    for i, outs in enumerate(p.shards, 1):
+        fname = "model.safetensors" if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
+        _write_shard(tmp / fname, outs, items, meta)
+        wm.update({o.name: fname for o in outs})
+    if n > 1:
+        total = sum(o.nbytes for o in p.outs)
+        (tmp / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": wm}, indent=2) + "\n")
+    (tmp / "config.json").write_text(json.dumps(_hf_config_out(p), indent=2) + "\n")
+    if p.source.kind == "safetensors":
+        for f in TOKENIZER_FILES:
+            s = Path(p.source.path) / f
+            if s.is_file():
+                shutil.copyfile(s, tmp / f)
+
+
+def _gguf_kvs(p: Plan) -> list[G.KV]:
+    cfg = p.source.cfg
+    vk, notes = vocab_kvs(p.source.tokenizer_dir, cfg.vocab_size, p.source.hf_config)
+    p.notes += notes
+    stores = {o.store for o in p.outs if o.part and not o.part.keep_f32}
+    ft = "q8_0" if "q8_0" in stores else _STORE_OF[p.hf_dtype["model.embed_tokens.weight"]]
+    hf_cfg = _hf_config_out(p)
+    hf_dtypes = {n: TORCH_DTYPE_NAMES[d] for n, d in p.hf_dtype.items()}
+    a_logs = {}
+    for i in cfg.mamba_layers:
+        a = p.source.get(f"model.layers.{i}.mamba.A_log").to(p.hf_dtype[f"model.layers.{i}.mamba.A_log"])
+        a_logs[i] = a.to(torch.float32).tolist()
+    return mapping.metadata(cfg, ft, hf_cfg, hf_dtypes, a_logs, vk)
+
+
+def _write_gguf(p: Plan, tmp: Path, progress) -> None:
+    infos = [G.TensorInfo(o.name, o.shape, _GG[o.store]) for o in p.outs]
+    w = G.GGUFWriter(tmp, _gguf_kvs(p), infos)
+    try:
+        for o, t in _stream(p, progress):
+            w.write(o.name, t)
+    finally:
+        w.close()
+
+
+# ------------------------------------------------------------------------------------------ verify
+
+def _open_output(p: Plan, path: Path) -> Source:
+    return GGUFSource(path) if p.fmt == "gguf" else HFSource(path)
+
+
+def verify(p: Plan, path: Path, logits: bool = True) -> dict:
+    """Check the written output at `path` against the source; raise CheckFailed on any mismatch."""
+    out = _open_output(p, path)  # re-parses metadata/config and checks the full tensor inventory
+    src = p.source
+    res: dict = {"inventory": _inventory(out), "metadata": "ok"}
+    for f in ("architecture", "vocab_size", "hidden_size", "num_hidden_layers", "layer_types", "num_attention_heads",
+              "num_key_value_heads", "head_dim", "expert_width", "mlp_width", "num_local_experts",
+              "num_experts_per_tok", "mamba_n_heads", "mamba_d_head", "mamba_n_groups", "mamba_d_state",
+              "mamba_d_conv", "position_embedding_type", "tie_word_embeddings", "embedding_multiplier",
+              "attention_multiplier", "residual_multiplier", "logits_scaling", "rms_norm_eps", "rope_theta"):
+        a, b = getattr(out.cfg, f), getattr(src.cfg, f)
+        if a != b and not (isinstance(a, float) and math.isclose(a, b, rel_tol=1e-6)):
+            raise CheckFailed(f"verify: output config {f} = {a!r}, source has {b!r}")
+    exact = quantized = 0
+    worst = 0.0  # worst |error| / bound over quantized tensors
+    for n in src.names:
+        m = p.method[n]
+        want = src.get(n)
+        if m == "exact":
+            got = out.get(n)
+            exp = want.to(p.hf_dtype[n])
+            if got.dtype != exp.dtype or got.shape != exp.shape or not torch.equal(got, exp):
+                diff = (got.float() - exp.float()).abs().max().item() if got.shape == exp.shape else float("nan")
+                raise CheckFailed(f"verify: {n} differs from the source after conversion (max |diff| {diff:.3g})")
+            exact += 1
+        else:
+            got = out.get(n, cast=False).to(torch.float32)
+            w = want.to(torch.float32)
+            bound = quant.error_bound(w, m)
+            r = ((got - w).abs() / bound).max().item()
+            if not r <= 1.0:
+                raise CheckFailed(f"verify: {n} is off by {r:.2f}x the {m} rounding bound")
+            worst = max(worst, r)
+            quantized += 1
+    res["tensors"] = {"exact": exact, "quantized": quantized, "worst_error_over_bound": round(worst, 4)}
+    if logits:
+        res["logits"] = compare_logits(src, out)
+    return res
+
+
+def _inventory(out: Source) -> dict:
+    cfg = out.cfg
+    inv = {}
+    for kind in ("mamba", "attention"):
+        layers = [i for i, t in enumerate(cfg.layer_types) if t == kind]
+        if layers:
+            per = {len([n for n in out.names if n.startswith(f"model.layers.{i}.")]) for i in layers}
+            inv[kind] = {"layers": len(layers), "tensors_per_layer": sorted(per)}
+    if cfg.num_local_experts:
+        inv["experts_per_layer"] = cfg.num_local_experts
+    inv["total_tensors"] = len(out.names)
+    return inv
+
+
+PROMPT_LEN = 12
+
+
+@torch.no_grad()
+def streamed_logits(src: Source, ids: torch.Tensor) -> torch.Tensor:
+    """Our core's logits for `ids`, in float32, building one decoder layer at a time (memory: one layer)."""
+    from granite_cli.model.loading import build_empty
+    from granite_cli.model.names import checkpoint_entries
+    from granite_cli.ops import basic
+
+    cfg = src.cfg
+    model = build_empty(cfg, torch.float32, "meta")
+    entries = checkpoint_entries(cfg)
+    emb = src.get("model.embed_tokens.weight")
+    h = emb[ids].to(torch.float32)
+    if cfg.embedding_multiplier != 1.0:
+        h = h * cfg.embedding_multiplier
+    rope = None
+    if cfg.uses_rope:
+        inv = basic.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_dict)
+        rope = basic.rope_cos_sin(inv, 0, ids.shape[1], torch.float32, torch.device("cpu"))
+    for i, layer in enumerate(model.layers):
+        layer.to_empty(device="cpu")
+        params = dict(layer.named_parameters(prefix=f"layers.{i}"))
+        for e in entries:
+            if e.param in params:
+                dst = params[e.param][e.index] if e.index else params[e.param]
+                dst.copy_(src.get(e.ckpt))
+        h = layer(h, None, 0, rope)
+        layer.to_empty(device="meta")
+    model.norm.to_empty(device="cpu")
+    model.norm.weight.copy_(src.get("model.norm.weight"))
+    h = model.norm(h)
+    w = emb if cfg.tie_word_embeddings else src.get("lm_head.weight")
+    logits = torch.cat([h @ w[j : j + 8192].to(torch.float32).T for j in range(0, w.shape[0], 8192)], dim=-1)
+    return logits / cfg.logits_scaling if cfg.logits_scaling != 1.0 else logits
+
+
+def compare_logits(a: Source, b: Source) -> dict:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, a.cfg.vocab_size, (1, PROMPT_LEN), generator=g)
+    la, lb = streamed_logits(a, ids), streamed_logits(b, ids)
+    return {"prompt_tokens": PROMPT_LEN, "max_abs_diff": float((la - lb).abs().max()),
+            "logit_scale": float(la.abs().max()), "argmax_agreement": float((la.argmax(-1) == lb.argmax(-1)).float().mean())}
+
+
+# ------------------------------------------------------------------------------------------ run
+
+def execute(p: Plan, *, verify_output: bool = True, progress: Callable[[int, int, str], None] | None = None,
+            status: Callable[[str], None] | None = None) -> dict:
+    """Write, verify, rename. Returns the report (plan summary, timings, verification)."""
+    t0 = time.perf_counter()
+    dst = p.dst
+    if p.fmt == "gguf":
+        tmp = dst.with_name(f".{dst.name}.partial")
+        tmp.unlink(missing_ok=True)
+    else:
+        tmp = partial_dir(dst)
+    try:
+        if p.fmt == "gguf":
+            _write_gguf(p, tmp, progress)
+        else:
+            _write_hf(p, tmp, progress)
+        t_write = time.perf_counter() - t0
+        ver = None
+        if verify_output:
+            if status:
+                status("verifying: inventory, metadata, every tensor, logits ...")
+            ver = verify(p, tmp)
+        if p.fmt == "gguf":
+            if dst.exists() and dst.is_dir():
+                shutil.rmtree(dst)
+            os.replace(tmp, dst)
+        else:
+            commit_dir(tmp, dst)
+    except BaseException:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        raise
+    rep = p.summary()
+    rep.update({"seconds_write": round(t_write, 3), "seconds_total": round(time.perf_counter() - t0, 3),
+                "verification": ver if ver is not None else "skipped (--no-verify)"})
+    return rep
+
+
+def open_any(src: str | None, from_profile: str | None, dtype: str | None, seed: int = 0) -> Source:
+    from granite_cli.convert.sources import open_source
+
+    if from_profile:
+        if src:
+            raise InputError("give either SRC or --from-profile, not both")
+        return ProfileSource(from_profile, dtype, seed)
+    if not src:
+        raise InputError("missing SRC: a checkpoint folder or .gguf file (or --from-profile NAME)")
+    return open_source(src)

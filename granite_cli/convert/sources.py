@@ -1,0 +1,242 @@
+"""Checkpoints as streams of tensors in the Hugging Face layout ("canonical" names and shapes).
+
+Every source (an HF folder, a GGUF file, a profile with random weights) answers `names`, `shape`,
+`dtype` and `get(name)`; `get` builds one tensor on demand from the mapped file, so a conversion
+holds one tensor (and its output) at a time whatever the model size.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from granite_cli.config import ModelConfig, load_config
+from granite_cli.convert import gguf_format as G
+from granite_cli.convert import mapping, quant
+from granite_cli.errors import InputError
+from granite_cli.model.loading import build_empty, checkpoint_files, parse_dtype
+from granite_cli.model.names import IGNORED_CKPT_SUFFIXES, checkpoint_entries
+from granite_cli.safetensors_io import SafetensorsFile
+
+TORCH_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                   "vocab.json", "merges.txt", "chat_template.jinja", "tokenizer.model", "added_tokens.json")
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Checkpoint name → shape, from a model built on the meta device (allocates nothing)."""
+    params = dict(build_empty(cfg, torch.float32, "meta").named_parameters())
+    out = {}
+    for e in checkpoint_entries(cfg):
+        p = params[e.param]
+        out[e.ckpt] = tuple((p[e.index] if e.index else p).shape)
+    return out
+
+
+class Source:
+    cfg: ModelConfig
+    hf_config: dict
+    kind: str
+    path: Path
+    names: list[str]
+    tokenizer_dir: Path | None = None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._shapes[name]
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._dtypes[name]
+
+    def get(self, name: str, cast: bool = True) -> torch.Tensor:
+        """The tensor in HF layout; cast=False keeps a dequantised tensor in float32."""
+        raise NotImplementedError
+
+    @property
+    def nbytes(self) -> int:
+        return self._nbytes
+
+    def _check_inventory(self, have: list[str], where: str) -> None:
+        """Every tensor the config implies is present with its shape; nothing unknown is present."""
+        want = expected_shapes(self.cfg)
+        hs = set(have)
+        missing = [n for n in want if n not in hs]
+        extra = [n for n in have if n not in want and not n.endswith(IGNORED_CKPT_SUFFIXES)
+                 and not (n == "lm_head.weight" and self.cfg.tie_word_embeddings)]
+        if missing:
+            raise InputError(f"{where}: checkpoint is missing {len(missing)} tensor(s) the config needs, "
+                             f"e.g. {', '.join(missing[:3])}")
+        if extra:
+            raise InputError(f"{where}: checkpoint has {len(extra)} tensor(s) the config does not explain, "
+                             f"e.g. {', '.join(extra[:3])} (wrong config.json?)")
+        bad = [f"{n} {list(self._shapes[n])} (config says {list(s)})" for n, s in want.items() if tuple(self._shapes[n]) != s]
+        if bad:
+            raise InputError(f"{where}: {len(bad)} tensor(s) do not match config.json, e.g. {'; '.join(bad[:2])}")
+        self.names = list(want)
+
+
+class HFSource(Source):
+    kind = "safetensors"
+
+    def __init__(self, folder: Path) -> None:
+        self.path = Path(folder)
+        cfg_path = self.path / "config.json"
+        if not cfg_path.is_file():
+            raise InputError(f"{self.path}: no config.json; SRC must be a Hugging Face checkpoint folder or a .gguf file")
+        try:
+            self.hf_config = json.loads(cfg_path.read_text())
+        except json.JSONDecodeError as e:
+            raise InputError(f"{cfg_path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        self.cfg = load_config(self.path)
+        self.quant = quant.compressed_layout(self.hf_config)
+        self._where = checkpoint_files(self.path)
+        self._files: dict[Path, SafetensorsFile] = {}
+        base = parse_dtype(self.cfg.torch_dtype)
+        self._shapes, self._dtypes, self._nbytes = {}, {}, 0
+        have = []
+        for n, f in self._where.items():
+            sf = self._file(f)
+            self._nbytes += math.prod(sf.shape(n)) * sf.dtype(n).itemsize
+            if n.endswith(quant.QUANT_SUFFIXES):
+                if n.endswith(".weight_packed"):
+                    w = n[: -len("_packed")]
+                    shp = tuple(int(x) for x in self._raw(w + "_shape").tolist())
+                    self._shapes[w], self._dtypes[w] = shp, base
+                    have.append(w)
+                continue
+            self._shapes[n] = sf.shape(n)
+            self._dtypes[n] = base if sf.dtype(n) in (torch.float8_e4m3fn, torch.int8) else sf.dtype(n)
+            have.append(n)
+        self._have = set(self._where)
+        self._check_inventory(have, str(self.path))
+        if (self.path / "tokenizer.json").is_file():
+            self.tokenizer_dir = self.path
+
+    def _file(self, f: Path) -> SafetensorsFile:
+        if f not in self._files:
+            self._files[f] = SafetensorsFile(f)
+        return self._files[f]
+
+    def _raw(self, name: str) -> torch.Tensor:
+        if name not in self._where:
+            raise InputError(f"{self.path}: {name} is missing")
+        return self._file(self._where[name]).tensor(name)
+
+    def get(self, name: str, cast: bool = True) -> torch.Tensor:
+        if self.quant:
+            w = quant.dequantize(self._raw, name, self._have)
+            if w is not None:
+                return w.to(self._dtypes[name]) if cast else w
+        return self._raw(name)
+
+
+class GGUFSource(Source):
+    kind = "gguf"
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.f = G.GGUFFile(self.path)
+        self.cfg, self.hf_config = mapping.config_from_gguf(self.f.kv, self.f.tensors, str(self.path))
+        self.tmap = {t.hf: t for t in mapping.tensor_map(self.cfg)}
+        want = {p.gguf for t in self.tmap.values() for p in t.parts}
+        extra = [n for n in self.f.tensors if n not in want and not n.startswith("rope_freqs")]
+        missing = [n for n in want if n not in self.f.tensors]
+        if missing:
+            raise InputError(f"{self.path}: GGUF is missing {len(missing)} tensor(s), e.g. {', '.join(sorted(missing)[:3])}")
+        if extra:
+            raise InputError(f"{self.path}: GGUF has {len(extra)} tensor(s) granite does not know, e.g. {', '.join(extra[:3])}")
+        try:
+            recorded = json.loads(self.f.kv.get(mapping.HF_DTYPES_KEY, "{}"))
+        except json.JSONDecodeError:
+            recorded = {}
+        base = parse_dtype(self.cfg.torch_dtype)
+        gdt = {G.GGML_F32: torch.float32, G.GGML_F16: torch.float16, G.GGML_BF16: torch.bfloat16}
+        self._shapes, self._dtypes = {}, {}
+        for name, t in self.tmap.items():
+            parts = [self._part(p.gguf) for p in t.parts]
+            self._shapes[name] = tuple(mapping.from_gguf(t, parts).shape) if t.parts[0].kind != "a" else (parts[0].shape[0],)
+            if name in recorded:
+                self._dtypes[name] = parse_dtype(recorded[name])
+            elif t.parts[0].keep_f32:
+                self._dtypes[name] = base
+            else:
+                self._dtypes[name] = gdt.get(self.f.tensors[t.parts[0].gguf].gtype, base)
+        self._nbytes = sum(ti.nbytes for ti in self.f.tensors.values())
+        self._check_inventory(list(self.tmap), str(self.path))
+
+    def _part(self, gname: str) -> torch.Tensor:
+        return torch.empty(self.f.tensors[gname].shape, device="meta")  # shape only, reads nothing
+
+    def get(self, name: str, cast: bool = True) -> torch.Tensor:
+        t = self.tmap[name]
+        parts = [self.f.tensor(p.gguf).to(torch.float32) if self.f.tensors[p.gguf].gtype == G.GGML_Q8_0
+                 else self.f.tensor(p.gguf) for p in t.parts]
+        exact = None
+        if t.parts[0].kind == "a":
+            i = int(name.split(".")[2])
+            vals = self.f.kv.get(mapping.A_LOG_KEY.format(i))
+            if vals is not None and len(vals) == parts[0].numel():
+                exact = torch.tensor(vals, dtype=torch.float32)
+        x = mapping.from_gguf(t, parts, exact)
+        return x.to(self._dtypes[name]) if cast else x
+
+
+class ProfileSource(Source):
+    """Random weights at a profile's real shapes, made one tensor at a time (the reference init:
+    normal(0, std) matrices, unit norms and D, A_log = log(1..H), dt_bias from dt log-uniform)."""
+
+    kind = "profile"
+    _TILE = 1_000_003
+
+    def __init__(self, name: str, dtype: str | None, seed: int = 0, std: float = 0.02) -> None:
+        self.cfg = load_config(name)
+        dt = parse_dtype(dtype, self.cfg.torch_dtype)
+        self.cfg = self.cfg.replace(torch_dtype=TORCH_DTYPE_NAMES[dt])
+        self.hf_config = self.cfg.to_hf_dict()
+        self.path = Path(name)
+        self._shapes = expected_shapes(self.cfg)
+        self._dtypes = {n: dt for n in self._shapes}
+        self.names = list(self._shapes)
+        self._nbytes = 0
+        self.seed, self.std = seed, std
+        g = torch.Generator().manual_seed(seed)
+        self._tile = torch.randn(self._TILE, generator=g) * std
+
+    def get(self, name: str, cast: bool = True) -> torch.Tensor:
+        shape, dt = self._shapes[name], self._dtypes[name]
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.names.index(name))
+        leaf = name.rsplit(".", 1)[-1]
+        n = math.prod(shape)
+        if "norm" in name and leaf == "weight" or leaf == "D":
+            return torch.ones(shape, dtype=dt)
+        if leaf == "A_log":
+            return torch.log(torch.arange(1, n + 1, dtype=torch.float32)).to(dt)
+        if leaf == "dt_bias":
+            d = torch.exp(torch.rand(n, generator=g) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+            return (d + torch.log(-torch.expm1(-d))).to(dt)
+        if leaf == "bias":
+            return torch.zeros(shape, dtype=dt)
+        if n <= self._TILE:
+            return (torch.randn(shape, generator=g) * self.std).to(dt)
+        out = torch.empty(n, dtype=dt)
+        off = int(torch.randint(0, self._TILE, (1,), generator=g))
+        done = 0
+        while done < n:
+            k = min(self._TILE - off, n - done)
+            out[done : done + k] = self._tile[off : off + k]
+            done += k
+            off = 0
+        return out.view(shape)
+
+
+def open_source(src: str | Path) -> Source:
+    p = Path(str(src))
+    if p.is_dir():
+        return HFSource(p)
+    if p.is_file() and p.suffix == ".gguf":
+        return GGUFSource(p)
+    if p.is_file():
+        raise InputError(f"{src}: SRC must be a Hugging Face checkpoint folder or a .gguf file")
+    raise InputError(f"{src}: no such file or folder (for random weights at a profile's shapes use --from-profile NAME)")
