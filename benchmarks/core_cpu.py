@@ -180,10 +180,12 @@ def main() -> None:
     save_checkpoint(m, work / "ckpt")
     gguf_paths = {}
     if "llama.cpp" in tools:
-        from granite_cli.gguf_export import write_granitehybrid_gguf
+        from granite_cli.convert.run import convert
 
-        gguf_paths = {d: write_granitehybrid_gguf(m, work / f"model-{d}.gguf", {"fp32": "f32", "bf16": "bf16"}[d])
-                      for d in ("fp32", "bf16")}
+        gguf_paths = {}
+        for d in ("fp32", "bf16"):
+            gguf_paths[d] = work / f"model-{d}.gguf"
+            convert(work / "ckpt", gguf_paths[d], dtype=d, verify=False)
     del m
 
     cells = [("prefill", 4096, "fp32"), ("prefill", 4096, "bf16"), ("prefill", 16384, "fp32"),

@@ -71,18 +71,33 @@ def convert(
     _emit(rep, fmt, human_bytes)
 
 
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v and all(not isinstance(x, dict) for x in v.values()) and len(v) <= 4 and prefix:
+            out[prefix + k] = ", ".join(f"{a}: {b}" for a, b in v.items())
+        elif isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
 def _emit(rep: dict, fmt: Format, hb) -> None:
+    """json: the report as is; table/md/csv: one row per (dotted) field, sizes in human units for people."""
     if fmt is Format.json:
         emit_rows([], fmt, json_obj=rep)
         return
     rows = []
-    for k, v in rep.items():
+    for k, v in _flat(rep).items():
         if isinstance(v, dict):
             v = ", ".join(f"{a}: {b}" for a, b in v.items())
         elif isinstance(v, list):
             v = "; ".join(map(str, v)) or "-"
-        elif k.endswith("bytes") and isinstance(v, int):
+        elif fmt is not Format.csv and "bytes" in k and isinstance(v, int):
             v = hb(v)
+        elif v is None:
+            v = "-"
         rows.append({"field": k, "value": v})
     emit_rows(rows, fmt, columns=["field", "value"])
 

@@ -85,8 +85,31 @@ class SafetensorsFile:
             flat = torch.frombuffer(self._mm, dtype=dt, count=(end - start) // dt.itemsize, offset=self.data_start + start)
         return flat.view(shape)
 
+    def read(self, name: str) -> torch.Tensor:
+        """A private copy of the tensor, read with pread: unlike a touched mmap view it leaves no
+        file pages mapped into the process, so streaming a checkpoint keeps RSS near one tensor."""
+        dt, shape, start, end = self.entries[name]
+        return _pread(self.path, self.data_start + start, end - start).view(dt).view(shape)
+
     def close(self) -> None:
         self._mm = None
+
+
+def _pread(path: Path, offset: int, n: int) -> torch.Tensor:
+    buf = torch.empty(n, dtype=torch.uint8)
+    if n:
+        mv = memoryview(buf.numpy()).cast("B")
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            got = 0
+            while got < n:
+                k = os.preadv(fd, [mv[got:]], offset + got)
+                if k <= 0:
+                    raise InputError(f"{path}: file ended early (truncated?)")
+                got += k
+        finally:
+            os.close(fd)
+    return buf
 
 
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:

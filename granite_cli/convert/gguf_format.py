@@ -227,10 +227,13 @@ class GGUFFile:
             warnings.simplefilter("ignore")
             return torch.frombuffer(self._mm, dtype=torch.uint8, count=ti.nbytes, offset=self.offsets[name])
 
-    def tensor(self, name: str) -> torch.Tensor:
-        """Decoded to a float tensor in PyTorch order (F32/F16/BF16 zero-copy; Q8_0 dequantised to F32)."""
+    def tensor(self, name: str, copy: bool = False) -> torch.Tensor:
+        """Decoded to a float tensor in PyTorch order (F32/F16/BF16 a zero-copy view, or with copy=True
+        a private pread copy that maps no file pages; Q8_0 dequantised to F32)."""
+        from granite_cli.safetensors_io import _pread
+
         ti = self.tensors[name]
-        r = self.raw(name)
+        r = _pread(self.path, self.offsets[name], ti.nbytes) if copy else self.raw(name)
         if ti.gtype == GGML_Q8_0:
             return dequantize_q8_0(r, ti.shape)
         dt = {GGML_F32: torch.float32, GGML_F16: torch.float16, GGML_BF16: torch.bfloat16}[ti.gtype]
@@ -239,17 +242,33 @@ class GGUFFile:
 
 # ---- Q8_0: blocks of 32 values along the innermost dimension, an f16 scale then 32 int8 ----
 
+def row_chunks(x: torch.Tensor, max_elems: int = 1 << 22):
+    """Contiguous 2-D pieces of x ([rows, last dim]) in row-major order, each at most ~max_elems,
+    so per-element work on a large (or non-contiguous) tensor needs only piece-sized temporaries."""
+    if x.dim() >= 3:
+        for i in range(x.shape[0]):
+            yield from row_chunks(x[i], max_elems)
+        return
+    x2 = x.reshape(-1, x.shape[-1]) if x.dim() == 2 else x.reshape(1, -1)
+    step = max(1, max_elems // max(1, x2.shape[1]))
+    for i in range(0, x2.shape[0], step):
+        yield x2[i : i + step]
+
+
 def quantize_q8_0(x: torch.Tensor) -> torch.Tensor:
     """Bytes of `x` in Q8_0, rounding as ggml's reference (d = amax/127, q = round-half-away(x/d))."""
-    b = x.detach().to(torch.float32).reshape(-1, 32)
-    d = b.abs().amax(dim=1, keepdim=True) / 127
-    inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
-    v = b * inv
-    q = (torch.sign(v) * torch.floor(v.abs() + 0.5)).to(torch.int8)
-    out = torch.empty(b.shape[0], 34, dtype=torch.uint8)
-    out[:, :2] = d.to(torch.float16).view(torch.uint8)
-    out[:, 2:] = q.view(torch.uint8)
-    return out.reshape(-1)
+    pieces = []
+    for c in row_chunks(x.detach()):
+        b = c.to(torch.float32).reshape(-1, 32)
+        d = b.abs().amax(dim=1, keepdim=True) / 127
+        inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
+        v = b * inv
+        q = (torch.sign(v) * torch.floor(v.abs() + 0.5)).to(torch.int8)
+        out = torch.empty(b.shape[0], 34, dtype=torch.uint8)
+        out[:, :2] = d.to(torch.float16).view(torch.uint8)
+        out[:, 2:] = q.view(torch.uint8)
+        pieces.append(out.reshape(-1))
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
 
 def dequantize_q8_0(raw: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:

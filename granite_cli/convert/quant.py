@@ -34,12 +34,35 @@ def _amax(w: torch.Tensor) -> torch.Tensor:
     return w.abs().amax(dim=-1, keepdim=True).to(torch.float32)
 
 
-def quantize_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    w = w.to(torch.float32)
+def _per_row(w: torch.Tensor, fn) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply fn(rows f32) -> (q rows, scale [rows, 1]) over row pieces of w; peak temporaries stay piece-sized."""
+    from granite_cli.convert.gguf_format import row_chunks
+
+    qs, ss = [], []
+    for c in row_chunks(w):
+        q, s = fn(c.to(torch.float32))
+        qs.append(q)
+        ss.append(s)
+    q = torch.cat(qs).reshape(w.shape[:-1] + qs[0].shape[-1:])
+    return q, torch.cat(ss).reshape(*w.shape[:-1], 1)
+
+
+def _fp8_rows(w: torch.Tensor):
     scale = _amax(w) / FP8_MAX
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-    q = (w / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    return q, scale
+    return (w / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+
+
+def _int8_rows(w: torch.Tensor):
+    scale = _amax(w) / 127
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    q = torch.round(w / scale).clamp(-128, 127).to(torch.int16)
+    return (q + 128).to(torch.uint8).view(torch.int32), scale
+
+
+def quantize_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(E4M3 weight, f32 scale [..., 1]) with one scale per output channel."""
+    return _per_row(w, _fp8_rows)
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -47,11 +70,7 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     if w.shape[-1] % 4:
         raise InputError(f"int8 packing needs an input width divisible by 4, got {w.shape[-1]}; "
                          "use --quant fp8 or keep this tensor with --keep-high-precision")
-    w = w.to(torch.float32)
-    scale = _amax(w) / 127
-    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-    q = torch.round(w / scale).clamp(-128, 127).to(torch.int16)
-    packed = (q + 128).to(torch.uint8).view(torch.int32)
+    packed, scale = _per_row(w, _int8_rows)
     return packed, torch.tensor(list(w.shape), dtype=torch.int64), scale
 
 

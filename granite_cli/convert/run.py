@@ -65,7 +65,7 @@ class Out:
     @property
     def nbytes(self) -> int:
         n = math.prod(self.shape)
-        return {"q8_0": n // 32 * 34, "fp8": n, "int8": n, "scale": 4 * n, "shape": 8 * n}.get(
+        return {"q8_0": n // 32 * 34, "fp8": n, "int8": 4 * n, "scale": 4 * n, "shape": 8 * n}.get(
             self.store, n * (STORE_DTYPES[self.store].itemsize if self.store in STORE_DTYPES else 0))
 
 
@@ -91,8 +91,13 @@ class Plan:
         return self._by_src
 
     @property
-    def largest_tensor_bytes(self) -> int:
-        return max(math.prod(self.source.shape(n)) * 4 for n in self.source.names)
+    def memory_needed(self) -> int:
+        """Peak working set of the write: the largest (source tensor + its outputs) plus piece temporaries."""
+        per = {}
+        for o in self.outs:
+            per[o.src] = per.get(o.src, 0) + o.nbytes
+        src = {n: math.prod(self.source.shape(n)) * self.source.dtype(n).itemsize for n in self.source.names}
+        return max(src[n] + per.get(n, 0) for n in self.source.names) + 64 * 2**20
 
     def summary(self) -> dict:
         by_store: dict[str, int] = {}
@@ -106,7 +111,7 @@ class Plan:
             "tensors_in": len(self.source.names), "tensors_out": len(self.outs), "storage": by_store,
             "quant": self.quant, "shards": max(1, len(self.shards)),
             "bytes_in": self.source.nbytes, "bytes_out": self.bytes_out,
-            "memory_needed_bytes": 3 * self.largest_tensor_bytes,
+            "memory_needed_bytes": self.memory_needed,
             "disk_needed_bytes": self.bytes_out, "disk_free_bytes": free, "notes": self.notes,
         }
 
@@ -358,10 +363,11 @@ def verify(p: Plan, path: Path, logits: bool = True) -> dict:
                 raise CheckFailed(f"verify: {n} differs from the source after conversion (max |diff| {diff:.3g})")
             exact += 1
         else:
-            got = out.get(n, cast=False).to(torch.float32)
-            w = want.to(torch.float32)
-            bound = quant.error_bound(w, m)
-            r = ((got - w).abs() / bound).max().item()
+            got = out.get(n, cast=False)
+            r = 0.0
+            for g, w in zip(G.row_chunks(got), G.row_chunks(want)):
+                w = w.to(torch.float32)
+                r = max(r, ((g.to(torch.float32) - w).abs() / quant.error_bound(w, m)).max().item())
             if not r <= 1.0:
                 raise CheckFailed(f"verify: {n} is off by {r:.2f}x the {m} rounding bound")
             worst = max(worst, r)
@@ -483,3 +489,12 @@ def open_any(src: str | None, from_profile: str | None, dtype: str | None, seed:
     if not src:
         raise InputError("missing SRC: a checkpoint folder or .gguf file (or --from-profile NAME)")
     return open_source(src)
+
+
+def convert(src: str | Path | None, dst: str | Path, *, from_profile: str | None = None, dtype: str | None = None,
+            quant: str | None = None, keep: tuple[str, ...] = (), shard_size: str = "5GB", force: bool = False,
+            verify: bool = True, seed: int = 0) -> dict:
+    """The whole conversion in one call (what `granite convert` runs): open, plan, write, verify, rename."""
+    source = open_any(str(src) if src is not None else None, from_profile, dtype, seed)
+    p = plan(source, dst, dtype=dtype, quant_method=quant, keep=keep, shard_size=shard_size, force=force)
+    return execute(p, verify_output=verify)

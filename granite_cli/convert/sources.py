@@ -122,7 +122,7 @@ class HFSource(Source):
     def _raw(self, name: str) -> torch.Tensor:
         if name not in self._where:
             raise InputError(f"{self.path}: {name} is missing")
-        return self._file(self._where[name]).tensor(name)
+        return self._file(self._where[name]).read(name)
 
     def get(self, name: str, cast: bool = True) -> torch.Tensor:
         if self.quant:
@@ -171,8 +171,7 @@ class GGUFSource(Source):
 
     def get(self, name: str, cast: bool = True) -> torch.Tensor:
         t = self.tmap[name]
-        parts = [self.f.tensor(p.gguf).to(torch.float32) if self.f.tensors[p.gguf].gtype == G.GGML_Q8_0
-                 else self.f.tensor(p.gguf) for p in t.parts]
+        parts = [self.f.tensor(p.gguf, copy=True) for p in t.parts]
         exact = None
         if t.parts[0].kind == "a":
             i = int(name.split(".")[2])

@@ -122,6 +122,15 @@ def checkpoint_files(folder: Path) -> dict[str, Path]:
 def load_weights(model: GraniteModel, folder: Path) -> None:
     """Fill the model's parameters from the checkpoint in `folder`, checking every name and shape."""
     cfg = model.cfg
+    raw = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+    if raw.get("quantization_config"):  # compressed-tensors FP8/INT8: dequantised by the converter's reader
+        from granite_cli.convert.sources import HFSource
+
+        src = HFSource(folder)
+        params = dict(model.named_parameters())
+        for e in checkpoint_entries(cfg):
+            (params[e.param][e.index] if e.index else params[e.param]).copy_(src.get(e.ckpt))
+        return
     where = checkpoint_files(folder)
     entries = checkpoint_entries(cfg)
     params = dict(model.named_parameters())
