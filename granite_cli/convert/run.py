@@ -338,7 +338,10 @@ def _open_output(p: Plan, path: Path) -> Source:
 
 
 def verify(p: Plan, path: Path, logits: bool = True) -> dict:
-    """Check the written output at `path` against the source; raise CheckFailed on any mismatch."""
+    """Check the written output at `path` against the source; raise CheckFailed on any mismatch.
+
+    One pass: each tensor is read once from the source and once from the output, compared, and (for
+    the logits check) placed in a float32 copy of its decoder layer; the layer runs and is dropped."""
     out = _open_output(p, path)  # re-parses metadata/config and checks the full tensor inventory
     src = p.source
     res: dict = {"inventory": _inventory(out), "metadata": "ok"}
@@ -350,31 +353,45 @@ def verify(p: Plan, path: Path, logits: bool = True) -> dict:
         a, b = getattr(out.cfg, f), getattr(src.cfg, f)
         if a != b and not (isinstance(a, float) and math.isclose(a, b, rel_tol=1e-6)):
             raise CheckFailed(f"verify: output config {f} = {a!r}, source has {b!r}")
-    exact = quantized = 0
-    worst = 0.0  # worst |error| / bound over quantized tensors
-    for n in src.names:
-        m = p.method[n]
+    stats = {"exact": 0, "quantized": 0, "worst_error_over_bound": 0.0}
+    seen: set[str] = set()
+
+    def check(n: str) -> list[torch.Tensor]:
         want = src.get(n)
+        m = p.method[n]
+        if n in seen:  # fetched again (the tied output head): already checked
+            return [want, out.get(n) if m == "exact" else out.get(n, cast=False)]
+        seen.add(n)
         if m == "exact":
             got = out.get(n)
             exp = want.to(p.hf_dtype[n])
             if got.dtype != exp.dtype or got.shape != exp.shape or not torch.equal(got, exp):
                 diff = (got.float() - exp.float()).abs().max().item() if got.shape == exp.shape else float("nan")
                 raise CheckFailed(f"verify: {n} differs from the source after conversion (max |diff| {diff:.3g})")
-            exact += 1
-        else:
-            got = out.get(n, cast=False)
-            r = 0.0
-            for g, w in zip(G.row_chunks(got), G.row_chunks(want)):
-                w = w.to(torch.float32)
-                r = max(r, ((g.to(torch.float32) - w).abs() / quant.error_bound(w, m)).max().item())
-            if not r <= 1.0:
-                raise CheckFailed(f"verify: {n} is off by {r:.2f}x the {m} rounding bound")
-            worst = max(worst, r)
-            quantized += 1
-    res["tensors"] = {"exact": exact, "quantized": quantized, "worst_error_over_bound": round(worst, 4)}
+            stats["exact"] += 1
+            return [want, got]
+        got = out.get(n, cast=False)  # dequantised, float32: what a loader computes with
+        r = 0.0
+        for g, w in zip(G.row_chunks(got), G.row_chunks(want)):
+            w = w.to(torch.float32)
+            r = max(r, ((g.to(torch.float32) - w).abs() / quant.error_bound(w, m)).max().item())
+        if not r <= 1.0:
+            raise CheckFailed(f"verify: {n} is off by {r:.2f}x the {m} rounding bound")
+        stats["worst_error_over_bound"] = max(stats["worst_error_over_bound"], round(r, 4))
+        stats["quantized"] += 1
+        return [want, got]
+
     if logits:
-        res["logits"] = compare_logits(src, out)
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, src.cfg.vocab_size, (1, PROMPT_LEN), generator=g)
+        la, lb = streamed_logits(src.cfg, check, ids, 2)
+        res["logits"] = {"prompt_tokens": PROMPT_LEN, "max_abs_diff": float((la - lb).abs().max()),
+                         "logit_scale": float(la.abs().max()),
+                         "argmax_agreement": float((la.argmax(-1) == lb.argmax(-1)).float().mean())}
+    else:
+        for n in src.names:
+            check(n)
+    res["tensors"] = stats
     return res
 
 
@@ -396,44 +413,53 @@ PROMPT_LEN = 12
 
 
 @torch.no_grad()
-def streamed_logits(src: Source, ids: torch.Tensor) -> torch.Tensor:
-    """Our core's logits for `ids`, in float32, building one decoder layer at a time (memory: one layer)."""
+def streamed_logits(cfg, fetch: Callable[[str], list[torch.Tensor]], ids: torch.Tensor, n: int = 1) -> list[torch.Tensor]:
+    """Our core's float32 logits for `ids` under n weight sets, one decoder layer at a time.
+
+    fetch(name) returns that checkpoint tensor from each of the n sources (and may check them);
+    each name is fetched exactly once, so verification reads every tensor once per source."""
     from granite_cli.model.loading import build_empty
     from granite_cli.model.names import checkpoint_entries
     from granite_cli.ops import basic
 
-    cfg = src.cfg
-    model = build_empty(cfg, torch.float32, "meta")
+    models = [build_empty(cfg, torch.float32, "meta") for _ in range(n)]
     entries = checkpoint_entries(cfg)
-    emb = src.get("model.embed_tokens.weight")
-    h = emb[ids].to(torch.float32)
-    if cfg.embedding_multiplier != 1.0:
-        h = h * cfg.embedding_multiplier
+    hs = [e[ids].to(torch.float32) * cfg.embedding_multiplier for e in fetch("model.embed_tokens.weight")]
     rope = None
     if cfg.uses_rope:
         inv = basic.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_dict)
         rope = basic.rope_cos_sin(inv, 0, ids.shape[1], torch.float32, torch.device("cpu"))
-    for i, layer in enumerate(model.layers):
-        layer.to_empty(device="cpu")
-        params = dict(layer.named_parameters(prefix=f"layers.{i}"))
+    for i in range(cfg.num_hidden_layers):
+        layers = [m.layers[i] for m in models]
+        params = []
+        for layer in layers:
+            layer.to_empty(device="cpu")
+            params.append(dict(layer.named_parameters(prefix=f"layers.{i}")))
         for e in entries:
-            if e.param in params:
-                dst = params[e.param][e.index] if e.index else params[e.param]
-                dst.copy_(src.get(e.ckpt))
-        h = layer(h, None, 0, rope)
-        layer.to_empty(device="meta")
-    model.norm.to_empty(device="cpu")
-    model.norm.weight.copy_(src.get("model.norm.weight"))
-    h = model.norm(h)
-    w = emb if cfg.tie_word_embeddings else src.get("lm_head.weight")
-    logits = torch.cat([h @ w[j : j + 8192].to(torch.float32).T for j in range(0, w.shape[0], 8192)], dim=-1)
-    return logits / cfg.logits_scaling if cfg.logits_scaling != 1.0 else logits
+            if e.param in params[0]:
+                for ps, x in zip(params, fetch(e.ckpt)):
+                    (ps[e.param][e.index] if e.index else ps[e.param]).copy_(x)
+        hs = [layer(h, None, 0, rope) for layer, h in zip(layers, hs)]
+        for layer in layers:
+            layer.to_empty(device="meta")
+    norms = fetch("model.norm.weight")
+    # fetched again rather than held through the walk: the peak stays at one layer per source
+    heads = fetch("model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight")
+    out = []
+    for m, h, w, nw in zip(models, hs, heads, norms):
+        m.norm.to_empty(device="cpu")
+        m.norm.weight.copy_(nw)
+        h = m.norm(h)
+        lg = torch.cat([h @ w[j : j + 8192].to(torch.float32).T for j in range(0, w.shape[0], 8192)], dim=-1)
+        out.append(lg / cfg.logits_scaling if cfg.logits_scaling != 1.0 else lg)
+    return out
 
 
 def compare_logits(a: Source, b: Source) -> dict:
+    """Max logit difference between two checkpoints of the same model, on a short fixed prompt."""
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, a.cfg.vocab_size, (1, PROMPT_LEN), generator=g)
-    la, lb = streamed_logits(a, ids), streamed_logits(b, ids)
+    la, lb = streamed_logits(a.cfg, lambda n: [a.get(n, cast=False), b.get(n, cast=False)], ids, 2)
     return {"prompt_tokens": PROMPT_LEN, "max_abs_diff": float((la - lb).abs().max()),
             "logit_scale": float(la.abs().max()), "argmax_agreement": float((la.argmax(-1) == lb.argmax(-1)).float().mean())}
 
