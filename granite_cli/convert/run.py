@@ -429,19 +429,22 @@ def streamed_logits(cfg, fetch: Callable[[str], list[torch.Tensor]], ids: torch.
     if cfg.uses_rope:
         inv = basic.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_dict)
         rope = basic.rope_cos_sin(inv, 0, ids.shape[1], torch.float32, torch.device("cpu"))
-    for i in range(cfg.num_hidden_layers):
-        layers = [m.layers[i] for m in models]
-        params = []
-        for layer in layers:
-            layer.to_empty(device="cpu")
-            params.append(dict(layer.named_parameters(prefix=f"layers.{i}")))
+    # One materialised layer per (layer kind, source), reloaded for every layer of that kind: no fresh
+    # allocation (and page faults) per layer, and the working set is one layer per source.
+    built: dict[str, list] = {}
+    for i, kind in enumerate(cfg.layer_types):
+        if kind not in built:
+            built[kind] = [m.layers[i].to_empty(device="cpu") for m in models]
+        layers = built[kind]
+        params = [dict(layer.named_parameters()) for layer in layers]
+        pre = f"layers.{i}."
         for e in entries:
-            if e.param in params[0]:
+            if e.param.startswith(pre):
+                key = e.param[len(pre):]
                 for ps, x in zip(params, fetch(e.ckpt)):
-                    (ps[e.param][e.index] if e.index else ps[e.param]).copy_(x)
+                    (ps[key][e.index] if e.index else ps[key]).copy_(x)
         hs = [layer(h, None, 0, rope) for layer, h in zip(layers, hs)]
-        for layer in layers:
-            layer.to_empty(device="meta")
+    del built, layers, params
     norms = fetch("model.norm.weight")
     # fetched again rather than held through the walk: the peak stays at one layer per source
     heads = fetch("model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight")
