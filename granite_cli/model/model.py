@@ -15,9 +15,8 @@ import torch.nn.functional as F
 
 from granite_cli.config import ModelConfig
 from granite_cli.model.cache import AttentionCache, Cache, MambaCache
-from granite_cli.ops import basic
+from granite_cli.ops import basic, dispatch
 from granite_cli.ops.attention import attend
-from granite_cli.ops.ssd import ssd_chunked, ssd_step
 
 
 class RMSNorm(nn.Module):
@@ -58,24 +57,25 @@ class Mamba2Mixer(nn.Module):
         if lo > 0.0 or hi != float("inf"):
             dt = dt.clamp(lo, hi)
 
+        K = dispatch.kernels(u.device)
         if state is not None and not fresh and t == 1:
-            xbc1 = basic.causal_conv1d_step(xbc[:, 0], self.conv1d.weight, self.conv1d.bias, state.conv)  # [b, conv]
+            xbc1 = K.causal_conv1d_step(xbc[:, 0], self.conv1d.weight, self.conv1d.bias, state.conv)  # [b, conv]
             x, B, C = xbc1.split([d_in, g * n, g * n], dim=-1)
-            y = ssd_step(state.ssm, x.view(b, h, p), dt[:, 0], A, B.view(b, g, n), C.view(b, g, n), self.D)
+            y = K.ssd_step(state.ssm, x.view(b, h, p), dt[:, 0], A, B.view(b, g, n), C.view(b, g, n), self.D)
             y = y.view(b, 1, d_in)
         else:
             conv_in = None if (state is None or fresh) else state.conv
-            xbc, new_conv = basic.causal_conv1d(xbc, self.conv1d.weight, self.conv1d.bias, conv_in)
+            xbc, new_conv = K.causal_conv1d(xbc, self.conv1d.weight, self.conv1d.bias, conv_in)
             x, B, C = xbc.split([d_in, g * n, g * n], dim=-1)
             init = None if (state is None or fresh) else state.ssm
-            y, final = ssd_chunked(
+            y, final = K.ssd_chunked(
                 x.reshape(b, t, h, p), dt, A, B.reshape(b, t, g, n), C.reshape(b, t, g, n), cfg.mamba_chunk_size, self.D, init
             )
             if state is not None:
                 state.conv.copy_(new_conv)
                 state.ssm.copy_(final)
             y = y.view(b, t, d_in)
-        v = basic.gated_rms_norm(y, z, self.norm.weight, cfg.rms_norm_eps, d_in // g)
+        v = K.gated_rms_norm(y, z, self.norm.weight, cfg.rms_norm_eps, d_in // g)
         return basic.linear(v.to(u.dtype), self.out_proj.weight, self.out_proj.bias)
 
 
@@ -149,7 +149,7 @@ class MoE(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         weights, ids = basic.route(basic.linear(flat, self.router.weight), self.k, self.mode)
-        return basic.moe_experts(flat, self.w_in, self.w_out, weights, ids).view(shape)
+        return dispatch.kernels(x.device).moe_experts(flat, self.w_in, self.w_out, weights, ids).view(shape)
 
 
 class DecoderLayer(nn.Module):

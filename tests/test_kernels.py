@@ -1,0 +1,240 @@
+"""Triton kernels against their PyTorch references (and float64 oracles), run on CPU through the
+Triton interpreter in fp32 with small grids (odd sizes throughout); on CUDA in bf16 (marked gpu).
+The whole model with GRANITE_KERNELS=triton equals the torch path.
+
+Run: python -m pytest -q tests/test_kernels.py
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the kernels' definition (import)
+pytest.importorskip("triton")
+
+from granite_cli.ops import basic, dispatch, ssd  # noqa: E402
+from granite_cli.ops import triton_ops as T  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+
+
+def _close(a, b, rtol=2e-4, atol=2e-5):
+    a, b = a.double(), b.double()
+    err = (a - b).abs().max().item()
+    assert err <= atol + rtol * b.abs().max().item(), f"max error {err:.3g} (scale {b.abs().max().item():.3g})"
+
+
+def _ssd_inputs(b, t, h, p, g, n, dtype=torch.float32, device="cpu", seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
+    x, B, C = r(b, t, h, p), r(b, t, g, n) * 0.5, r(b, t, g, n) * 0.5
+    dt = torch.rand(b, t, h, generator=gen) * 0.3 + 0.01
+    A = -(torch.rand(h, generator=gen) + 0.5)
+    D, init = r(h), r(b, h, p, n)
+    cast = lambda v: v.to(device=device, dtype=dtype)  # noqa: E731
+    f = lambda v: v.to(device=device)  # noqa: E731
+    return cast(x), f(dt), f(A), cast(B), cast(C), f(D), f(init)
+
+
+@pytest.mark.parametrize("t,chunk,init", [(37, 16, True), (16, 16, False), (70, 32, True)])
+def test_ssd_chunked_matches_reference_and_naive_oracle(t, chunk, init):
+    x, dt, A, B, C, D, s0 = _ssd_inputs(2, t, 6, 12, 3, 10)  # p, n not powers of two; 2 heads per group
+    s0 = s0 if init else None
+    y, fin = T.ssd_chunked(x, dt, A, B, C, chunk, D, s0)
+    y_ref, fin_ref = T.ssd_chunked_ref(x, dt, A, B, C, chunk, D, s0)
+    y64, fin64 = ssd.ssd_naive(*(v.double() for v in (x, dt, A, B, C)), chunk, D.double(),
+                               None if s0 is None else s0.double())
+    _close(y, y64)
+    _close(fin, fin64)
+    _close(y, y_ref)
+    _close(fin, fin_ref)
+
+
+def test_ssd_chunked_takes_strided_views():
+    x, dt, A, B, C, D, s0 = _ssd_inputs(1, 40, 4, 16, 1, 16)
+    big = torch.cat([x.reshape(1, 40, -1), B.reshape(1, 40, -1), C.reshape(1, 40, -1)], dim=-1)
+    xv, Bv, Cv = big.split([64, 16, 16], dim=-1)  # non-contiguous views, as the model passes them
+    y, fin = T.ssd_chunked(xv.view(1, 40, 4, 16), dt, A, Bv.view(1, 40, 1, 16), Cv.view(1, 40, 1, 16), 16, D, s0)
+    y0, f0 = T.ssd_chunked_ref(x, dt, A, B, C, 16, D, s0)
+    _close(y, y0)
+    _close(fin, f0)
+
+
+def test_ssd_step_updates_the_state_in_place():
+    b, h, p, g, n = 3, 6, 12, 3, 10
+    gen = torch.Generator().manual_seed(1)
+    state = torch.randn(b, h, p, n, generator=gen)
+    x, dt = torch.randn(b, h, p, generator=gen), torch.rand(b, h, generator=gen) * 0.2
+    A, B, C, D = -torch.rand(h, generator=gen) - 0.5, torch.randn(b, g, n, generator=gen), torch.randn(b, g, n, generator=gen), torch.randn(h, generator=gen)
+    s_ref = state.clone()
+    s64 = state.double()
+    y64 = ssd.ssd_step(s64, x.double(), dt.double(), A.double(), B.double(), C.double(), D.double())
+    ptr = state.data_ptr()
+    y = T.ssd_step(state, x, dt, A, B, C, D)
+    y_ref = T.ssd_step_ref(s_ref, x, dt, A, B, C, D)
+    assert state.data_ptr() == ptr
+    _close(y, y64)
+    _close(state, s64)
+    _close(y, y_ref)
+
+
+@pytest.mark.parametrize("k,with_state", [(4, True), (4, False), (2, True)])
+def test_causal_conv1d(k, with_state):
+    gen = torch.Generator().manual_seed(2)
+    b, t, c = 2, 21, 40
+    x = torch.randn(b, t, c, generator=gen)
+    w, bias = torch.randn(c, 1, k, generator=gen), torch.randn(c, generator=gen)
+    st = torch.randn(b, c, k - 1, generator=gen) if with_state else None
+    o, s = T.causal_conv1d(x, w, bias, st)
+    o_ref, s_ref = T.causal_conv1d_ref(x, w, bias, st)
+    o64, _ = T.causal_conv1d_ref(x.double(), w.double(), bias.double(), None if st is None else st.double())
+    _close(o, o64)
+    _close(o, o_ref)
+    assert torch.equal(s, s_ref)
+
+
+def test_causal_conv1d_step_shifts_in_place():
+    gen = torch.Generator().manual_seed(3)
+    b, c, k = 3, 40, 4
+    x, w, bias = torch.randn(b, c, generator=gen), torch.randn(c, 1, k, generator=gen), torch.randn(c, generator=gen)
+    st = torch.randn(b, c, k - 1, generator=gen)
+    st_ref = st.clone()
+    o = T.causal_conv1d_step(x, w, bias, st)
+    o_ref = T.causal_conv1d_step_ref(x, w, bias, st_ref)
+    _close(o, o_ref)
+    assert torch.equal(st, st_ref)
+
+
+@pytest.mark.parametrize("group", [24, 48])
+def test_gated_rms_norm(group):
+    gen = torch.Generator().manual_seed(4)
+    y, z = torch.randn(2, 5, 48, generator=gen), torch.randn(2, 5, 48, generator=gen)
+    w = torch.randn(48, generator=gen)
+    out = T.gated_rms_norm(y, z, w, 1e-5, group)
+    _close(out, T.gated_rms_norm_ref(y.double(), z.double(), w.double(), 1e-5, group))
+    _close(out, T.gated_rms_norm_ref(y, z, w, 1e-5, group))
+
+
+def test_moe_grouped_gemm_with_empty_experts():
+    gen = torch.Generator().manual_seed(5)
+    n, d, e, i, k = 13, 40, 6, 20, 2
+    x = torch.randn(n, d, generator=gen)
+    w_in, w_out = torch.randn(e, 2 * i, d, generator=gen) * 0.2, torch.randn(e, d, i, generator=gen) * 0.2
+    ids = torch.randint(0, e - 2, (n, k), generator=gen)  # experts e-2, e-1 get no tokens
+    weights = torch.rand(n, k, generator=gen)
+    out = T.moe_experts(x, w_in, w_out, weights, ids)
+    _close(out, T.moe_experts_ref(x.double(), w_in.double(), w_out.double(), weights.double(), ids))
+    _close(out, T.moe_experts_ref(x, w_in, w_out, weights, ids))
+
+
+def test_references_share_signatures_and_docstrings():
+    import inspect
+
+    for op in T.KERNELS:
+        kern, ref = getattr(T, op), getattr(T, op + "_ref")
+        assert kern.__doc__ == ref.__doc__ and kern.__doc__
+        assert list(inspect.signature(kern).parameters) == list(inspect.signature(ref).parameters), op
+
+
+def test_whole_model_triton_equals_torch(monkeypatch):
+    from granite_cli.model.loading import load_model
+    from tests.conftest import tiny
+
+    cfg = tiny("granitemoehybrid", mamba_n_heads=8, mamba_d_head=16, mamba_d_state=16, mamba_chunk_size=16)
+    m = load_model(cfg, weights="random", dtype="fp32", seed=7, std=0.1)
+    ids = torch.randint(0, cfg.vocab_size, (2, 21), generator=torch.Generator().manual_seed(0))
+
+    def run(impl):
+        monkeypatch.setenv("GRANITE_KERNELS", impl)
+        dispatch.reset()
+        assert dispatch.resolved_impl() == impl
+        with torch.no_grad():
+            cache = m.allocate_cache(2, 24)
+            pre = m(ids, cache)
+            steps = [m(ids[:, i : i + 1], cache) for i in range(2)]  # decode: conv + state updates in place
+        return pre, torch.cat(steps, 1), cache.layers[0].ssm.clone()
+
+    try:
+        torch_out = run("torch")
+        triton_out = run("triton")
+    finally:
+        dispatch.reset()
+    for a, b in zip(triton_out, torch_out):
+        _close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_dispatch_refuses_triton_without_gpu_or_interpreter(monkeypatch):
+    from granite_cli.errors import InputError
+
+    monkeypatch.setenv("GRANITE_KERNELS", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    dispatch.reset()
+    try:
+        if not CUDA:
+            with pytest.raises(InputError, match="needs a CUDA GPU"):
+                dispatch.resolved_impl()
+        monkeypatch.setenv("GRANITE_KERNELS", "fast")
+        dispatch.reset()
+        with pytest.raises(InputError, match="not one of"):
+            dispatch.resolved_impl()
+        monkeypatch.setenv("GRANITE_KERNELS", "auto")
+        dispatch.reset()
+        assert dispatch.resolved_impl() == ("triton" if CUDA else "torch")
+    finally:
+        dispatch.reset()
+
+
+# ---- on a GPU: bf16, error at most 2x the same-precision torch reference's error vs float64 ----
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("op", ["ssd_chunked", "ssd_step", "causal_conv1d", "gated_rms_norm", "moe_experts"])
+def test_bf16_on_cuda_within_2x_of_torch(op):
+    dev, bf = "cuda", torch.bfloat16
+    if op == "ssd_chunked":
+        x, dt, A, B, C, D, s0 = _ssd_inputs(2, 1000, 8, 64, 1, 128, dtype=bf, device=dev)
+        args = (x, dt, A, B, C, 256, D, s0)
+        ref64 = ssd.ssd_naive(x.double(), dt.double(), A.double(), B.double(), C.double(), 256, D.double(), s0.double())[0]
+        pick = lambda r: r[0]  # noqa: E731
+    elif op == "ssd_step":
+        g = torch.Generator(device=dev).manual_seed(0)
+        st = torch.randn(4, 8, 64, 128, device=dev, generator=g)
+        mk = lambda *s: torch.randn(*s, device=dev, generator=g)  # noqa: E731
+        x, dt, A, B, C, D = mk(4, 8, 64).to(bf), mk(4, 8).abs() * 0.1, -mk(8).abs(), mk(4, 1, 128).to(bf), mk(4, 1, 128).to(bf), mk(8)
+        args = (st, x, dt, A, B, C, D)
+        ref64 = ssd.ssd_step(st.double(), x.double(), dt.double(), A.double(), B.double(), C.double(), D.double())
+        pick = lambda r: r  # noqa: E731
+    elif op == "causal_conv1d":
+        g = torch.Generator(device=dev).manual_seed(0)
+        x = torch.randn(2, 2048, 3328, device=dev, generator=g).to(bf)
+        w, bias = torch.randn(3328, 1, 4, device=dev, generator=g).to(bf), torch.randn(3328, device=dev, generator=g).to(bf)
+        args = (x, w, bias, None)
+        ref64 = basic.causal_conv1d(x.double(), w.double(), bias.double(), None)[0]
+        pick = lambda r: r[0]  # noqa: E731
+    elif op == "gated_rms_norm":
+        g = torch.Generator(device=dev).manual_seed(0)
+        y, z = torch.randn(4096, 3072, device=dev, generator=g), torch.randn(4096, 3072, device=dev, generator=g).to(bf)
+        w = torch.randn(3072, device=dev, generator=g).to(bf)
+        args = (y, z, w, 1e-5, 3072)
+        ref64 = basic.gated_rms_norm(y.double(), z.double(), w.double(), 1e-5, 3072)
+        pick = lambda r: r  # noqa: E731
+    else:
+        g = torch.Generator(device=dev).manual_seed(0)
+        x = torch.randn(512, 1536, device=dev, generator=g).to(bf)
+        w_in = (torch.randn(64, 1024, 1536, device=dev, generator=g) * 0.02).to(bf)
+        w_out = (torch.randn(64, 1536, 512, device=dev, generator=g) * 0.02).to(bf)
+        weights, ids = basic.route(torch.randn(512, 64, device=dev, generator=g), 6, "topk_softmax")
+        args = (x, w_in, w_out, weights, ids)
+        ref64 = basic.moe_experts(x.double(), w_in.double(), w_out.double(), weights.double(), ids)
+        pick = lambda r: r  # noqa: E731
+    clone = lambda a: tuple(v.clone() if isinstance(v, torch.Tensor) else v for v in a)  # noqa: E731
+    ours = pick(getattr(T, op)(*clone(args)))
+    theirs = pick(getattr(T, op + "_ref")(*clone(args)))
+    e_ours = (ours.double() - ref64).abs().max().item()
+    e_ref = (theirs.double() - ref64).abs().max().item()
+    assert e_ours <= 2 * e_ref + 1e-6, f"{op}: triton error {e_ours:.3g} vs torch {e_ref:.3g}"
