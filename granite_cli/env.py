@@ -53,7 +53,7 @@ def environment() -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    from granite_cli.ops.dispatch import resolved_impl
+    from granite_cli.ops.dispatch import impl_note, resolved_impl
 
     return {
         "python": sys.version.split()[0],
@@ -67,4 +67,5 @@ def environment() -> dict:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "kernel_impl": resolved_impl(),
+        "kernel_impl_note": impl_note(),
     }

@@ -238,3 +238,16 @@ def test_bf16_on_cuda_within_2x_of_torch(op):
     e_ours = (ours.double() - ref64).abs().max().item()
     e_ref = (theirs.double() - ref64).abs().max().item()
     assert e_ours <= 2 * e_ref + 1e-6, f"{op}: triton error {e_ours:.3g} vs torch {e_ref:.3g}"
+
+
+def test_gpu_check_script_dry_run_prints_its_plan():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([str(root / "scripts" / "gpu-check"), "--dry-run", "--out", "/nonexistent/x"],
+                       capture_output=True, text=True, env={**os.environ, "PYTHON": sys.executable})
+    assert r.returncode == 0, r.stderr
+    assert "pytest -m gpu" in r.stdout and "kernels_gpu.py" in r.stdout and "granite-4.0-h-tiny" in r.stdout
+    assert not Path("/nonexistent/x").exists()
