@@ -256,18 +256,20 @@ def row_chunks(x: torch.Tensor, max_elems: int = 1 << 22):
 
 
 def quantize_q8_0(x: torch.Tensor) -> torch.Tensor:
-    """Bytes of `x` in Q8_0, exactly as ggml's reference rounds: d = amax/127 (stored f16),
-    q = round-half-away-from-zero(x/d), computed as trunc(v) + trunc(2·frac(v)), which has no
-    float rounding step (floor(|v| + 0.5) would round 0.49999997 up). Pieces of 256K values keep
-    the passes in cache: about 3x faster than whole-tensor passes."""
+    """Bytes of `x` in Q8_0, exactly as ggml's reference rounds: d = amax/127 (stored f16) and
+    q = round-half-away-from-zero(x/d). torch.round (half to even) differs only at exact ties, which
+    are moved away from zero (v ± 0.5 is exact there); floor(|v| + 0.5) would instead round
+    0.49999997 up. Pieces of 256K values keep the passes in cache, and only ops with vectorised CPU
+    kernels are used (trunc and an inf-norm reduction are 10-20x slower here)."""
     pieces = []
     for c in row_chunks(x.detach(), 1 << 18):
         b = c.to(torch.float32, copy=True).reshape(-1, 32)
-        d = torch.linalg.vector_norm(b, float("inf"), dim=1, keepdim=True).div_(127)
+        d = b.abs().amax(dim=1, keepdim=True).div_(127)
         inv = torch.where(d == 0, 0.0, 1.0 / d)
         v = b.mul_(inv)
-        t = torch.trunc(v)
-        q = t.add_(v.sub_(t).mul_(2).trunc_())
+        r = torch.round(v)
+        tie = (v - r).abs_() == 0.5
+        q = torch.where(tie, v + torch.sign(v) * 0.5, r)
         out = torch.empty(b.shape[0], 34, dtype=torch.uint8)
         out[:, :2] = d.to(torch.float16).view(torch.uint8)
         out[:, 2:] = q.to(torch.int8).view(torch.uint8)
