@@ -278,7 +278,14 @@ def quantize_q8_0(x: torch.Tensor) -> torch.Tensor:
 
 
 def dequantize_q8_0(raw: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Q8_0 bytes → float32 tensor of `shape`, in cache-sized pieces."""
     blocks = raw.reshape(-1, 34)
-    d = blocks[:, :2].contiguous().view(torch.float16).to(torch.float32)
-    q = blocks[:, 2:].contiguous().view(torch.int8).to(torch.float32)
-    return (q * d).reshape(shape)
+    out = torch.empty(blocks.shape[0], 32, dtype=torch.float32)
+    step = 8192
+    for i in range(0, blocks.shape[0], step):
+        b = blocks[i : i + step]
+        d = b[:, :2].contiguous().view(torch.float16).to(torch.float32)
+        o = out[i : i + step]
+        o.copy_(b[:, 2:].contiguous().view(torch.int8))
+        o.mul_(d)
+    return out.reshape(shape)
