@@ -235,9 +235,9 @@ def test_verification_catches_a_wrong_tensor(tmp_path, monkeypatch):
     assert not (tmp_path / "o").exists() and not (tmp_path / ".o.partial").exists()
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
-def test_interrupted_conversion_leaves_no_dst(tmp_path, sig):
-    dst = tmp_path / ("big.gguf" if sig == signal.SIGKILL else "big")
+@pytest.mark.parametrize("sig,name", [(signal.SIGTERM, "big"), (signal.SIGTERM, "big.gguf"), (signal.SIGKILL, "big.gguf")])
+def test_interrupted_conversion_leaves_no_dst(tmp_path, sig, name):
+    dst = tmp_path / name
     partial = dst.with_name(f".{dst.name}.partial")
     p = subprocess.Popen([sys.executable, "-m", "granite_cli", "convert", "--from-profile", "granite-4.0-h-350m",
                           "--dtype", "bf16", "--no-verify", str(dst)], stderr=subprocess.PIPE, stdout=subprocess.PIPE)

@@ -79,6 +79,11 @@ def _enc_value(vtype: int, value, atype: int | None) -> bytes:
     return struct.pack(_SCALAR[vtype], value)
 
 
+def tensor_bytes(t: torch.Tensor):
+    """A zero-copy byte view of a tensor (contiguous first), keeping the tensor alive."""
+    return t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     name: str
@@ -118,12 +123,16 @@ class GGUFWriter:
         t = self.tensors[self._next]
         if name != t.name:
             raise RuntimeError(f"GGUF tensors out of order: got {name}, expected {t.name}")
-        raw = data.detach().contiguous().reshape(-1).view(torch.uint8)
-        if raw.numel() != t.nbytes:
-            raise RuntimeError(f"{name}: {raw.numel()} bytes, header says {t.nbytes}")
-        self._f.write(raw.numpy().data)
+        raw = tensor_bytes(data)
+        if raw.nbytes != t.nbytes:
+            raise RuntimeError(f"{name}: {raw.nbytes} bytes, header says {t.nbytes}")
+        self._f.write(raw)
         self._f.write(b"\0" * _pad(t.nbytes))
         self._next += 1
+
+    def abort(self) -> None:
+        """Close after a failure (the caller removes the partial file)."""
+        self._f.close()
 
     def close(self) -> None:
         if self._next != len(self.tensors):
@@ -270,10 +279,8 @@ def quantize_q8_0(x: torch.Tensor) -> torch.Tensor:
         r = torch.round(v)
         tie = (v - r).abs_() == 0.5
         q = torch.where(tie, v + torch.sign(v) * 0.5, r)
-        out = torch.empty(b.shape[0], 34, dtype=torch.uint8)
-        out[:, :2] = d.to(torch.float16).view(torch.uint8)
-        out[:, 2:] = q.to(torch.int8).view(torch.uint8)
-        pieces.append(out.reshape(-1))
+        blk = torch.cat((d.to(torch.float16).view(torch.uint8), q.to(torch.int8).view(torch.uint8)), dim=1)
+        pieces.append(blk.reshape(-1))
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
 

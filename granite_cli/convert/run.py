@@ -262,10 +262,10 @@ def _write_shard(path: Path, outs: list[Out], items, metadata: dict[str, str]) -
         for o in outs:
             oo, t = next(items)
             assert oo is o
-            raw = t.detach().contiguous().reshape(-1).view(torch.uint8)
-            if raw.numel() != o.nbytes:
-                raise RuntimeError(f"{o.name}: produced {raw.numel()} bytes, planned {o.nbytes}")
-            f.write(raw.numpy().data)
+            raw = G.tensor_bytes(t)
+            if raw.nbytes != o.nbytes:
+                raise RuntimeError(f"{o.name}: produced {raw.nbytes} bytes, planned {o.nbytes}")
+            f.write(raw)
         f.flush()
         os.fsync(f.fileno())
 
@@ -327,8 +327,10 @@ def _write_gguf(p: Plan, tmp: Path, progress) -> None:
     try:
         for o, t in _stream(p, progress):
             w.write(o.name, t)
-    finally:
-        w.close()
+    except BaseException:
+        w.abort()  # keep the original error (an interrupt stays an interrupt)
+        raise
+    w.close()
 
 
 # ------------------------------------------------------------------------------------------ verify
@@ -509,6 +511,7 @@ def execute(p: Plan, *, verify_output: bool = True, progress: Callable[[int, int
     t0 = time.perf_counter()
     dst = p.dst
     if p.fmt == "gguf":
+        dst.parent.mkdir(parents=True, exist_ok=True)
         tmp = dst.with_name(f".{dst.name}.partial")
         tmp.unlink(missing_ok=True)
     else:
