@@ -9,7 +9,10 @@ import csv
 import io
 import json
 import math
+import re
 from typing import Any, Sequence
+
+from granite_cli.errors import InputError
 
 
 def _json_safe(v: Any) -> Any:
@@ -77,3 +80,17 @@ def human_bytes(n: float | None) -> str:
         n /= 1024
     return f"{n:.2f} TiB"  # pragma: no cover
 
+
+_UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
+          "tib": 2**40, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+
+def parse_bytes(s: str) -> float:
+    """`10GiB`, `10GB` (decimal), `512MiB`, `80G` (binary), `1e10` → bytes."""
+    m = re.match(r"^\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*$", str(s))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise InputError(f"bad size {s!r}: use a number with a unit such as 10GiB, 24GB or 512MiB")
+    v = float(m.group(1)) * _UNITS[m.group(2).lower()]
+    if v <= 0:
+        raise InputError(f"bad size {s!r}: must be positive")
+    return v

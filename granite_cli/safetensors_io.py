@@ -26,14 +26,18 @@ DTYPES = {
 NAMES = {v: k for k, v in DTYPES.items()}
 
 
+def open_input(path: Path, kind: str):
+    """(size, binary file) of an input checkpoint file, or a one-line InputError naming it."""
+    try:
+        return os.path.getsize(path), open(path, "rb")
+    except OSError as e:
+        raise InputError(f"{path}: cannot open {kind} file ({e.strerror})") from None
+
+
 class SafetensorsFile:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        try:
-            size = os.path.getsize(self.path)
-            fh = open(self.path, "rb")
-        except OSError as e:
-            raise InputError(f"{self.path}: cannot open safetensors file ({e.strerror})") from None
+        size, fh = open_input(self.path, "safetensors")
         with fh:
             if size < 8:
                 raise InputError(f"{self.path}: truncated safetensors file ({size} bytes); re-download or re-convert it")

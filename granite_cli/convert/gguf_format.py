@@ -147,12 +147,10 @@ class GGUFFile:
     """A mapped GGUF file: `.kv` (key → value), `.tensors` (name → TensorInfo), `.raw(name)`."""
 
     def __init__(self, path: str | Path) -> None:
+        from granite_cli.safetensors_io import open_input
+
         self.path = Path(path)
-        try:
-            size = os.path.getsize(self.path)
-            fh = open(self.path, "rb")
-        except OSError as e:
-            raise InputError(f"{self.path}: cannot open GGUF file ({e.strerror})") from None
+        size, fh = open_input(self.path, "GGUF")
         with fh:
             self._mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
         self._pos = 0

@@ -32,26 +32,11 @@ from granite_cli.convert.tokenizer import vocab_kvs
 from granite_cli.errors import CheckFailed, InputError
 from granite_cli.fsutil import commit_dir, partial_dir
 from granite_cli.model.loading import parse_dtype
-from granite_cli.safetensors_io import NAMES as ST_NAMES
+from granite_cli.render import parse_bytes
 
 STORE_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 _GG = {"f32": G.GGML_F32, "f16": G.GGML_F16, "bf16": G.GGML_BF16, "q8_0": G.GGML_Q8_0}
 _STORE_OF = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
-
-
-def parse_size(s: str) -> int:
-    t = s.strip().upper().replace("IB", "I")
-    units = {"KI": 2**10, "MI": 2**20, "GI": 2**30, "K": 10**3, "M": 10**6, "G": 10**9, "KB": 10**3, "MB": 10**6,
-             "GB": 10**9, "B": 1, "": 1}
-    for u in sorted(units, key=len, reverse=True):
-        if t.endswith(u):
-            try:
-                v = float(t[: len(t) - len(u)] or "x")
-            except ValueError:
-                break
-            if v > 0:
-                return int(v * units[u])
-    raise InputError(f"bad size {s!r}; use e.g. 5GB, 500MB or 2GiB")
 
 
 @dataclass
@@ -181,7 +166,7 @@ def plan(source: Source, dst: str | Path, *, dtype: str | None = None, quant_met
                 outs.append(Out(n, n, shape, _STORE_OF[hf_dtype[n]]))
     p = Plan(source, dst, fmt, outs, hf_dtype, method, notes=notes, quant=qm)
     if fmt == "hf":
-        limit = parse_size(shard_size)
+        limit = int(parse_bytes(shard_size))
         size = 0
         p.shards = [[]]
         for o in outs:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 from granite_cli.config import load_config
@@ -11,7 +10,7 @@ from granite_cli.errors import InputError
 from granite_cli.fsutil import commit_dir, partial_dir
 from granite_cli.memory.claims import all_claims, max_batch, max_context
 from granite_cli.memory.predict import activation_bytes, kv_state_crossover, norm_dtype, predict, weight_bytes
-from granite_cli.render import _json_safe, human_bytes, to_markdown
+from granite_cli.render import _json_safe, human_bytes, parse_bytes, to_markdown  # noqa: F401 (parse_bytes re-exported)
 
 DEFAULT_MODELS = [
     "granite-4.0-h-small", "granite-4.0-h-tiny", "granite-4.0-h-micro", "granite-4.0-micro", "granite-4.0-h-1b",
@@ -19,21 +18,6 @@ DEFAULT_MODELS = [
     "qwen3-4b", "qwen3-8b", "qwen3-30b-a3b", "qwen3-32b",
 ]
 GPU_SIZES_GB = [24, 48, 80, 141]
-
-_UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
-          "tib": 2**40, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
-
-
-def parse_bytes(s: str) -> float:
-    """`10GiB`, `10GB` (decimal), `512MiB`, `80G` (binary), `1e10` → bytes."""
-    m = re.match(r"^\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*$", str(s))
-    if not m or m.group(2).lower() not in _UNITS:
-        raise InputError(f"bad size {s!r}: use a number with a unit such as 10GiB, 24GB or 512MiB")
-    v = float(m.group(1)) * _UNITS[m.group(2).lower()]
-    if v <= 0:
-        raise InputError(f"bad size {s!r}: must be positive")
-    return v
-
 
 def rows_for(models, ctxs, batches, weights="bf16", kv="bf16", state="fp32", ubatch=4096) -> list[dict]:
     for d in (weights, kv, state):
