@@ -63,6 +63,8 @@ def convert(
                  shard_size=shard_size, force=force)
     if dry_run:
         s = p.summary()
+        if fmt is Format.json:  # the per-tensor plan too (a table would be one row per tensor)
+            s["tensor_plan"] = p.tensor_plan()
         return _emit(s, fmt, human_bytes)
     signal.signal(signal.SIGTERM, _on_term)
     rep = run.execute(p, verify_output=verify, progress=_progress(source), status=say)

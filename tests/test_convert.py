@@ -267,6 +267,10 @@ def test_dry_run_writes_nothing_and_reports_the_plan(tmp_path):
     assert d["format"] == "gguf" and d["architecture"] == "granitehybrid"
     assert 30e9 < d["bytes_out"] < 40e9  # 32B params at ~1.06 bytes each
     assert d["storage"]["q8_0"] > 0 and d["disk_free_bytes"] > 0 and d["memory_needed_bytes"] < 4e9
+    plan = {t["name"]: t for t in d["tensor_plan"]}
+    assert plan["blk.0.ssm_conv1d.weight"]["storage"] == "f32" and plan["blk.0.ssm_in.weight"]["storage"] == "q8_0"
+    assert plan["token_embd.weight"]["storage"] == "bf16"  # embeddings are never quantized
+    assert sum(t["bytes"] for t in d["tensor_plan"]) <= d["bytes_out"]
 
 
 def test_inspect_hf_and_gguf(tmp_path):

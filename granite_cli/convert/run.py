@@ -84,6 +84,11 @@ class Plan:
         src = {n: math.prod(self.source.shape(n)) * self.source.dtype(n).itemsize for n in self.source.names}
         return max(src[n] + per.get(n, 0) for n in self.source.names) + 64 * 2**20
 
+    def tensor_plan(self) -> list[dict]:
+        """One row per output tensor: name, source tensor, shape, storage type, bytes."""
+        return [{"name": o.name, "source": o.src, "shape": list(o.shape), "storage": o.store, "bytes": o.nbytes}
+                for o in self.outs]
+
     def summary(self) -> dict:
         by_store: dict[str, int] = {}
         for o in self.outs:
