@@ -26,9 +26,9 @@ def convert(
     shard_size: Annotated[str, typer.Option(help="Largest safetensors shard, e.g. 5GB or 500MB.")] = "5GB",
     from_profile: Annotated[Optional[str], typer.Option(metavar="NAME", help="Write random weights at this profile's real shapes (no SRC).")] = None,
     seed: Annotated[int, typer.Option(help="Seed for --from-profile weights.")] = 0,
-    dry_run: Annotated[bool, typer.Option(help="Print the plan (tensors, bytes, memory, disk) and write nothing.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (tensors, bytes, memory, disk) and write nothing.")] = False,
     verify: Annotated[bool, typer.Option(help="Check inventory, metadata, every tensor and logits before renaming into place.")] = True,
-    force: Annotated[bool, typer.Option(help="Replace an existing DST.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing DST.")] = False,
     fmt: FormatOpt = Format.table,
 ) -> None:
     """Convert a checkpoint: HF folder <-> HF folder or .gguf, a .gguf -> HF folder; or inspect one.
