@@ -119,14 +119,16 @@ class GGUFWriter:
     def total_bytes(self) -> int:
         return len(self.header) + self.data_bytes
 
-    def write(self, name: str, data: torch.Tensor) -> None:
+    def write(self, name: str, data: torch.Tensor | list[torch.Tensor]) -> None:
+        """The next tensor's bytes: one tensor, or a list of pieces written in order."""
         t = self.tensors[self._next]
         if name != t.name:
             raise RuntimeError(f"GGUF tensors out of order: got {name}, expected {t.name}")
-        raw = tensor_bytes(data)
-        if raw.nbytes != t.nbytes:
-            raise RuntimeError(f"{name}: {raw.nbytes} bytes, header says {t.nbytes}")
-        self._f.write(raw)
+        raws = [tensor_bytes(d) for d in (data if isinstance(data, list) else [data])]
+        if sum(r.nbytes for r in raws) != t.nbytes:
+            raise RuntimeError(f"{name}: {sum(r.nbytes for r in raws)} bytes, header says {t.nbytes}")
+        for raw in raws:
+            self._f.write(raw)
         self._f.write(b"\0" * _pad(t.nbytes))
         self._next += 1
 
@@ -262,24 +264,29 @@ def row_chunks(x: torch.Tensor, max_elems: int = 1 << 22):
         yield x2[i : i + step]
 
 
-def quantize_q8_0(x: torch.Tensor) -> torch.Tensor:
-    """Bytes of `x` in Q8_0, exactly as ggml's reference rounds: d = amax/127 (stored f16) and
-    q = round-half-away-from-zero(x/d). torch.round (half to even) differs only at exact ties, which
-    are moved away from zero (v ± 0.5 is exact there); floor(|v| + 0.5) would instead round
-    0.49999997 up. Pieces of 256K values keep the passes in cache, and only ops with vectorised CPU
-    kernels are used (trunc and an inf-norm reduction are 10-20x slower here)."""
+def quantize_q8_0_pieces(x: torch.Tensor) -> list[torch.Tensor]:
+    """Bytes of `x` in Q8_0 as a list of pieces (in order), exactly as ggml's reference rounds:
+    d = amax/127 (stored f16) and q = round-half-away-from-zero(x/d). torch.round (half to even)
+    differs only at exact ties, which are moved away from zero (v ± 0.5 is exact there);
+    floor(|v| + 0.5) would instead round 0.49999997 up. Pieces of 256K values keep the passes in
+    cache, and only ops with vectorised CPU kernels are used (trunc and an inf-norm reduction are
+    10-20x slower here). The pieces are written as they are, without joining them."""
     pieces = []
     for c in row_chunks(x.detach(), 1 << 18):
         b = c.to(torch.float32, copy=True).reshape(-1, 32)
         d = b.abs().amax(dim=1, keepdim=True).div_(127)
         inv = torch.where(d == 0, 0.0, 1.0 / d)
         v = b.mul_(inv)
-        r = torch.round(v)
-        tie = (v - r).abs_() == 0.5
-        q = torch.where(tie, v + torch.sign(v) * 0.5, r)
-        blk = torch.cat((d.to(torch.float16).view(torch.uint8), q.to(torch.int8).view(torch.uint8)), dim=1)
-        pieces.append(blk.reshape(-1))
-    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        q = torch.round(v)
+        if bool(((v - q).abs_() == 0.5).any()):  # exact ties: rare, so checked before fixing
+            q = torch.where((v - q).abs() == 0.5, v + torch.sign(v) * 0.5, q)
+        pieces.append(torch.cat((d.to(torch.float16).view(torch.uint8), q.to(torch.int8).view(torch.uint8)), dim=1))
+    return pieces
+
+
+def quantize_q8_0(x: torch.Tensor) -> torch.Tensor:
+    """Bytes of `x` in Q8_0 as one uint8 tensor (see quantize_q8_0_pieces)."""
+    return torch.cat([p.reshape(-1) for p in quantize_q8_0_pieces(x)])
 
 
 def dequantize_q8_0(raw: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:

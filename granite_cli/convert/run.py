@@ -204,7 +204,7 @@ def _products(p: Plan, src_name: str, x: torch.Tensor) -> dict[str, torch.Tensor
         res = {}
         for o in p.by_src[src_name]:
             y = mapping.to_gguf(o.part, x)
-            res[o.name] = G.quantize_q8_0(y) if o.store == "q8_0" else y.to(STORE_DTYPES[o.store])
+            res[o.name] = G.quantize_q8_0_pieces(y) if o.store == "q8_0" else y.to(STORE_DTYPES[o.store])
         return res
     m = p.method[src_name]
     if m == "exact":
