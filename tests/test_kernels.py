@@ -251,3 +251,10 @@ def test_gpu_check_script_dry_run_prints_its_plan():
     assert r.returncode == 0, r.stderr
     assert "pytest -m gpu" in r.stdout and "kernels_gpu.py" in r.stdout and "granite-4.0-h-tiny" in r.stdout
     assert not Path("/nonexistent/x").exists()
+
+
+def test_self_test_passes_in_the_interpreter_and_reports_a_broken_kernel(monkeypatch):
+    assert T.self_test("cpu") == []
+    monkeypatch.setattr(T, "gated_rms_norm", lambda y, z, w, eps, gs: T.gated_rms_norm_ref(y, z, w, eps, gs) + 1)
+    failed = T.self_test("cpu")
+    assert len(failed) == 1 and failed[0].startswith("gated_rms_norm: AssertionError")

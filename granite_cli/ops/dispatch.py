@@ -5,8 +5,9 @@
 - triton: the Triton kernels (granite_cli.ops.triton_ops) for CUDA tensors, and for CPU tensors
           when TRITON_INTERPRET=1 (the interpreter; how CI tests them). Refused, with the reason,
           when Triton is missing or there is neither a GPU nor the interpreter.
-- auto:   triton when a CUDA GPU and Triton are both present, else torch. On a GPU without a
-          working Triton the fallback is reported on stderr and in `kernel_impl_note`, never silent.
+- auto:   triton when a CUDA GPU and Triton are both present and every kernel passes a quick
+          self-test against its reference there, else torch. On a GPU the fallback is reported on
+          stderr and in `kernel_impl_note` (with the reason), never silent.
 """
 
 from __future__ import annotations
@@ -54,12 +55,17 @@ def resolved_impl() -> str:
             _resolved = "triton"
         elif _cuda():
             try:
-                import granite_cli.ops.triton_ops  # noqa: F401
-
-                _resolved = "triton"
+                from granite_cli.ops import triton_ops
             except ImportError as e:
                 _resolved = "torch"
                 _note = f"Triton unavailable on this GPU machine ({e}); using the PyTorch reference ops"
+            else:
+                failed = triton_ops.self_test("cuda")
+                _resolved = "torch" if failed else "triton"
+                if failed:
+                    _note = (f"Triton kernel self-test failed on this GPU ({'; '.join(failed)}); using the "
+                             "PyTorch reference ops")
+            if _note:
                 sys.stderr.write(f"warning: {_note}\n")
         else:
             _resolved = "torch"

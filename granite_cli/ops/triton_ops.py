@@ -392,3 +392,39 @@ for _f, _r in ((ssd_chunked, ssd_chunked_ref), (ssd_step, ssd_step_ref), (causal
                (moe_experts, moe_experts_ref)):
     _f.__doc__ = _r.__doc__
 KERNELS = ("ssd_chunked", "ssd_step", "causal_conv1d", "causal_conv1d_step", "gated_rms_norm", "moe_experts")
+
+
+def self_test(device) -> list[str]:
+    """Run every kernel once on small random inputs on `device` and compare with its reference.
+    Returns what failed (compile errors, launch errors, mismatches); empty when all agree. `auto`
+    runs this before choosing Triton on a GPU, so a kernel that does not build there means the
+    reference ops, with a warning, instead of a failed run."""
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g).to(device)  # noqa: E731
+    cases = {
+        "ssd_chunked": lambda: ((r(1, 40, 4, 16), (torch.rand(1, 40, 4, generator=g) * 0.2 + 0.01).to(device),
+                                 -(torch.rand(4, generator=g) + 0.5).to(device), r(1, 40, 2, 16), r(1, 40, 2, 16), 16,
+                                 r(4), r(1, 4, 16, 16)), None),
+        "ssd_step": lambda: ((r(2, 4, 16, 16), r(2, 4, 16), (torch.rand(2, 4, generator=g) * 0.2).to(device),
+                              -(torch.rand(4, generator=g) + 0.5).to(device), r(2, 2, 16), r(2, 2, 16), r(4)), 0),
+        "causal_conv1d": lambda: ((r(2, 20, 48), r(48, 1, 4), r(48), r(2, 48, 3)), None),
+        "causal_conv1d_step": lambda: ((r(2, 48), r(48, 1, 4), r(48), r(2, 48, 3)), 3),
+        "gated_rms_norm": lambda: ((r(6, 64), r(6, 64), r(64), 1e-5, 32), None),
+        "moe_experts": lambda: ((r(10, 32), r(4, 48, 32) * 0.2, r(4, 32, 24) * 0.2, torch.rand(10, 2, generator=g).to(device),
+                                 torch.randint(0, 3, (10, 2), generator=g).to(device)), None),
+    }
+    failed = []
+    for op, make in cases.items():
+        try:
+            args, inplace = make()
+            a2 = tuple(x.clone() if isinstance(x, torch.Tensor) else x for x in args)
+            got, want = globals()[op](*args), globals()[op + "_ref"](*a2)
+            pairs = list(zip(got, want)) if isinstance(got, tuple) else [(got, want)]
+            if inplace is not None:
+                pairs.append((args[inplace], a2[inplace]))
+            for x, y in pairs:
+                if not torch.allclose(x.float(), y.float(), rtol=1e-3, atol=1e-3):
+                    raise AssertionError(f"max difference {(x.float() - y.float()).abs().max().item():.3g}")
+        except Exception as e:  # noqa: BLE001 - reported, and the caller falls back
+            failed.append(f"{op}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    return failed
