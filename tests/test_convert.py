@@ -255,7 +255,7 @@ def test_interrupted_conversion_leaves_no_dst(tmp_path, sig, name):
         assert p.returncode == 130 and not partial.exists()  # cleaned up
     # a later run starts over cleanly despite a leftover partial
     r = granite("convert", "--from-profile", "tiny-hybrid", str(dst), "--no-verify")
-    assert r.returncode == 0, r.stderr and dst.exists()
+    assert r.returncode == 0 and dst.exists(), r.stderr
 
 
 def test_dry_run_writes_nothing_and_reports_the_plan(tmp_path):
