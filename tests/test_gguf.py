@@ -29,13 +29,6 @@ def _ckpt(folder, **over):
     return m
 
 
-def _field(r, key):
-    f = r.fields[key]
-    if len(f.types) > 1 or f.types[0] == gguf.GGUFValueType.ARRAY:
-        return [f.contents(i) for i in range(len(f.data))] if f.types[-1] != gguf.GGUFValueType.STRING else f.contents()
-    return f.contents()
-
-
 def test_gguf_package_reads_our_metadata_and_tensors(tmp_path):
     m = _ckpt(tmp_path / "src")
     convert(tmp_path / "src", tmp_path / "m.gguf")

@@ -484,15 +484,6 @@ def _dedup(ts: list) -> list:
     return out
 
 
-def compare_logits(a: Source, b: Source) -> dict:
-    """Max logit difference between two checkpoints of the same model, on a short fixed prompt."""
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, a.cfg.vocab_size, (1, PROMPT_LEN), generator=g)
-    la, lb = streamed_logits(a.cfg, lambda n: [a.get(n, cast=False), b.get(n, cast=False)], ids, 2)
-    return {"prompt_tokens": PROMPT_LEN, "max_abs_diff": float((la - lb).abs().max()),
-            "logit_scale": float(la.abs().max()), "argmax_agreement": float((la.argmax(-1) == lb.argmax(-1)).float().mean())}
-
-
 # ------------------------------------------------------------------------------------------ run
 
 def execute(p: Plan, *, verify_output: bool = True, progress: Callable[[int, int, str], None] | None = None,

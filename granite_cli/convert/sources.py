@@ -17,7 +17,7 @@ from granite_cli.config import ModelConfig, load_config
 from granite_cli.convert import gguf_format as G
 from granite_cli.convert import mapping, quant
 from granite_cli.errors import InputError
-from granite_cli.model.loading import build_empty, checkpoint_files, parse_dtype
+from granite_cli.model.loading import _TILE, build_empty, checkpoint_files, fill_random, parse_dtype
 from granite_cli.model.names import IGNORED_CKPT_SUFFIXES, checkpoint_entries
 from granite_cli.safetensors_io import SafetensorsFile
 
@@ -183,11 +183,10 @@ class GGUFSource(Source):
 
 
 class ProfileSource(Source):
-    """Random weights at a profile's real shapes, made one tensor at a time (the reference init:
-    normal(0, std) matrices, unit norms and D, A_log = log(1..H), dt_bias from dt log-uniform)."""
+    """Random weights at a profile's real shapes, made one tensor at a time by the core's init rules
+    (granite_cli.model.loading.fill_random); each tensor has its own seed, so any order gives the same values."""
 
     kind = "profile"
-    _TILE = 1_000_003
 
     def __init__(self, name: str, dtype: str | None, seed: int = 0, std: float = 0.02) -> None:
         self.cfg = load_config(name)
@@ -198,36 +197,16 @@ class ProfileSource(Source):
         self._shapes = expected_shapes(self.cfg)
         self._dtypes = {n: dt for n in self._shapes}
         self.names = list(self._shapes)
+        self._index = {n: i for i, n in enumerate(self.names)}
         self._nbytes = 0
         self.seed, self.std = seed, std
-        g = torch.Generator().manual_seed(seed)
-        self._tile = torch.randn(self._TILE, generator=g) * std
+        self._tile = torch.randn(_TILE, generator=torch.Generator().manual_seed(seed)) * std
 
     def get(self, name: str, cast: bool = True) -> torch.Tensor:
-        shape, dt = self._shapes[name], self._dtypes[name]
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.names.index(name))
-        leaf = name.rsplit(".", 1)[-1]
-        n = math.prod(shape)
-        if "norm" in name and leaf == "weight" or leaf == "D":
-            return torch.ones(shape, dtype=dt)
-        if leaf == "A_log":
-            return torch.log(torch.arange(1, n + 1, dtype=torch.float32)).to(dt)
-        if leaf == "dt_bias":
-            d = torch.exp(torch.rand(n, generator=g) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
-            return (d + torch.log(-torch.expm1(-d))).to(dt)
-        if leaf == "bias":
-            return torch.zeros(shape, dtype=dt)
-        if n <= self._TILE:
-            return (torch.randn(shape, generator=g) * self.std).to(dt)
-        out = torch.empty(n, dtype=dt)
-        off = int(torch.randint(0, self._TILE, (1,), generator=g))
-        done = 0
-        while done < n:
-            k = min(self._TILE - off, n - done)
-            out[done : done + k] = self._tile[off : off + k]
-            done += k
-            off = 0
-        return out.view(shape)
+        out = torch.empty(self._shapes[name], dtype=self._dtypes[name])
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self._index[name])
+        fill_random(name, out, g, self._tile, self.std)
+        return out
 
 
 def open_source(src: str | Path) -> Source:

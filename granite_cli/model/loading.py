@@ -51,36 +51,42 @@ _TILE = 1_000_003
 
 
 @torch.no_grad()
+def fill_random(name: str, p: torch.Tensor, g: torch.Generator, tile: torch.Tensor, std: float = 0.02) -> None:
+    """Fill one tensor in place by the reference init rules for its name (a parameter or checkpoint
+    name): norms and D = 1, A_log = log(1..H), dt_bias = softplus⁻¹ of dt log-uniform in [1e-3, 1e-1],
+    biases 0, weights normal(0, std); tensors above the tile's size copy the tile from a random offset."""
+    leaf = name.rsplit(".", 1)[-1]
+    if "norm" in name and leaf == "weight":
+        p.fill_(1.0)
+    elif leaf == "A_log":
+        p.copy_(torch.log(torch.arange(1, p.numel() + 1, dtype=torch.float32)).view(p.shape))
+    elif leaf == "D":
+        p.fill_(1.0)
+    elif leaf == "dt_bias":
+        dt = torch.exp(torch.rand(p.numel(), generator=g) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+        p.copy_((dt + torch.log(-torch.expm1(-dt))).view(p.shape))
+    elif leaf == "bias":
+        p.zero_()
+    elif p.numel() <= _TILE:
+        p.copy_((torch.randn(p.shape, generator=g) * std).to(p.dtype))
+    else:
+        flat = p.view(-1)
+        off = int(torch.randint(0, _TILE, (1,), generator=g))
+        done = 0
+        while done < flat.numel():
+            n = min(_TILE - off, flat.numel() - done)
+            flat[done : done + n].copy_(tile[off : off + n])
+            done += n
+            off = 0
+
+
+@torch.no_grad()
 def init_random(model: GraniteModel, seed: int = 0, std: float = 0.02) -> None:
-    """Initialise in place: weights normal with `std` (0.02, the reference scheme); Mamba's A_log = log(1..H),
-    D = 1, dt_bias = softplus⁻¹ of dt log-uniform in [1e-3, 1e-1]; norms = 1."""
-    dev = model.device
+    """Initialise in place by the reference scheme (see fill_random), one generator for the model."""
     g = torch.Generator(device="cpu").manual_seed(seed)
-    tile = (torch.randn(_TILE, generator=g) * std).to(device=dev, dtype=model.dtype)
+    tile = (torch.randn(_TILE, generator=g) * std).to(device=model.device, dtype=model.dtype)
     for name, p in model.named_parameters():
-        leaf = name.rsplit(".", 1)[-1]
-        if "norm" in name and leaf == "weight":
-            p.fill_(1.0)
-        elif leaf == "A_log":
-            p.copy_(torch.log(torch.arange(1, p.numel() + 1, dtype=torch.float32)))
-        elif leaf == "D":
-            p.fill_(1.0)
-        elif leaf == "dt_bias":
-            dt = torch.exp(torch.rand(p.numel(), generator=g) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
-            p.copy_(dt + torch.log(-torch.expm1(-dt)))
-        elif leaf == "bias":
-            p.zero_()
-        elif p.numel() <= _TILE:
-            p.copy_((torch.randn(p.shape, generator=g) * std).to(p.dtype))
-        else:
-            flat = p.view(-1)
-            off = int(torch.randint(0, _TILE, (1,), generator=g))
-            done = 0
-            while done < flat.numel():
-                n = min(_TILE - off, flat.numel() - done)
-                flat[done : done + n].copy_(tile[off : off + n])
-                done += n
-                off = 0
+        fill_random(name, p, g, tile, std)
 
 
 def _checkpoint_folder(spec) -> Path:

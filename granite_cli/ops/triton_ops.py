@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from granite_cli.ops import basic, ssd
+from granite_cli.ops import basic, dispatch, ssd
 
 _P2 = triton.next_power_of_2
 
@@ -387,11 +387,9 @@ def moe_experts(x, w_in, w_out, weights, ids):
 ssd_chunked_ref, ssd_step_ref = ssd.ssd_chunked, ssd.ssd_step
 causal_conv1d_ref, causal_conv1d_step_ref = basic.causal_conv1d, basic.causal_conv1d_step
 gated_rms_norm_ref, moe_experts_ref = basic.gated_rms_norm, basic.moe_experts
-for _f, _r in ((ssd_chunked, ssd_chunked_ref), (ssd_step, ssd_step_ref), (causal_conv1d, causal_conv1d_ref),
-               (causal_conv1d_step, causal_conv1d_step_ref), (gated_rms_norm, gated_rms_norm_ref),
-               (moe_experts, moe_experts_ref)):
-    _f.__doc__ = _r.__doc__
-KERNELS = ("ssd_chunked", "ssd_step", "causal_conv1d", "causal_conv1d_step", "gated_rms_norm", "moe_experts")
+KERNELS = dispatch.OPS
+for _op in KERNELS:
+    globals()[_op].__doc__ = globals()[_op + "_ref"].__doc__
 
 
 def self_test(device) -> list[str]:
