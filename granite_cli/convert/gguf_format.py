@@ -272,7 +272,7 @@ def quantize_q8_0_pieces(x: torch.Tensor) -> list[torch.Tensor]:
     every step is exact, so ties (common with bf16 inputs) go away from zero and 0.49999997 goes to 0
     (floor(|v| + 0.5) would round it up). Pieces of 256K values keep the passes in cache, and only
     arithmetic ops with vectorised CPU kernels are used: on this CPU torch's trunc, comparisons to
-    bool and an inf-norm reduction are 4-25x slower than a cast or an abs().amax(). The pieces are
+    bool and an inf-norm reduction are 3.5-24x slower than a cast or an abs().amax(). The pieces are
     written as they are, without joining them."""
     pieces = []
     for c in row_chunks(x.detach(), 1 << 18):
