@@ -68,6 +68,11 @@ def cases():
     wts, ids = basic.route(torch.randn(4096, 64, device=dev, generator=g), 6, "topk_softmax")
     yield ("moe_experts 4k tok", "moe_experts", (xm, wi, wo, wts, ids), (wi.numel() + wo.numel()) * 2,
            2 * 4096 * 6 * (1024 * 1536 + 1536 * 512))
+    # decode, batch 8: only the experts hit are read (the kernel skips empty blocks)
+    wts8, ids8 = basic.route(torch.randn(8, 64, device=dev, generator=g), 6, "topk_softmax")
+    hit = int(torch.unique(ids8).numel())
+    yield ("moe_experts decode b8", "moe_experts", (xm[:8].contiguous(), wi, wo, wts8, ids8),
+           hit * (wi[0].numel() + wo[0].numel()) * 2, 2 * 8 * 6 * (1024 * 1536 + 1536 * 512))
 
 
 def main() -> None:

@@ -30,6 +30,7 @@ def bench(
     reps: Annotated[Optional[int], typer.Option(help="Timed repetitions per case (default 3; on a CPU 1 for the default sweep and above 16k).")] = None,
     warmup: Annotated[Optional[int], typer.Option(help="Untimed runs per case (default 1; on a CPU 0 for the default sweep and above 16k).")] = None,
     ubatch: Annotated[int, typer.Option(help="Prefill tokens per forward (chunked prefill).")] = 4096,
+    cuda_graph: Annotated[bool, typer.Option(help="On a GPU, replay decode steps as CUDA graphs (falls back to eager, with the reason, where capture is impossible).")] = True,
     sweep: Annotated[Optional[Path], typer.Option(help="TOML sweep file (the same fields as the options).")] = None,
     max_case_seconds: Annotated[float, typer.Option(help="Skip cases the fitted curve predicts to take longer.")] = 1800.0,
     out: Annotated[Optional[Path], typer.Option(help="Write report.md, rows.jsonl and plots into this folder.")] = None,
@@ -80,7 +81,7 @@ def bench(
         gen=fields.get("gen", gen), dtype=fields.get("dtype", dtype or ("bf16" if gpu else "fp32")), device=dev,
         reps=reps if reps is not None else fields.get("reps", 1 if quick_cpu else 3),
         warmup=warmup if warmup is not None else fields.get("warmup", 0 if quick_cpu else 1),
-        ubatch=fields.get("ubatch", ubatch), max_case_seconds=fields.get("max_case_seconds", max_case_seconds),
+        ubatch=fields.get("ubatch", ubatch), cuda_graph=fields.get("cuda_graph", cuda_graph), max_case_seconds=fields.get("max_case_seconds", max_case_seconds),
         seed=fields.get("seed", seed),
     ).validate()
     parse_dtype(spec.dtype)

@@ -50,6 +50,7 @@ class PeakMemory:
         self.before: int | None = None
         self.source = "cuda_allocated" if self.device.type == "cuda" else "rss"
         self.reserved: int | None = None
+        self.nvml_used: int | None = None
 
     def __enter__(self) -> "PeakMemory":
         if self.device.type == "cuda":
@@ -66,6 +67,8 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             self.peak = torch.cuda.max_memory_allocated(self.device)
             self.reserved = torch.cuda.max_memory_reserved(self.device)
+            self.nvml_used = nvml_used_bytes(self.device.index if self.device.index is not None
+                                             else torch.cuda.current_device())
         elif self._resettable:
             self.peak = peak_rss_bytes()
         # else: the high-water mark covers the whole process, not this block: report nothing
@@ -80,4 +83,52 @@ class PeakMemory:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def nvml_used_bytes(index: int) -> int | None:
+    """Device-wide memory in use (every process, the CUDA context included) from NVML, or None
+    without it. The caching allocator keeps what it reserved, so after a phase this is at least
+    that phase's reserved peak plus the context."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            return int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(index)).used)
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # noqa: BLE001 - NVML missing or refusing: the counter is simply absent
+        return None
+
+
+class Stopwatch:
+    """Elapsed seconds of a block: CUDA events on a GPU (the stream's own clock, no host jitter),
+    perf_counter on a CPU. `with Stopwatch(dev) as sw: ...; sw.seconds`."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.device = device
+        self.seconds = 0.0
+
+    def __enter__(self) -> "Stopwatch":
+        if self.cuda:
+            self._a = torch.cuda.Event(enable_timing=True)
+            self._b = torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize(self.device)
+            self._a.record()
+        else:
+            import time
+
+            self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.cuda:
+            self._b.record()
+            torch.cuda.synchronize(self.device)
+            self.seconds = self._a.elapsed_time(self._b) / 1e3
+        else:
+            import time
+
+            self.seconds = time.perf_counter() - self._t0
 

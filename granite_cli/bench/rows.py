@@ -3,7 +3,8 @@
 A row: schema_version; case parameters (model, kind, dtype, device, batch, ctx, phase, gen, ubatch,
 reps); status (ok | invalid | oom | skipped | error) and error; metrics (tokens_per_s, latency_ms,
 median_s, stdev_s, min_s, max_s, samples_s, peak_bytes, peak_delta_bytes, memory_source,
-cache_bytes, attribution_s); the correctness guard (valid, guard_max_diff); parameter counts; and
+reserved_peak_bytes and nvml_used_bytes on a GPU, cache_bytes, attribution_s; decode_mode
+cuda_graph | eager and decode_note); the correctness guard (valid, guard_max_diff); parameter counts; and
 the environment (torch, triton, python, cpu, gpu, threads, kernel_impl, commit, dirty, time).
 """
 
@@ -28,6 +29,9 @@ def row_key(row: dict) -> tuple:
 
 
 def _git() -> tuple[str | None, bool | None]:
+    # A copy run outside its checkout (a lent GPU machine) names its commit in GRANITE_COMMIT.
+    if os.environ.get("GRANITE_COMMIT"):
+        return os.environ["GRANITE_COMMIT"][:12], os.environ.get("GRANITE_DIRTY") == "1"
     here = Path(__file__).resolve().parent
     try:
         commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=here, capture_output=True, text=True,

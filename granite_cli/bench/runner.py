@@ -4,7 +4,9 @@ Prefill: time to process `ctx` tokens from an empty cache (in `ubatch`-token pie
 the last position only; median over `reps` after `warmup` runs. The first warmup run carries
 forward hooks that attribute time to layer types (Mamba mixers, attention, MoE/MLP, rest).
 Decode: the cache is prefilled to depth `ctx` once, snapshotted, and restored before each
-repetition; then `gen` tokens are decoded one step at a time.
+repetition; then `gen` tokens are decoded one step at a time. On a GPU each step is captured as a
+CUDA graph after the warmups (row field `decode_mode`; `eager`, with `decode_note` saying why, where
+capture is impossible), and every time is taken with CUDA events; on a CPU, with perf_counter.
 Failures are data: an out-of-memory case, or one the fitted curve predicts to exceed
 `max_case_seconds`, becomes a row with that status and the sweep goes on.
 """
@@ -24,8 +26,9 @@ from granite_cli.bench.rows import SCHEMA_VERSION, case_key, environment_fields
 from granite_cli.bench.spec import SweepSpec
 from granite_cli.config import load_config
 from granite_cli.errors import InputError
-from granite_cli.measure import PeakMemory, sync
+from granite_cli.measure import PeakMemory, Stopwatch, sync
 from granite_cli.model.loading import load_model, parse_dtype
+from granite_cli.ops import dispatch
 from granite_cli.params import count_params
 
 GUARD_TOKENS = 16
@@ -147,7 +150,8 @@ class Runner:
             "ubatch": self.spec.ubatch if phase == "prefill" else None, "reps": self.spec.reps,
             "status": "ok", "error": None, "tokens_per_s": None, "latency_ms": None, "median_s": None,
             "stdev_s": None, "min_s": None, "max_s": None, "samples_s": [], "peak_bytes": None,
-            "peak_delta_bytes": None, "memory_source": None, "cache_bytes": None, "attribution_s": None,
+            "peak_delta_bytes": None, "memory_source": None, "reserved_peak_bytes": None, "nvml_used_bytes": None,
+            "cache_bytes": None, "attribution_s": None, "decode_mode": None, "decode_note": None,
             **self.env, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         row.update(metrics)
@@ -231,16 +235,14 @@ class Runner:
                     samples.append(time.perf_counter() - t0)
                 out = self._last_out
             else:
-                with (pm if r == 0 else _null()):
-                    sync(self.device)
-                    t0 = time.perf_counter()
+                with (pm if r == 0 else _null()), Stopwatch(self.device) as sw:
                     out = self._prefill_once(model, cache, ids)
-                    sync(self.device)
-                    samples.append(time.perf_counter() - t0)
+                samples.append(sw.seconds)
             finite = finite and bool(torch.isfinite(out).all())
         st = _stats(samples)
         row = self._row(base, b, c, "prefill", **st, tokens_per_s=b * c / st["median_s"], latency_ms=st["median_s"] * 1e3,
                         peak_bytes=pm.peak, peak_delta_bytes=pm.delta, memory_source=pm.source,
+                        reserved_peak_bytes=pm.reserved, nvml_used_bytes=pm.nvml_used,
                         cache_bytes=cache_bytes, attribution_s=attribution)
         if not finite:
             row.update(status="invalid", error="non-finite logits")
@@ -262,25 +264,73 @@ class Runner:
         snap = cache.snapshot()
         samples, finite = [], True
         pm = PeakMemory(self.device)
+
+        step, mode, note = self._eager(model, cache, nxt), "eager", None
         for r in range(spec.warmup + spec.reps):
             cache.restore(snap)
+            if r == spec.warmup and self.device.type == "cuda" and spec.cuda_graph:
+                # After the eager warmups (Triton kernels compiled, cuBLAS initialised): capture.
+                step, mode, note = self._graph_decode(model, cache, nxt, snap)
+                cache.restore(snap)
             timed_rep = r >= spec.warmup
-            with (pm if r == spec.warmup else _null()):
-                sync(self.device)
-                t0 = time.perf_counter()
-                for i in range(spec.gen):
-                    out = model(nxt[:, i : i + 1], cache, logits="last")
-                sync(self.device)
-                el = time.perf_counter() - t0
+            with (pm if r == spec.warmup else _null()), Stopwatch(self.device) as sw:
+                out = step()
             if timed_rep:
-                samples.append(el / spec.gen)
+                samples.append(sw.seconds / spec.gen)
                 finite = finite and bool(torch.isfinite(out).all())
         st = _stats(samples)
         row = self._row(base, b, c, "decode", **st, tokens_per_s=b / st["median_s"], latency_ms=st["median_s"] * 1e3,
-                        peak_bytes=pm.peak, peak_delta_bytes=pm.delta, memory_source=pm.source, cache_bytes=cache_bytes)
+                        peak_bytes=pm.peak, peak_delta_bytes=pm.delta, memory_source=pm.source, cache_bytes=cache_bytes,
+                        reserved_peak_bytes=pm.reserved, nvml_used_bytes=pm.nvml_used, decode_mode=mode,
+                        decode_note=note)
         if not finite:
             row.update(status="invalid", error="non-finite logits")
         return row
+
+    def _eager(self, model, cache, nxt):
+        def step():
+            for i in range(self.spec.gen):
+                out = model(nxt[:, i : i + 1], cache, logits="last")
+            return out
+
+        return step
+
+    def _graph_decode(self, model, cache, nxt, snap):
+        """CUDA-graph decode: one graph per step (each bakes its cache position), captured in order
+        into one memory pool and replayed in that order, so the host launches `gen` graphs instead
+        of thousands of kernels. Returns (replay, "cuda_graph", None), or the eager loop with the
+        reason when capture is impossible (an op that syncs with the host, e.g. MoE routing on the
+        reference ops)."""
+        spec = self.spec
+        graphs, outs = [], []
+        if model.cfg.num_local_experts and dispatch.kernels(self.device).name != "triton":
+            return self._eager(model, cache, nxt), "eager", "CUDA graphs need the Triton MoE kernel (the reference routes on the host)"
+        if spec.warmup == 0:  # compile and initialise eagerly first: nothing of that may happen in a capture
+            self._eager(model, cache, nxt)()
+            torch.cuda.synchronize()
+            cache.restore(snap)
+        try:
+            pool = None
+            for i in range(spec.gen):
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g, pool=pool):
+                    outs.append(model(nxt[:, i : i + 1], cache, logits="last"))
+                pool = g.pool()  # one pool, replayed in capture order: the steps share memory
+                graphs.append(g)
+            torch.cuda.synchronize()
+        except Exception as e:  # noqa: BLE001 - capture is an optimisation; the eager loop always works
+            graphs.clear()
+            outs.clear()
+            torch.cuda.synchronize()
+            cache.restore(snap)
+            return self._eager(model, cache, nxt), "eager", f"CUDA graph capture failed ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
+
+        def replay():
+            for g in graphs:
+                g.replay()
+            return outs[-1]
+
+        return replay, "cuda_graph", None
 
 
 class _null:

@@ -65,6 +65,7 @@ class SweepSpec:
     device: str = "cpu"
     reps: int = 3
     warmup: int = 1
+    cuda_graph: bool = True
     ubatch: int = 4096
     max_case_seconds: float = 600.0
     seed: int = 0

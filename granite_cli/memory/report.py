@@ -63,17 +63,26 @@ def add_measured(rows: list[dict], ubatch: int, device: str) -> None:
     from granite_cli.memory.trace import measured_cpu
 
     dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    avail = psutil.virtual_memory().available
+    if device == "cuda":
+        avail, where = torch.cuda.mem_get_info()[1] * 0.9, "this GPU"
+    else:
+        avail, where = 0.5 * psutil.virtual_memory().available, "this machine"
     for r in rows:
-        if r["total_bytes"] > 0.5 * avail or r["weights_dtype"] not in dt:
-            r["measured_status"] = "skipped: too large for this machine" if r["weights_dtype"] in dt else \
+        if r["total_bytes"] > avail or r["weights_dtype"] not in dt:
+            r["measured_status"] = f"skipped: too large for {where}" if r["weights_dtype"] in dt else \
                 f"skipped: {r['weights_dtype']} weights are not run by the core"
             continue
         cfg = load_config(r["model"])
-        if device == "cuda":
-            m = _measured_cuda(cfg, r, dt[r["weights_dtype"]], ubatch)
-        else:
-            m = measured_cpu(cfg, r["ctx"], r["batch"], dt[r["weights_dtype"]], ubatch)
+        try:
+            if device == "cuda":
+                m = _measured_cuda(cfg, r, dt[r["weights_dtype"]], ubatch)
+            else:
+                m = measured_cpu(cfg, r["ctx"], r["batch"], dt[r["weights_dtype"]], ubatch)
+        except (torch.OutOfMemoryError, MemoryError) as e:
+            r["measured_status"] = f"oom: {str(e).splitlines()[0][:160]}"
+            if device == "cuda":
+                torch.cuda.empty_cache()
+            continue
         r["measured_status"] = "ok"
         r["measured_activation_bytes"] = m["prefill_activation_bytes"]
         r["measured_total_bytes"] = m["weights_bytes"] + m["cache_bytes"] + m["prefill_activation_bytes"]
@@ -96,24 +105,10 @@ def _measured_cuda(cfg, r, dtype, ubatch) -> dict:
         res = run_forward(model, r["ctx"], r["batch"], ubatch, torch.device("cuda"))
     res["cuda_max_allocated_bytes"] = pm.peak
     res["cuda_max_reserved_bytes"] = pm.reserved
-    res["nvml_used_bytes"] = _nvml_used(torch.cuda.current_device())
+    res["nvml_used_bytes"] = pm.nvml_used
     del model
     torch.cuda.empty_cache()
     return res
-
-
-def _nvml_used(index: int) -> int | None:
-    """Device-wide memory in use (all processes) from NVML, or None without it."""
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        try:
-            return int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(index)).used)
-        finally:
-            pynvml.nvmlShutdown()
-    except Exception:  # noqa: BLE001 - NVML missing or refusing: the counter is simply absent
-        return None
 
 
 def capacity(models, ctxs, gpu_gb=GPU_SIZES_GB, weights="bf16", kv="bf16", state="fp32") -> list[dict]:

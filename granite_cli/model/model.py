@@ -217,7 +217,11 @@ class GraniteModel(nn.Module):
         h = self.embed(ids)
         if self.cfg.embedding_multiplier != 1.0:
             h = h * self.cfg.embedding_multiplier
-        rope = basic.rope_cos_sin(self._inv_freq, pos, t, h.dtype, h.device) if self._inv_freq is not None else None
+        rope = None
+        if self._inv_freq is not None:
+            if self._inv_freq.device != h.device:  # moved once (a host copy inside a CUDA graph capture fails)
+                self._inv_freq = self._inv_freq.to(h.device)
+            rope = basic.rope_cos_sin(self._inv_freq, pos, t, h.dtype, h.device)
         for i, layer in enumerate(self.layers):
             h = layer(h, cache.layers[i] if cache is not None else None, pos, rope)
         if cache is not None:

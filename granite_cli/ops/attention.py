@@ -30,21 +30,40 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> t
             return (p @ v.float()).to(q.dtype).reshape(b, hq, 1, d)
         return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
     off = s - t
-    if q.device.type == "cpu" and _cpu_flash is not None and q.dtype in (torch.float32, torch.bfloat16, torch.float16):
+    if _has_lse_flash(q):
         # Continuation: prefix keys unmasked, then the new block causally; merge by log-sum-exp.
         # The prefix part has no mask, so the queries of each KV head are stacked along the time axis
-        # and the (long) prefix K/V are read in place; only the short new block is expanded.
+        # and the (long) prefix K/V are read in place; only the short new block is expanded. No
+        # [t, s] mask is ever built (at 128k that would be gigabytes per layer on a GPU).
         b, hq, _, d = q.shape
         hkv = k.shape[1]
         rep = hq // hkv
         qg = q.reshape(b, hkv, rep * t, d)
-        o1, l1 = _cpu_flash(qg, k[:, :, :off], v[:, :, :off], 0.0, False, scale=scale)
+        o1, l1 = _flash_lse(qg, k[:, :, :off], v[:, :, :off], False, scale)
         o1, l1 = o1.reshape(b, hq, t, d), l1.reshape(b, hq, t)
         kn, vn = k[:, :, off:], v[:, :, off:]
         if rep > 1:
             kn, vn = kn.repeat_interleave(rep, dim=1), vn.repeat_interleave(rep, dim=1)
-        o2, l2 = _cpu_flash(q, kn, vn, 0.0, True, scale=scale)
+        o2, l2 = _flash_lse(q, kn, vn, True, scale)
         lse = torch.logaddexp(l1, l2)
         return o1 * torch.exp(l1 - lse)[..., None].to(o1.dtype) + o2 * torch.exp(l2 - lse)[..., None].to(o2.dtype)
     mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(off)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+
+
+def _has_lse_flash(q: torch.Tensor) -> bool:
+    """A flash kernel that also returns the log-sum-exp: PyTorch's CPU one (fp32/bf16/fp16), or its
+    CUDA one (bf16/fp16, head_dim a multiple of 8 up to 256)."""
+    if q.device.type == "cpu":
+        return _cpu_flash is not None and q.dtype in (torch.float32, torch.bfloat16, torch.float16)
+    return (q.device.type == "cuda" and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] % 8 == 0
+            and q.shape[-1] <= 256 and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention"))
+
+
+def _flash_lse(q, k, v, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(output [b, h, t, d], log-sum-exp [b, h, t] fp32) of softmax attention; causal is top-left,
+    used only for square blocks."""
+    if q.device.type == "cpu":
+        return _cpu_flash(q, k, v, 0.0, causal, scale=scale)
+    r = torch.ops.aten._scaled_dot_product_flash_attention(q.contiguous(), k, v, 0.0, causal, False, scale=scale)
+    return r[0], r[1][..., : q.shape[2]]

@@ -333,6 +333,8 @@ def _grouped_gemm_kernel(a_ptr, rows_ptr, w_ptr, off_ptr, scale_ptr, o_ptr, Nn, 
     nb = tl.program_id(2)
     start = tl.load(off_ptr + e)
     end = tl.load(off_ptr + e + 1)
+    if start + mb * BM >= end:  # no rows of this expert in this block: read no weights
+        return
     r = start + mb * BM + tl.arange(0, BM)      # sorted (token, slot) rows of expert e
     mr = r < end
     src = tl.load(rows_ptr + r, mask=mr, other=0)  # the token each row reads
@@ -375,7 +377,9 @@ def moe_experts(x, w_in, w_out, weights, ids):
     counts = torch.bincount(flat, minlength=e)
     offsets = torch.zeros(e + 1, dtype=torch.int32, device=x.device)
     offsets[1:] = torch.cumsum(counts, 0)
-    max_rows = int(counts.max())
+    # Rows per expert are at most the token count; for a few tokens (decode) use that bound and
+    # skip reading counts back to the host, so the step has no sync and can be a CUDA graph.
+    max_rows = n if n <= 64 else int(counts.max())
     h = _grouped_gemm(x, tok, w_in, offsets, max_rows)                       # [n·k, 2I]
     m = (torch.nn.functional.silu(h[:, :i_w].float()) * h[:, i_w:].float()).to(x.dtype)
     seq = torch.arange(m.shape[0], dtype=torch.int32, device=x.device)
