@@ -12,15 +12,27 @@ import os
 import pytest
 import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the kernels' definition (import)
+CUDA = torch.cuda.is_available()
+# Without a GPU the kernels run in Triton's interpreter on CPU tensors. With one they are compiled
+# (the interpreter would also take over the gpu-marked tests), and the interpreter tests below are
+# skipped unless TRITON_INTERPRET=1 is set by hand. Must precede the kernels' definition (import).
+if not CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 pytest.importorskip("triton")
 
 from granite_cli.ops import basic, dispatch, ssd  # noqa: E402
 from granite_cli.ops import triton_ops as T  # noqa: E402
 
-CUDA = torch.cuda.is_available()
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+
+
+@pytest.fixture(autouse=True)
+def _interpreter_tests_need_the_interpreter(request):
+    if CUDA and not INTERPRETING and request.node.get_closest_marker("gpu") is None \
+            and not any(k in request.node.name for k in ("gpu_check", "share_signatures")):
+        pytest.skip("CPU interpreter test: on a GPU machine set TRITON_INTERPRET=1 to run it")
 
 
 def _close(a, b, rtol=2e-4, atol=2e-5):

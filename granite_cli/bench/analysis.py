@@ -48,7 +48,8 @@ def analyse(rows: list[dict]) -> dict:
                 f"{hi['ctx'] / lo['ctx']:.0f}x depth)")
     ratios = hybrid_dense_ratios(rows)
     for r in ratios:
-        mem = f", prefill RSS peak {r['prefill_memory']:.2f}x" if r["prefill_memory"] == r["prefill_memory"] else ""
+        src = {"rss": "RSS", "cuda_allocated": "allocated"}.get(r.get("memory_source"), r.get("memory_source"))
+        mem = f", prefill {src} peak increase {r['prefill_memory']:.2f}x" if r["prefill_memory"] == r["prefill_memory"] else ""
         verdicts.append(
             f"{r['hybrid']} vs {r['dense']} b{r['batch']} ctx {r['ctx']}: prefill {r['prefill_speed']:.2f}x, "
             f"decode {r['decode_speed']:.2f}x speed; cache (KV + state) {r['cache_memory']:.2f}x{mem}"
@@ -83,6 +84,7 @@ def hybrid_dense_ratios(rows: list[dict]) -> list[dict]:
                     "decode_speed": ratio(dh and dh["tokens_per_s"], dd and dd["tokens_per_s"]),
                     "prefill_memory": rss_ratio(rh.get("peak_delta_bytes"), rd.get("peak_delta_bytes")),
                     "cache_memory": ratio(rh.get("cache_bytes"), rd.get("cache_bytes")),
+                    "memory_source": rh.get("memory_source"),
                 })
     return out
 

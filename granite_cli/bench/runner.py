@@ -215,12 +215,14 @@ class Runner:
 
     def _prefill(self, model, cache, ids, base, b, c, cache_bytes) -> dict:
         spec = self.spec
-        # Layer-type attribution: hooks in the first warmup run (they synchronise on a GPU); on a CPU
-        # with no warmup, in the first timed run (there they only read a timer).
-        hook_warm = spec.warmup > 0
+        # Layer-type attribution. CPU: hooks in the first warmup run, or with no warmup in the first
+        # timed run (there they only read a timer). GPU: one extra untimed run after the timed ones,
+        # since the hooks synchronise and the first run also compiles the Triton kernels.
+        gpu = self.device.type == "cuda"
+        hook_warm = spec.warmup > 0 and not gpu
         attribution = None
         for w in range(spec.warmup):
-            if w == 0:
+            if w == 0 and hook_warm:
                 attribution = self._attributed(model, cache, ids)
             else:
                 self._prefill_once(model, cache, ids)
@@ -239,6 +241,8 @@ class Runner:
                     out = self._prefill_once(model, cache, ids)
                 samples.append(sw.seconds)
             finite = finite and bool(torch.isfinite(out).all())
+        if gpu:
+            attribution = self._attributed(model, cache, ids)
         st = _stats(samples)
         row = self._row(base, b, c, "prefill", **st, tokens_per_s=b * c / st["median_s"], latency_ms=st["median_s"] * 1e3,
                         peak_bytes=pm.peak, peak_delta_bytes=pm.delta, memory_source=pm.source,

@@ -57,12 +57,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def gated_rms_norm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float, group_size: int) -> torch.Tensor:
     """Mamba-2 gated RMSNorm (norm_before_gate=False): v = y·silu(z) in fp32, normalised over
-    groups of `group_size`, × weight. y is the fp32 scan output; the result is fp32."""
-    v = y.float() * F.silu(z.float())
+    groups of `group_size`, × weight. y is the fp32 scan output; the result is fp32 (float64 when y
+    is, for an oracle)."""
+    wide = torch.promote_types(y.dtype, torch.float32)
+    v = y.to(wide) * F.silu(z.to(wide))
     shape = v.shape
     vg = v.view(*shape[:-1], shape[-1] // group_size, group_size)
     vg = vg * torch.rsqrt(vg.pow(2).mean(-1, keepdim=True) + eps)
-    return weight.float() * vg.view(shape)
+    return weight.to(wide) * vg.view(shape)
 
 
 def causal_conv1d(

@@ -112,11 +112,11 @@ def ssd_naive(
     D: torch.Tensor | None = None,
     initial_state: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The sequential fp32 recurrence, token by token: the oracle for `ssd_chunked` (same signature;
-    `chunk_size` is ignored)."""
+    """The sequential fp32 recurrence (float64 for float64 inputs), token by token: the oracle for
+    `ssd_chunked` (same signature; `chunk_size` is ignored)."""
     b, t, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
-    f32 = torch.float32
+    f32 = torch.promote_types(x.dtype, torch.float32)
     idx = torch.arange(h, device=x.device) // (h // g)
     Bh = B.to(f32)[:, :, idx]  # [b, t, h, n]
     Ch = C.to(f32)[:, :, idx]
@@ -143,10 +143,10 @@ def ssd_step(
     D: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One decode step, updating `state` [b, h, p, n] in place. x [b, h, p], dt [b, h] (fp32,
-    softplus'ed), B, C [b, g, n]. Returns y [b, h, p] in fp32."""
+    softplus'ed), B, C [b, g, n]. Returns y [b, h, p] in fp32 (float64 for a float64 oracle)."""
     b, h, p, n = state.shape
     g = B.shape[1]
-    f32 = torch.float32
+    f32 = torch.promote_types(x.dtype, torch.float32)
     xf = x.to(f32)
     S = state.view(b, g, h // g, p, n)
     S.mul_(torch.exp(dt * A).view(b, g, h // g, 1, 1))

@@ -374,7 +374,8 @@ def moe_experts(x, w_in, w_out, weights, ids):
     order = torch.argsort(flat, stable=True)
     tok = (order // k).to(torch.int32)
     wsel = weights.to(x.dtype).reshape(-1)[order]
-    counts = torch.bincount(flat, minlength=e)
+    # (bincount reads its maximum back to the host on CUDA: a sync, which a CUDA graph cannot hold)
+    counts = torch.zeros(e, dtype=torch.int64, device=x.device).index_add_(0, flat, torch.ones_like(flat))
     offsets = torch.zeros(e + 1, dtype=torch.int32, device=x.device)
     offsets[1:] = torch.cumsum(counts, 0)
     # Rows per expert are at most the token count; for a few tokens (decode) use that bound and
