@@ -166,6 +166,7 @@ def main() -> None:
 
     from granite_cli.config import load_config
     from granite_cli.flops import decode_bytes_per_token, prefill_flops_per_token
+    from granite_cli.ops.ssd import chunk_for
     from granite_cli.model.loading import load_model, save_checkpoint
 
     tools = a.tools.split(",")
@@ -218,7 +219,7 @@ def main() -> None:
         g = row.get("granite")
         if g:
             if phase == "prefill":
-                row["granite GFLOP/s"] = g * prefill_flops_per_token(cfg, ctx) / 1e9
+                row["granite GFLOP/s"] = g * prefill_flops_per_token(cfg, ctx, chunk_for(cfg.mamba_chunk_size, "cpu")) / 1e9
             else:
                 row["granite GB/s"] = g * decode_bytes_per_token(cfg, ctx) / 1e9
             for tool in tools:

@@ -17,18 +17,20 @@ def _ffn_active(cfg: ModelConfig) -> int:
     return f["router"] + routed + f["shared_expert"] + f["dense_mlp"]
 
 
-def ssd_flops_per_token(cfg: ModelConfig) -> float:
+def ssd_flops_per_token(cfg: ModelConfig, chunk: int | None = None) -> float:
+    """At the config's chunk length, or at `chunk` (what a CPU run executes: ops.ssd.chunk_for)."""
     if not cfg.is_hybrid:
         return 0.0
-    h, p, n, g, q = cfg.mamba_n_heads, cfg.mamba_d_head, cfg.mamba_d_state, cfg.mamba_n_groups, cfg.mamba_chunk_size
+    h, p, n, g = cfg.mamba_n_heads, cfg.mamba_d_head, cfg.mamba_d_state, cfg.mamba_n_groups
+    q = chunk or cfg.mamba_chunk_size
     return h * (2 * q * p + 4 * n * p) + g * 2 * q * n + 2 * cfg.mamba_d_conv * cfg.conv_dim
 
 
-def prefill_flops_per_token(cfg: ModelConfig, ctx: int) -> float:
+def prefill_flops_per_token(cfg: ModelConfig, ctx: int, chunk: int | None = None) -> float:
     n_att, n_mam = len(cfg.attention_layers), len(cfg.mamba_layers)
     proj = n_att * attention_mixer_params(cfg) + n_mam * mamba_mixer_params(cfg) + cfg.num_hidden_layers * _ffn_active(cfg)
     core = n_att * 2 * ctx * cfg.num_attention_heads * cfg.head_dim  # QKᵀ and PV at average context ctx/2
-    return 2 * proj + core + n_mam * ssd_flops_per_token(cfg) + 2 * cfg.hidden_size * cfg.vocab_size / ctx
+    return 2 * proj + core + n_mam * ssd_flops_per_token(cfg, chunk) + 2 * cfg.hidden_size * cfg.vocab_size / ctx
 
 
 def decode_bytes_per_token(cfg: ModelConfig, depth: int, weight_bytes: int = 4, kv_bytes: int = 4, state_bytes: int = 4) -> float:

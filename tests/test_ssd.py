@@ -93,3 +93,29 @@ def test_causal_conv_prefill_continuation_and_step_agree():
     xp = F.pad(x.transpose(1, 2), (3, 0))
     direct = F.silu(sum(w[:, 0, j, None] * xp[:, :, j : j + 20] for j in range(4)) + bias[:, None]).transpose(1, 2)
     assert torch.allclose(full, direct, atol=1e-5)
+
+
+def test_cpu_runs_long_config_chunks_shorter_with_the_same_logits(monkeypatch):
+    """A config chunk above ops.ssd.CPU_CHUNK runs at CPU_CHUNK on a CPU; the logits are those of the
+    config's chunk (the chunked form is exact for any chunk length)."""
+    from granite_cli.model.loading import load_model
+    from granite_cli.ops import dispatch, ssd
+    from tests.conftest import tiny
+
+    cfg = tiny("granitemoehybrid", mamba_chunk_size=128)
+    assert ssd.chunk_for(128, torch.device("cpu")) == ssd.CPU_CHUNK < 128
+    assert ssd.chunk_for(128, torch.device("meta")) == 128
+    m = load_model(cfg, weights="random", dtype="fp32", seed=4, std=0.1)
+    ids = torch.randint(0, cfg.vocab_size, (2, 300), generator=torch.Generator().manual_seed(5))
+    calls = []
+    real = ssd.ssd_chunked
+    monkeypatch.setattr(ssd, "ssd_chunked", lambda *a, **k: calls.append(a[5]) or real(*a, **k))
+    monkeypatch.setattr(dispatch, "_spaces", {})  # rebuilt with the recording wrapper
+    n = len(cfg.mamba_layers)
+    with torch.no_grad():
+        short = m(ids)
+        assert calls == [ssd.CPU_CHUNK] * n
+        monkeypatch.setattr(ssd, "CPU_CHUNK", 1 << 30)
+        full = m(ids)
+    assert calls[n:] == [128] * n
+    assert (short - full).abs().max().item() <= 1e-4 * full.abs().max().item()

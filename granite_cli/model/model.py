@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from granite_cli.config import ModelConfig
 from granite_cli.model.cache import AttentionCache, Cache, MambaCache
-from granite_cli.ops import basic, dispatch
+from granite_cli.ops import basic, dispatch, ssd
 from granite_cli.ops.attention import attend
 
 
@@ -69,7 +69,8 @@ class Mamba2Mixer(nn.Module):
             x, B, C = xbc.split([d_in, g * n, g * n], dim=-1)
             init = None if (state is None or fresh) else state.ssm
             y, final = K.ssd_chunked(
-                x.reshape(b, t, h, p), dt, A, B.reshape(b, t, g, n), C.reshape(b, t, g, n), cfg.mamba_chunk_size, self.D, init
+                x.reshape(b, t, h, p), dt, A, B.reshape(b, t, g, n), C.reshape(b, t, g, n),
+                ssd.chunk_for(cfg.mamba_chunk_size, u.device), self.D, init
             )
             if state is not None:
                 state.conv.copy_(new_conv)

@@ -37,7 +37,12 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     result rounded back to bf16. A product of two bf16 numbers is exact in fp32, so this computes what
     a native bf16 GEMM with fp32 accumulation computes, up to summation order.
 
-    Measured and rejected: sending single-row (decode) products to numpy's OpenBLAS GEMV streams
+    Measured and rejected: oneDNN's linear (torch.ops.mkldnn._linear_pointwise) for decode rows. It
+    streams 1-4.75 MB weights from DRAM at 14-18 GB/s where MKL's sgemv reads 10-14 on our AMD
+    machine, but it costs about 40 us per call, and in an interleaved A/B of cpu-hybrid decode at depth
+    4k the two were level (40.4 against 40.2 tok/s, 6 rounds). Decode there is bound by the ~1,900
+    torch calls per token, not by the GEMVs.
+    Also measured and rejected: sending single-row (decode) products to numpy's OpenBLAS GEMV streams
     weights 1.8x faster in isolation, but its threads and torch's spinning OpenMP threads fight over
     the cores (decode 4x slower) unless OMP_WAIT_POLICY=PASSIVE, which costs prefill 25%.
     """

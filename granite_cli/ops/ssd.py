@@ -21,6 +21,18 @@ import torch
 
 _MASKS: dict = {}
 
+# The chunked form is exact for any chunk length; the length only moves rounding and speed. On a CPU
+# the intra-chunk [Q, Q] decay block costs Q² exp/mask/cumsum work per chunk (Q per token), which at
+# the configs' Q = 256 outweighs the GEMM efficiency a long chunk buys: benchmarks/ssd_chunk.py
+# measured 64 about 2x faster than 256 at the cpu-hybrid shape. GPUs (the Triton kernel) and the
+# meta device (memory tracing) keep the config's chunk.
+CPU_CHUNK = 64
+
+
+def chunk_for(config_chunk: int, device) -> int:
+    """The chunk length the model runs the SSD with on `device`: min(config, CPU_CHUNK) on a CPU."""
+    return min(config_chunk, CPU_CHUNK) if getattr(device, "type", device) == "cpu" else config_chunk
+
 
 def _fill_masks(q: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """[q, q] bool masks of what segsum_exp fills, cached per size and device: (on and above the
