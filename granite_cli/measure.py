@@ -7,6 +7,8 @@ allocator's peaks), `nvml_used` (device-wide, from NVML).
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 
@@ -117,8 +119,6 @@ class Stopwatch:
             torch.cuda.synchronize(self.device)
             self._a.record()
         else:
-            import time
-
             self._t0 = time.perf_counter()
         return self
 
@@ -128,7 +128,5 @@ class Stopwatch:
             torch.cuda.synchronize(self.device)
             self.seconds = self._a.elapsed_time(self._b) / 1e3
         else:
-            import time
-
             self.seconds = time.perf_counter() - self._t0
 
