@@ -70,7 +70,12 @@ def test_predicted_within_5_percent_of_measured_on_cpu(name, ctx, batch):
     assert abs(pred.total_bytes / measured_total - 1) < 0.05, (pred, meas)
 
 
-def test_traced_on_meta_equals_tracked_on_cpu():
+def test_traced_on_meta_equals_tracked_on_cpu(monkeypatch):
+    from granite_cli.ops import ssd
+
+    # The same computation on both devices: the CPU's shorter SSD chunk (ssd.chunk_for) is turned
+    # off, so the CPU runs the config's chunk as the meta trace does.
+    monkeypatch.setattr(ssd, "CPU_CHUNK", 1 << 30)
     cfg = load_config("cpu-hybrid")
     # the SSD caches its [Q, Q] causal masks per device on first use; warm both devices so that
     # neither run counts a one-off allocation the other does not
