@@ -323,8 +323,6 @@ class Runner:
                 graphs.append(g)
             torch.cuda.synchronize()
         except Exception as e:  # noqa: BLE001 - capture is an optimisation; the eager loop always works
-            graphs.clear()
-            outs.clear()
             torch.cuda.synchronize()
             cache.restore(snap)
             return self._eager(model, cache, nxt), "eager", f"CUDA graph capture failed ({type(e).__name__}: {str(e).splitlines()[0][:160]})"

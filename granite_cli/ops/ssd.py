@@ -128,19 +128,19 @@ def ssd_naive(
     `ssd_chunked` (same signature; `chunk_size` is ignored)."""
     b, t, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
-    f32 = torch.promote_types(x.dtype, torch.float32)
+    wide = torch.promote_types(x.dtype, torch.float32)
     idx = torch.arange(h, device=x.device) // (h // g)
-    Bh = B.to(f32)[:, :, idx]  # [b, t, h, n]
-    Ch = C.to(f32)[:, :, idx]
-    S = initial_state.to(f32).clone() if initial_state is not None else torch.zeros(b, h, p, n, dtype=f32, device=x.device)
+    Bh = B.to(wide)[:, :, idx]  # [b, t, h, n]
+    Ch = C.to(wide)[:, :, idx]
+    S = initial_state.to(wide).clone() if initial_state is not None else torch.zeros(b, h, p, n, dtype=wide, device=x.device)
     ys = []
     for i in range(t):
-        dti = dt[:, i].to(f32)  # [b, h]
-        a = torch.exp(dti * A.to(f32))  # [b, h]
-        S = S * a[..., None, None] + (dti[..., None] * x[:, i].to(f32))[..., None] * Bh[:, i, :, None, :]
+        dti = dt[:, i].to(wide)  # [b, h]
+        a = torch.exp(dti * A.to(wide))  # [b, h]
+        S = S * a[..., None, None] + (dti[..., None] * x[:, i].to(wide))[..., None] * Bh[:, i, :, None, :]
         yi = (S @ Ch[:, i, :, :, None]).squeeze(-1)  # [b, h, p]
         if D is not None:
-            yi = yi + D.to(f32)[:, None] * x[:, i].to(f32)
+            yi = yi + D.to(wide)[:, None] * x[:, i].to(wide)
         ys.append(yi)
     return torch.stack(ys, dim=1), S
 
@@ -158,15 +158,15 @@ def ssd_step(
     softplus'ed), B, C [b, g, n]. Returns y [b, h, p] in fp32 (float64 for a float64 oracle)."""
     b, h, p, n = state.shape
     g = B.shape[1]
-    f32 = torch.promote_types(x.dtype, torch.float32)
-    xf = x.to(f32)
+    wide = torch.promote_types(x.dtype, torch.float32)
+    xf = x.to(wide)
     S = state.view(b, g, h // g, p, n)
     S.mul_(torch.exp(dt * A).view(b, g, h // g, 1, 1))
     S.addcmul_((dt[..., None] * xf).view(b, g, h // g, p, 1), B.view(b, g, 1, 1, n).to(state.dtype))
     if S.numel() <= 1 << 20:  # small: multiply-sum is faster than a batched GEMV here
-        y = (S.to(f32) * C.view(b, g, 1, 1, n).to(f32)).sum(-1).view(b, h, p)
+        y = (S.to(wide) * C.view(b, g, 1, 1, n).to(wide)).sum(-1).view(b, h, p)
     else:  # large (long batches, big models): a matmul, without a state-sized fp32 temporary
-        y = (S.to(f32) @ C.view(b, g, 1, n, 1).to(f32)).view(b, h, p)
+        y = (S.to(wide) @ C.view(b, g, 1, n, 1).to(wide)).view(b, h, p)
     if D is not None:
-        y = torch.addcmul(y, D.to(f32)[:, None], xf)
+        y = torch.addcmul(y, D.to(wide)[:, None], xf)
     return y
