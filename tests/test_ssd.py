@@ -31,12 +31,13 @@ def _rel(a, b):
 @settings(max_examples=25, deadline=None)
 @given(b=st.integers(1, 2), t=st.integers(1, 70), hg=st.integers(1, 3), g=st.sampled_from([1, 2]),
        p=st.sampled_from([4, 8]), n=st.sampled_from([8, 16]), q=st.sampled_from([5, 16, 32]),
-       init=st.booleans(), seed=st.integers(0, 10_000))
-def test_chunked_equals_naive_recurrence(b, t, hg, g, p, n, q, init, seed):
+       init=st.booleans(), seed=st.integers(0, 10_000), block=st.sampled_from([None, 1, 40, 64]))
+def test_chunked_equals_naive_recurrence(b, t, hg, g, p, n, q, init, seed, block):
+    # block: chunks batched block // q at a time (None or shorter than a chunk: one), with a tail
     kw = _inputs(b, t, hg * g, p, g, n, seed)
     if not init:
         kw["initial_state"] = None
-    y1, s1 = ssd_chunked(chunk_size=q, **kw)
+    y1, s1 = ssd_chunked(chunk_size=q, block_tokens=block, **kw)
     y2, s2 = ssd_naive(**kw)
     assert _rel(y1, y2) < 1e-5
     assert _rel(s1, s2) < 1e-5

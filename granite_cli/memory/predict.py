@@ -101,8 +101,9 @@ def activation_bytes(cfg: ModelConfig, tokens: int, batch: int = 1, dtype: str =
     - Mamba mixer: the residual and its normalised copy, the in_proj output, the conv output, the
       fp32 scan output, and two of one chunk's fp32 [heads, Q, Q] tiles;
     - attention: the residual pair, q/k/v, the attention output and its projection;
-    - MoE/MLP: four [tokens, hidden] tensors (residual, normalised input, routed output, the
-      product) and four [tokens, width] ones (the gate|up projection, SiLU(gate), the product);
+    - MoE/MLP: the layer's input and its updated residual, the normalised input, the routed
+      output (MoE only) and the down-projection, [tokens, hidden] each, and three [tokens, width]
+      ones (the gate|up projection and SiLU(gate), which the up half multiplies in place);
     plus the last-position logits (fp32).
     """
     s = BYTES[norm_dtype(dtype)]
@@ -121,7 +122,7 @@ def activation_bytes(cfg: ModelConfig, tokens: int, batch: int = 1, dtype: str =
         rows = bt * cfg.num_experts_per_tok / cfg.num_local_experts
         parts.append(bt * 3 * d * s + rows * (d + 4 * width) * s)
     else:
-        parts.append(bt * (4 * d + 4 * width) * s)
+        parts.append(bt * ((5 if cfg.num_local_experts else 4) * d + 3 * width) * s)
     return max(parts) + batch * cfg.vocab_size * 4
 
 

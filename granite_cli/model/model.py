@@ -58,26 +58,33 @@ class Mamba2Mixer(nn.Module):
             dt = dt.clamp(lo, hi)
 
         K = dispatch.kernels(u.device)
+        y = self._scan(K, xbc, dt, A, state, fresh)  # [b, t, d_in] fp32; the conv output is freed on return
+        v = K.gated_rms_norm(y, z, self.norm.weight, cfg.rms_norm_eps, d_in // g)
+        return basic.linear(v.to(u.dtype), self.out_proj.weight, self.out_proj.bias)
+
+    def _scan(self, K, xbc: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, state: MambaCache | None,
+              fresh: bool) -> torch.Tensor:
+        """Conv + SSD (one decode step, or a block from the cache's state); updates the cache."""
+        cfg = self.cfg
+        b, t, _ = xbc.shape
+        d_in, h, p, g, n = cfg.d_inner, cfg.mamba_n_heads, cfg.mamba_d_head, cfg.mamba_n_groups, cfg.mamba_d_state
         if state is not None and not fresh and t == 1:
             xbc1 = K.causal_conv1d_step(xbc[:, 0], self.conv1d.weight, self.conv1d.bias, state.conv)  # [b, conv]
             x, B, C = xbc1.split([d_in, g * n, g * n], dim=-1)
             y = K.ssd_step(state.ssm, x.view(b, h, p), dt[:, 0], A, B.view(b, g, n), C.view(b, g, n), self.D)
-            y = y.view(b, 1, d_in)
-        else:
-            conv_in = None if (state is None or fresh) else state.conv
-            xbc, new_conv = K.causal_conv1d(xbc, self.conv1d.weight, self.conv1d.bias, conv_in)
-            x, B, C = xbc.split([d_in, g * n, g * n], dim=-1)
-            init = None if (state is None or fresh) else state.ssm
-            y, final = K.ssd_chunked(
-                x.reshape(b, t, h, p), dt, A, B.reshape(b, t, g, n), C.reshape(b, t, g, n),
-                ssd.chunk_for(cfg.mamba_chunk_size, u.device), self.D, init
-            )
-            if state is not None:
-                state.conv.copy_(new_conv)
-                state.ssm.copy_(final)
-            y = y.view(b, t, d_in)
-        v = K.gated_rms_norm(y, z, self.norm.weight, cfg.rms_norm_eps, d_in // g)
-        return basic.linear(v.to(u.dtype), self.out_proj.weight, self.out_proj.bias)
+            return y.view(b, 1, d_in)
+        conv_in = None if (state is None or fresh) else state.conv
+        xbc, new_conv = K.causal_conv1d(xbc, self.conv1d.weight, self.conv1d.bias, conv_in)
+        x, B, C = xbc.split([d_in, g * n, g * n], dim=-1)
+        init = None if (state is None or fresh) else state.ssm
+        y, final = K.ssd_chunked(
+            x.reshape(b, t, h, p), dt, A, B.reshape(b, t, g, n), C.reshape(b, t, g, n),
+            ssd.chunk_for(cfg.mamba_chunk_size, xbc.device), self.D, init, block_tokens=cfg.mamba_chunk_size
+        )
+        if state is not None:
+            state.conv.copy_(new_conv)
+            state.ssm.copy_(final)
+        return y.view(b, t, d_in)
 
 
 class Attention(nn.Module):
@@ -128,7 +135,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = basic.linear(x, self.w_in.weight)
-        return basic.linear(F.silu(h[..., : self.width]) * h[..., self.width :], self.w_out.weight)
+        return basic.linear(F.silu(h[..., : self.width]).mul_(h[..., self.width :]), self.w_out.weight)
 
 
 class MoE(nn.Module):
@@ -170,15 +177,16 @@ class DecoderLayer(nn.Module):
             m = self.mixer(u, layer_cache, fresh=pos == 0)
         else:
             m = self.mixer(u, layer_cache, pos, rope)
-        h = h + m * self.rho if self.rho != 1.0 else h + m
+        # m and f below are fresh outputs: scaled and summed in place, bit-identical to h + m·ρ
+        h = m.mul_(self.rho).add_(h) if self.rho != 1.0 else m.add_(h)
         u = self.norm2(h)
         if self.moe is not None:
             f = self.moe(u)
             if self.mlp is not None:
-                f = f + self.mlp(u)
+                f = f.add_(self.mlp(u))
         else:
             f = self.mlp(u)
-        return h + f * self.rho if self.rho != 1.0 else h + f
+        return f.mul_(self.rho).add_(h) if self.rho != 1.0 else f.add_(h)
 
 
 class GraniteModel(nn.Module):
@@ -217,7 +225,7 @@ class GraniteModel(nn.Module):
             pos = cache.pos
         h = self.embed(ids)
         if self.cfg.embedding_multiplier != 1.0:
-            h = h * self.cfg.embedding_multiplier
+            h = h.mul_(self.cfg.embedding_multiplier)  # the lookup is a fresh tensor
         rope = None
         if self._inv_freq is not None:
             if self._inv_freq.device != h.device:  # moved once (a host copy inside a CUDA graph capture fails)

@@ -138,7 +138,8 @@ def _chunk_scan_kernel(x_ptr, dt_ptr, B_ptr, C_ptr, D_ptr, prev_ptr, acs_ptr, y_
              mask=mm[:, None] & (pp[None, :] < P))
 
 
-def ssd_chunked(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
+def ssd_chunked(x, dt, A, B, C, chunk_size, D=None, initial_state=None, block_tokens=None):
+    # block_tokens: the reference path's batching of chunks; the kernel grids over every chunk at once
     b, t, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     q = chunk_size
