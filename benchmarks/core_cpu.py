@@ -39,6 +39,11 @@ def worker(a) -> dict:
     import torch
 
     torch.set_num_threads(2)
+    if a.host_malloc == "retain" and a.tool != "llama.cpp":
+        # the same heap policy for both torch tools (granite_cli.hostmem): a fair, stated environment
+        from granite_cli.hostmem import retain_freed_memory
+
+        retain_freed_memory()
     rss_bytes, peak_rss_bytes, reset_peak_rss = _rss()
     g = torch.Generator().manual_seed(7)
     ids = torch.randint(0, 1024, (1, a.ctx + GEN), generator=g)
@@ -99,7 +104,10 @@ def worker(a) -> dict:
 
     with torch.inference_mode():
         if a.phase == "prefill":
+            from granite_cli.hostmem import release_free_memory
+
             for r in range(a.warmup + a.reps):
+                release_free_memory()  # retained free heap must not hide this prefill's growth
                 before = rss_bytes()
                 reset_peak_rss()
                 t0 = time.perf_counter()
@@ -129,9 +137,10 @@ def worker(a) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- driver
-def _run(tool, phase, ctx, dtype, ckpt, gguf_paths, reps, warmup, ubatch):
+def _run(tool, phase, ctx, dtype, ckpt, gguf_paths, reps, warmup, ubatch, host_malloc):
     cmd = [sys.executable, __file__, "--worker", tool, "--phase", phase, "--ctx", str(ctx), "--dtype", dtype,
-           "--ckpt", str(ckpt), "--reps", str(reps), "--warmup", str(warmup), "--ubatch", str(ubatch)]
+           "--ckpt", str(ckpt), "--reps", str(reps), "--warmup", str(warmup), "--ubatch", str(ubatch),
+           "--host-malloc", host_malloc]
     if tool == "llama.cpp":
         cmd += ["--gguf", str(gguf_paths[dtype])]
     p = subprocess.run(cmd, capture_output=True, text=True)
@@ -156,6 +165,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--tools", default="granite,transformers,llama.cpp")
     ap.add_argument("--out", type=Path, default=Path("reports/core-cpu"))
+    ap.add_argument("--host-malloc", choices=["retain", "system"], default="retain",
+                    help="heap policy of the torch tools' workers (granite_cli.hostmem); llama.cpp keeps its own buffers")
     a = ap.parse_args()
     if a.worker:
         a.tool = a.worker
@@ -199,7 +210,8 @@ def main() -> None:
             reps = 3 if ctx <= 4096 else 1
             order = tools if rnd % 2 == 0 else tools[::-1]
             for tool in order:
-                r = _run(tool, phase, ctx, dtype, work / "ckpt", gguf_paths, reps, 1 if ctx <= 16384 else 0, a.ubatch)
+                r = _run(tool, phase, ctx, dtype, work / "ckpt", gguf_paths, reps, 1 if ctx <= 16384 else 0, a.ubatch,
+                         a.host_malloc)
                 r["round"] = rnd
                 results.append(r)
                 print(f"round {rnd} {phase:7s} ctx {ctx:6d} {dtype} {tool:12s} "
@@ -228,7 +240,7 @@ def main() -> None:
         table.append(row)
     a.out.mkdir(parents=True, exist_ok=True)
     meta = {"profile": PROFILE, "torch": torch.__version__, "threads": 2, "rounds": a.rounds, "gen": GEN,
-            "ubatch": a.ubatch, "date": time.strftime("%Y-%m-%d %H:%M"), "tools": tools}
+            "ubatch": a.ubatch, "date": time.strftime("%Y-%m-%d %H:%M"), "tools": tools, "host_malloc": a.host_malloc}
     (a.out / "results.json").write_text(json.dumps({"meta": meta, "table": table, "raw": results}, indent=2) + "\n")
     from granite_cli.render import to_markdown
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -109,6 +110,8 @@ def bench(
         f"({spec.dtype}, {spec.reps} rep(s) + {spec.warmup} warmup); expected about {_dur(est)}")
     if not gpu:
         say("note: CPU timings share this machine with whatever else runs; compare ratios, not absolute times")
+        if os.environ.get("GRANITE_HOST_MALLOC", "retain") != "system":
+            say("note: freed heap memory is kept for reuse during the sweep (GRANITE_HOST_MALLOC=system turns it off)")
     if kept:
         say(f"resuming: {len(finished_keys(kept))} finished row(s) kept from {store.path}")
 

@@ -11,6 +11,8 @@ import time
 
 import torch
 
+from granite_cli.hostmem import release_free_memory
+
 
 def _status_kb(field: str) -> int | None:
     try:
@@ -60,6 +62,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.before = torch.cuda.memory_allocated(self.device)
         else:
+            release_free_memory()  # retained free heap (hostmem) must not hide this block's growth
             self._resettable = reset_peak_rss()
             self.before = rss_bytes()
         return self

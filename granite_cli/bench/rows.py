@@ -48,6 +48,7 @@ def environment_fields(device) -> dict:
 
     from granite_cli import __version__
     from granite_cli.env import cpu_model
+    from granite_cli.hostmem import policy
     from granite_cli.ops.dispatch import resolved_impl
 
     try:
@@ -62,6 +63,7 @@ def environment_fields(device) -> dict:
         "granite_version": __version__, "torch": torch.__version__, "triton": tv, "python": platform.python_version(),
         "cpu": cpu_model(), "gpu": gpu, "threads": torch.get_num_threads(), "kernel_impl": resolved_impl(),
         "commit": commit, "dirty": dirty, "host": os.uname().nodename,
+        "host_malloc": policy() if getattr(device, "type", "cpu") == "cpu" else None,
     }
 
 

@@ -26,6 +26,7 @@ from granite_cli.bench.rows import SCHEMA_VERSION, case_key, environment_fields
 from granite_cli.bench.spec import SweepSpec
 from granite_cli.config import load_config
 from granite_cli.errors import InputError
+from granite_cli.hostmem import retain_freed_memory
 from granite_cli.measure import PeakMemory, Stopwatch, sync
 from granite_cli.model.loading import load_model, parse_dtype
 from granite_cli.ops import dispatch
@@ -121,6 +122,8 @@ class Runner:
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise InputError("--device cuda but no CUDA device is available; use --device cpu")
         self.dtype = parse_dtype(spec.dtype)
+        if self.device.type == "cpu":
+            retain_freed_memory()  # reuse freed activations instead of faulting fresh pages (hostmem)
         self.env = environment_fields(self.device)
 
     # ------------------------------------------------------------------------------------------
