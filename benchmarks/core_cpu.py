@@ -8,6 +8,7 @@ just before the timed prefill (/proc/self/clear_refs), minus the RSS at that poi
 
     python benchmarks/core_cpu.py --out reports/core-cpu            # full run (about 15-20 minutes)
     python benchmarks/core_cpu.py --quick --out /tmp/core-cpu       # a fast look
+    python benchmarks/core_cpu.py --host-malloc retain ...          # both torch tools keep freed heap
 """
 
 from __future__ import annotations
@@ -165,8 +166,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--tools", default="granite,transformers,llama.cpp")
     ap.add_argument("--out", type=Path, default=Path("reports/core-cpu"))
-    ap.add_argument("--host-malloc", choices=["retain", "system"], default="retain",
-                    help="heap policy of the torch tools' workers (granite_cli.hostmem); llama.cpp keeps its own buffers")
+    ap.add_argument("--host-malloc", choices=["retain", "system"], default="system",
+                    help="heap policy of both torch tools' workers (granite_cli.hostmem): system, the core as a "
+                         "library runs; retain, what `granite bench` turns on. llama.cpp keeps its own buffers")
     a = ap.parse_args()
     if a.worker:
         a.tool = a.worker

@@ -7,8 +7,9 @@ Returns y [b, t, h, p] (fp32) and the final state [b, h, p, n] (fp32).
 
 Recurrence per head: S_t = exp(dt_t A) S_{t-1} + dt_t x_t ⊗ B_t ;  y_t = S_t C_t + D x_t.
 
-The chunked form walks the sequence one chunk of `chunk_size` tokens at a time, so its working
-memory is O(b·h·chunk² + b·h·p·n) whatever the sequence length (never O(t²), and never the
+The chunked form walks the sequence one block of chunks at a time (one chunk by default), so its
+working memory is O(b·h·block·chunk + (block/chunk)·b·h·p·n) whatever the sequence length, which is
+O(b·h·chunk² + b·h·p·n) for a fixed block (never O(t²), and never the
 broadcast-then-sum (b, chunks, Q, Q, h, n) tensors of the older transformers torch path). Within a
 chunk: the intra-chunk term is attention with a decay mask (L ∘ CBᵀ)·(dt x); the entry state
 contributes exp(cumsum) · C·S; the chunk's own contribution to the state is a single GEMM per group.
