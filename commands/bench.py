@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
@@ -56,6 +55,7 @@ def bench(
     from granite_cli.bench.runner import Runner, estimate_seconds, matmul_gflops
     from granite_cli.bench.spec import SweepSpec, load_sweep_file, parse_list
     from granite_cli.errors import CheckFailed, InputError
+    from granite_cli.hostmem import retain_freed_memory
     from granite_cli.model.loading import parse_dtype
 
     import torch
@@ -110,7 +110,7 @@ def bench(
         f"({spec.dtype}, {spec.reps} rep(s) + {spec.warmup} warmup); expected about {_dur(est)}")
     if not gpu:
         say("note: CPU timings share this machine with whatever else runs; compare ratios, not absolute times")
-        if os.environ.get("GRANITE_HOST_MALLOC", "retain") != "system":
+        if retain_freed_memory() == "glibc-retain":  # the runner would apply it too; here, to say so
             say("note: freed heap memory is kept for reuse during the sweep (GRANITE_HOST_MALLOC=system turns it off)")
     if kept:
         say(f"resuming: {len(finished_keys(kept))} finished row(s) kept from {store.path}")
