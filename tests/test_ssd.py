@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from granite_cli.ops.basic import causal_conv1d, causal_conv1d_step
-from granite_cli.ops.ssd import ssd_chunked, ssd_naive, ssd_step
+from granite_cli.ops.ssd import segsum_exp, ssd_chunked, ssd_naive, ssd_step
 
 
 def _inputs(b, t, h, p, g, n, seed):
@@ -41,6 +41,26 @@ def test_chunked_equals_naive_recurrence(b, t, hg, g, p, n, q, init, seed, block
     y2, s2 = ssd_naive(**kw)
     assert _rel(y1, y2) < 1e-5
     assert _rel(s1, s2) < 1e-5
+
+
+def test_segsum_exp_is_exact_where_fp32_cumsum_differences_are_not():
+    # A large first decay makes the running sum ~-1000; the later segments are small. The difference
+    # of fp32 cumsums would carry an error of ulp(1000) ≈ 6e-5 into every exponent (a relative error of
+    # 6e-5 in L); ours must match the float64 masked cumsum to fp32 rounding.
+    gen = torch.Generator().manual_seed(3)
+    dA = -torch.rand(2, 3, 64, generator=gen) * 0.01
+    dA[..., 0] = -1000.0
+    q = dA.shape[-1]
+    d64 = dA.double()
+    seg = torch.cumsum(d64[..., None].expand(*d64.shape, q).tril(-1), dim=-2)  # Σ_{j<k≤i} dA_k
+    ref = seg.masked_fill(torch.ones(q, q, dtype=torch.bool).triu(1), float("-inf")).exp()
+    L = segsum_exp(dA)
+    assert L.dtype == torch.float32
+    assert torch.equal(L.triu(1), torch.zeros_like(L.triu(1)))  # zero above the diagonal, no inf/nan
+    assert ((L.double() - ref).abs() / ref.clamp_min(1e-30)).max().item() < 1e-6
+    cs32 = torch.cumsum(dA, -1)  # the unstable form, for contrast: it misses by far more
+    naive = (cs32[..., :, None] - cs32[..., None, :]).exp().tril()
+    assert ((naive.double() - ref).abs() / ref.clamp_min(1e-30)).max().item() > 1e-5
 
 
 def test_chunked_split_anywhere_equals_one_pass():

@@ -20,8 +20,6 @@ from __future__ import annotations
 import torch
 
 
-_MASKS: dict = {}
-
 # The chunked form is exact for any chunk length; the length only moves rounding and speed. On a CPU
 # the intra-chunk [Q, Q] decay block costs Q² exp/mask/cumsum work per chunk (Q per token), which at
 # the configs' Q = 256 outweighs the GEMM efficiency a long chunk buys: benchmarks/ssd_chunk.py
@@ -35,27 +33,24 @@ def chunk_for(config_chunk: int, device) -> int:
     return min(config_chunk, CPU_CHUNK) if getattr(device, "type", device) == "cpu" else config_chunk
 
 
-def _fill_masks(q: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """[q, q] bool masks of what segsum_exp fills, cached per size and device: (on and above the
-    diagonal, strictly above it)."""
-    key = (q, str(device))
-    if key not in _MASKS:
-        ones = torch.ones(q, q, dtype=torch.bool, device=device)
-        _MASKS[key] = (ones.triu(), ones.triu(1))
-    return _MASKS[key]
+def segsum_exp(dA: torch.Tensor, cs: torch.Tensor | None = None) -> torch.Tensor:
+    """exp of the segment sums of dA [..., q] → [..., q, q], zero above the diagonal.
 
-
-def segsum_exp(dA: torch.Tensor) -> torch.Tensor:
-    """exp of the stable segment sums of dA [..., q] → [..., q, q], zero above the diagonal.
-
-    out[..., i, j] = exp(Σ_{k=j+1..i} dA_k) for i ≥ j. Computed as a masked cumsum rather than a
-    difference of cumsums, which loses precision when the cumsum grows large (forward-spec.md §5.2).
+    out[..., i, j] = exp(Σ_{k=j+1..i} dA_k) for i ≥ j, as exp(cs_i − cs_j) where cs is the inclusive
+    cumsum of dA in float64 (callers that have it pass it in), the difference rounded once to dA's
+    precision (at least fp32). forward-spec.md §5.2 warns against the difference of cumsums because
+    in fp32 its error is an ulp of the running sum, not of the segment. In float64 the running sums'
+    error (about q·|cs|·1e-16) is far below one fp32 rounding of the exponent unless the chunk's total
+    decay exceeds ~1e5, where every entry off the diagonal underflows anyway; so this is at least as
+    accurate as the masked fp32 cumsum (one rounding per term) and takes three passes over [q, q]
+    instead of five (128 blocks of a 4k cpu-hybrid prefill: 48 against 168-215 ms with the product
+    by C·Bᵀ, benchmarked in one process). Above the diagonal the exponent is ≥ 0 and may overflow to
+    inf; tril_ overwrites those entries with zeros (it writes, it does not multiply: no inf·0).
     """
-    q = dA.shape[-1]
-    not_below, above = _fill_masks(q, dA.device)
-    x = dA[..., None].expand(*dA.shape, q).masked_fill(not_below, 0.0)  # x[..., k, j] = dA_k for k > j
-    s = torch.cumsum(x, dim=-2)  # s[..., i, j] = Σ_{j<k≤i} dA_k
-    return s.masked_fill_(above, float("-inf")).exp_()
+    if cs is None:
+        cs = torch.cumsum(dA, dim=-1, dtype=torch.float64)
+    wide = torch.promote_types(dA.dtype, torch.float32)
+    return (cs[..., :, None] - cs[..., None, :]).to(wide).exp_().tril_()
 
 
 def ssd_chunked(
@@ -102,17 +97,18 @@ def ssd_chunked(
         Bc = B[:, s:e].to(f32).view(b, c, q, g, n).permute(0, 3, 1, 2, 4)  # [b, g, c, q, n]
         Cc = C[:, s:e].to(f32).view(b, c, q, g, n).permute(0, 3, 1, 2, 4)  # [b, g, c, q, n]
         dA = (dtc * A).view(b, c, q, h).permute(0, 3, 1, 2)  # [b, h, c, q]
-        Acs = torch.cumsum(dA, dim=-1)  # [b, h, c, q]
+        cs = torch.cumsum(dA, dim=-1, dtype=torch.float64)  # [b, h, c, q]: exact enough to difference
+        Acs = cs.to(f32)
 
         # intra-chunk: Y_diag = (L ∘ C Bᵀ) · (dt x), per head and chunk
-        L = segsum_exp(dA)  # [b, h, c, q, q]
+        L = segsum_exp(dA, cs)  # [b, h, c, q, q]
         CB = Cc @ Bc.transpose(-1, -2)  # [b, g, c, q, q]
         M = L.view(b, g, hg, c, q, q).mul_(CB[:, :, None])
         xt_h = xt.view(b, c, q, h, p).permute(0, 3, 1, 2, 4)  # [b, h, c, q, p]
         yc = M.view(b, h, c, q, q) @ xt_h  # [b, h, c, q, p]
 
         # each chunk's own state: Σ_s exp(Acs_last − Acs_s) (dt x)_s ⊗ B_s, one GEMM per group and chunk
-        w = (Acs[..., -1:] - Acs).exp_()  # [b, h, c, q]
+        w = (cs[..., -1:] - cs).to(f32).exp_()  # [b, h, c, q]
         xw = (xt_h * w[..., None]).view(b, g, hg, c, q, p).permute(0, 1, 3, 2, 5, 4).reshape(b, g, c, hg * p, q)
         S_loc = (xw @ Bc).view(b, g, c, hg, p, n)  # [b, g, c, hg, p, n]
 
