@@ -9,6 +9,10 @@ just before the timed prefill (/proc/self/clear_refs), minus the RSS at that poi
     python benchmarks/core_cpu.py --out reports/core-cpu            # full run (about 15-20 minutes)
     python benchmarks/core_cpu.py --quick --out /tmp/core-cpu       # a fast look
     python benchmarks/core_cpu.py --host-malloc retain ...          # both torch tools keep freed heap
+
+Tools: granite (the eager core), granite+compile (decode cells only: the steps under torch.compile,
+granite_cli.model.compiled; its warmup pass compiles and is reported as "first pass s"),
+transformers, llama.cpp.
 """
 
 from __future__ import annotations
@@ -50,11 +54,16 @@ def worker(a) -> dict:
     ids = torch.randint(0, 1024, (1, a.ctx + GEN), generator=g)
     res = {"tool": a.tool, "phase": a.phase, "ctx": a.ctx, "dtype": a.dtype, "samples_s": []}
 
-    if a.tool == "granite":
+    if a.tool in ("granite", "granite+compile"):
         from granite_cli.model.loading import load_model
 
         m = load_model(a.ckpt, weights="checkpoint", dtype=a.dtype)
         cache = m.allocate_cache(1, a.ctx + GEN)
+        fwd = m
+        if a.tool == "granite+compile":  # decode steps under torch.compile (granite_cli.model.compiled)
+            from granite_cli.model.compiled import compiled_forward
+
+            fwd = compiled_forward(m)
 
         def prefill():
             cache.reset()
@@ -63,7 +72,7 @@ def worker(a) -> dict:
             return out
 
         def step(i):
-            return m(ids[:, a.ctx + i : a.ctx + i + 1], cache, logits="last")
+            return fwd(ids[:, a.ctx + i : a.ctx + i + 1], cache, logits="last")
 
         snapshot, restore = cache.snapshot, cache.restore
     elif a.tool == "transformers":
@@ -133,6 +142,8 @@ def worker(a) -> dict:
                 el = time.perf_counter() - t0
                 if r >= a.warmup:
                     res["samples_s"].append(el / GEN)
+                elif r == 0 and a.tool == "granite+compile":
+                    res["first_pass_s"] = el  # compilation (the warmup pass; never timed)
             res["tokens_per_s"] = 1 / statistics.median(res["samples_s"])
     return res
 
@@ -164,7 +175,8 @@ def main() -> None:
     ap.add_argument("--ubatch", type=int, default=4096)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--tools", default="granite,transformers,llama.cpp")
+    ap.add_argument("--tools", default="granite,granite+compile,transformers,llama.cpp",
+                    help="granite+compile runs the decode cells only (torch.compile'd steps)")
     ap.add_argument("--out", type=Path, default=Path("reports/core-cpu"))
     ap.add_argument("--host-malloc", choices=["retain", "system"], default="system",
                     help="heap policy of both torch tools' workers (granite_cli.hostmem): system, the core as a "
@@ -212,6 +224,8 @@ def main() -> None:
             reps = 3 if ctx <= 4096 else 1
             order = tools if rnd % 2 == 0 else tools[::-1]
             for tool in order:
+                if tool == "granite+compile" and phase != "decode":
+                    continue
                 r = _run(tool, phase, ctx, dtype, work / "ckpt", gguf_paths, reps, 1 if ctx <= 16384 else 0, a.ubatch,
                          a.host_malloc)
                 r["round"] = rnd
@@ -237,8 +251,17 @@ def main() -> None:
             else:
                 row["granite GB/s"] = g * decode_bytes_per_token(cfg, ctx) / 1e9
             for tool in tools:
-                if tool != "granite" and row.get(tool):
+                if not tool.startswith("granite") and row.get(tool):
                     row[f"x {tool}"] = g / row[tool]
+        gc = row.get("granite+compile")
+        if gc:
+            row["granite+compile GB/s"] = gc * decode_bytes_per_token(cfg, ctx) / 1e9
+            for tool in tools:
+                if not tool.startswith("granite") and row.get(tool):
+                    row[f"compiled x {tool}"] = gc / row[tool]
+            fp = [r["first_pass_s"] for r in results if r["tool"] == "granite+compile" and "first_pass_s" in r]
+            if fp:
+                row["granite+compile first pass s"] = statistics.median(fp)
         table.append(row)
     a.out.mkdir(parents=True, exist_ok=True)
     meta = {"profile": PROFILE, "torch": torch.__version__, "threads": 2, "rounds": a.rounds, "gen": GEN,

@@ -31,6 +31,7 @@ def bench(
     warmup: Annotated[Optional[int], typer.Option(help="Untimed runs per case (default 1; on a CPU 0 for the default sweep and above 16k).")] = None,
     ubatch: Annotated[int, typer.Option(help="Prefill tokens per forward (chunked prefill).")] = 4096,
     cuda_graph: Annotated[bool, typer.Option(help="On a GPU, replay decode steps as CUDA graphs (falls back to eager, with the reason, where capture is impossible).")] = True,
+    compile_decode: Annotated[bool, typer.Option("--compile", help="On a CPU, run decode steps under torch.compile (TorchInductor; needs a C++ compiler). Compiling takes tens of seconds per model and batch, in an untimed first pass.")] = False,
     sweep: Annotated[Optional[Path], typer.Option(help="TOML sweep file (the same fields as the options).")] = None,
     max_case_seconds: Annotated[float, typer.Option(help="Skip cases the fitted curve predicts to take longer.")] = 1800.0,
     out: Annotated[Optional[Path], typer.Option(help="Write report.md, rows.jsonl and plots into this folder.")] = None,
@@ -82,10 +83,19 @@ def bench(
         gen=fields.get("gen", gen), dtype=fields.get("dtype", dtype or ("bf16" if gpu else "fp32")), device=dev,
         reps=reps if reps is not None else fields.get("reps", 1 if quick_cpu else 3),
         warmup=warmup if warmup is not None else fields.get("warmup", 0 if quick_cpu else 1),
-        ubatch=fields.get("ubatch", ubatch), cuda_graph=fields.get("cuda_graph", cuda_graph), max_case_seconds=fields.get("max_case_seconds", max_case_seconds),
+        ubatch=fields.get("ubatch", ubatch), cuda_graph=fields.get("cuda_graph", cuda_graph),
+        compile=fields.get("compile", compile_decode), max_case_seconds=fields.get("max_case_seconds", max_case_seconds),
         seed=fields.get("seed", seed),
     ).validate()
     parse_dtype(spec.dtype)
+    if spec.compile:
+        if gpu:
+            raise InputError("--compile is for CPU decode; on a GPU decode steps replay as CUDA graphs (--cuda-graph)")
+        from granite_cli.model.compiled import compile_available
+
+        why = compile_available()
+        if why:
+            raise InputError(f"--compile: {why}; run without --compile")
     threshold = None
     if fail_on_regression is not None:
         if baseline is None:

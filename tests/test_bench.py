@@ -117,6 +117,39 @@ def test_oom_becomes_a_row_and_the_sweep_goes_on(monkeypatch):
     assert status[(128, "prefill")] == "ok" and status[(32, "decode")] == "ok"
 
 
+def test_compiled_decode_mode_is_untimed_first_then_timed_and_falls_back_with_the_reason(monkeypatch):
+    # The plumbing only (tests/test_compiled.py checks the compiled step itself): a stand-in step
+    # counts its calls; the first pass is untimed and the cache is restored before the timed ones.
+    from granite_cli.model import compiled
+
+    calls = []
+
+    def fake(model, cache, ids):
+        def run():
+            calls.append(cache.pos)
+            out = None
+            for i in range(ids.shape[1]):
+                out = model(ids[:, i : i + 1], cache, logits="last")
+            return out
+        return run
+
+    monkeypatch.setattr(compiled, "compiled_decode", fake)
+    rows = []
+    Runner(_spec(ctx=[32], phases=["decode"], compile=True, warmup=0, reps=2), rows.append).run()
+    (r,) = rows
+    assert r["decode_mode"] == "compiled" and "first pass" in r["decode_note"] and len(r["samples_s"]) == 2
+    assert calls == [32, 32, 32]  # untimed compile pass + 2 timed reps, each from the snapshot at depth 32
+
+    def broken(model, cache, ids):
+        raise RuntimeError("inductor exploded")
+
+    monkeypatch.setattr(compiled, "compiled_decode", broken)
+    rows = []
+    Runner(_spec(ctx=[32], phases=["decode"], compile=True), rows.append).run()
+    (r,) = rows
+    assert r["status"] == "ok" and r["decode_mode"] == "eager" and "inductor exploded" in r["decode_note"]
+
+
 def test_predicted_slow_case_is_skipped():
     spec = _spec(ctx=[32, 64, 512], max_case_seconds=20.0, phases=["prefill"])
     r = Runner(spec, lambda row: None)

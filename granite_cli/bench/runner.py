@@ -6,7 +6,9 @@ forward hooks that attribute time to layer types (Mamba mixers, attention, MoE/M
 Decode: the cache is prefilled to depth `ctx` once, snapshotted, and restored before each
 repetition; then `gen` tokens are decoded one step at a time. On a GPU each step is captured as a
 CUDA graph after the warmups (row field `decode_mode`; `eager`, with `decode_note` saying why, where
-capture is impossible), and every time is taken with CUDA events; on a CPU, with perf_counter.
+capture is impossible), and every time is taken with CUDA events; on a CPU, with perf_counter, and
+with `compile` the steps run under torch.compile (`decode_mode` compiled; one untimed pass first
+compiles them, and `decode_note` gives its time).
 Failures are data: an out-of-memory case, or one the fitted curve predicts to exceed
 `max_case_seconds`, becomes a row with that status and the sweep goes on.
 """
@@ -273,6 +275,8 @@ class Runner:
         pm = PeakMemory(self.device)
 
         step, mode, note = self._eager(model, cache, nxt), "eager", None
+        if spec.compile and self.device.type == "cpu":
+            step, mode, note = self._compiled_decode(model, cache, nxt, snap)
         for r in range(spec.warmup + spec.reps):
             cache.restore(snap)
             if r == spec.warmup and self.device.type == "cuda" and spec.cuda_graph:
@@ -301,6 +305,23 @@ class Runner:
             return out
 
         return step
+
+    def _compiled_decode(self, model, cache, nxt, snap):
+        """torch.compile'd decode (granite_cli.model.compiled): one untimed pass over the `gen` steps
+        compiles them (and the variant for the step that fills the cache), then the cache is restored.
+        Returns (step, "compiled", note with the compile time), or the eager loop with the reason when
+        compilation fails."""
+        from granite_cli.model.compiled import compiled_decode
+
+        t0 = time.perf_counter()
+        try:
+            step = compiled_decode(model, cache, nxt)
+            step()
+        except Exception as e:  # noqa: BLE001 - compilation is an optimisation; eager always works
+            cache.restore(snap)
+            return self._eager(model, cache, nxt), "eager", f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})"
+        cache.restore(snap)
+        return step, "compiled", f"torch.compile: first pass {time.perf_counter() - t0:.1f} s (compilation; not timed)"
 
     def _graph_decode(self, model, cache, nxt, snap):
         """CUDA-graph decode: one graph per step (each bakes its cache position), captured in order

@@ -66,6 +66,7 @@ class SweepSpec:
     reps: int = 3
     warmup: int = 1
     cuda_graph: bool = True
+    compile: bool = False
     ubatch: int = 4096
     max_case_seconds: float = 600.0
     seed: int = 0

@@ -1,0 +1,84 @@
+"""Decode steps under torch.compile (TorchInductor): the CPU's answer to a CUDA graph.
+
+An eager decode step of the cpu-hybrid shape is ~1,900 torch calls around ~95 small GEMVs; on our
+2-core CPU the calls cost about as much as the GEMVs, and MKL's sgemv streams weights at only ~11.5
+GB/s. Under torch.compile the core takes graph-friendly forms of three ops (each checks
+torch.compiler.is_compiling()): single-row projections and the routed experts become multiply-reduces
+(the experts' weights indexed in place by the chosen ids, never gathered into a copy), and decode
+attention likewise. Inductor turns these and every elementwise op into a few vectorised, threaded
+C++ loops that stream the weights at ~23 GB/s. cpu-hybrid at depth 4k: ~12 ms a token against ~25
+eager (benchmarks/core_cpu.py measures it beside transformers and llama.cpp).
+
+The price is compile time (about 45 s on 2 cores for a model and batch size, and as much again for
+the step that fills the cache's last slot, a second variant; inductor's cache on disk makes later
+processes faster) and a C++ compiler on the machine. So it is opt-in: `compiled_forward(model)`
+here, `granite bench --compile` in the CLI. Shapes are compiled dynamic, so one compilation serves
+every cache position. The eager model stays the reference; the compiled step agrees with it to
+float rounding (tests/test_compiled.py).
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from typing import Callable
+
+import torch
+
+from granite_cli.errors import InputError
+
+
+def compile_available() -> str | None:
+    """None when torch.compile can run here for CPU tensors, else the reason it cannot."""
+    if not hasattr(torch, "compile"):
+        return "this torch has no torch.compile"
+    if shutil.which("g++") is None and shutil.which("c++") is None and shutil.which("clang++") is None:
+        return "no C++ compiler (g++, c++ or clang++) on PATH; TorchInductor needs one for CPU code"
+    return None
+
+
+class CompiledForward:
+    """`model(ids, cache, logits=...)` under torch.compile(dynamic=True). `compile_s` is the wall
+    time of the first call (tracing and code generation included); later calls run the compiled
+    graph. Build it with compiled_forward(model)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self._fn = torch.compile(model, dynamic=True)
+        self.compile_s: float | None = None
+
+    def __call__(self, ids: torch.Tensor, cache=None, logits: str = "all") -> torch.Tensor:
+        ids = ids.contiguous()  # a column slice's row stride would enter the guards (a recompile)
+        if self.compile_s is None:
+            t0 = time.perf_counter()
+            out = self._fn(ids, cache, logits=logits)
+            self.compile_s = time.perf_counter() - t0
+            return out
+        return self._fn(ids, cache, logits=logits)
+
+
+def compiled_forward(model: torch.nn.Module) -> CompiledForward:
+    """The model's forward under torch.compile, built once per model and reused (compilation is the
+    expensive part). Raises InputError when torch.compile cannot run here."""
+    why = compile_available()
+    if why is not None:
+        raise InputError(f"cannot compile the decode step: {why}; run without --compile")
+    cf = getattr(model, "_granite_compiled", None)
+    if cf is None:
+        cf = CompiledForward(model)
+        object.__setattr__(model, "_granite_compiled", cf)  # not a submodule: keep it out of state_dict
+    return cf
+
+
+def compiled_decode(model: torch.nn.Module, cache, ids: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """A closure running ids [b, n] through the compiled forward one token at a time from the cache's
+    position (what bench times); returns the last step's logits [b, 1, v]."""
+    fwd = compiled_forward(model)
+
+    def run() -> torch.Tensor:
+        out = None
+        for i in range(ids.shape[1]):
+            out = fwd(ids[:, i : i + 1], cache, logits="last")
+        return out
+
+    return run
