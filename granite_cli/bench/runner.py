@@ -383,6 +383,10 @@ def estimate_seconds(spec: SweepSpec, gflops: float) -> float:
                 if "decode" in spec.phases:
                     t += b * runs * spec.gen * (2 * p.active * 4 / 20e9 + 4 * att * c / (gflops * 1e9))
                 total += t
+        if spec.compile and "decode" in spec.phases and spec.device == "cpu":
+            # compilation per model and batch size: ~80 s on our 2-core CPU with a cold inductor
+            # cache, 22-60 s warm (cpu-hybrid, tiny-hybrid); the middle of that
+            total += 60.0 * len(spec.batch)
     return total
 
 

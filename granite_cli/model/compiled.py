@@ -9,9 +9,11 @@ attention likewise. Inductor turns these and every elementwise op into a few vec
 C++ loops that stream the weights at ~23 GB/s. cpu-hybrid at depth 4k: ~12 ms a token against ~25
 eager (benchmarks/core_cpu.py measures it beside transformers and llama.cpp).
 
-The price is compile time (about 45 s on 2 cores for a model and batch size, and as much again for
-the step that fills the cache's last slot, a second variant; inductor's cache on disk makes later
-processes faster) and a C++ compiler on the machine. So it is opt-in: `compiled_forward(model)`
+The price is compile time and a C++ compiler on the machine. Compiling takes about 20-75 s per
+variant on our 2 cores (inductor's cache on disk makes later processes faster), and a model and
+batch size need up to three variants: the general step; the step that fills the cache's last slot
+(the KV prefix's contiguity enters the guards); and, once, positions past 4,095 (a range guard
+that the compiled code carries). reports/bench/cpu-compiled-decode has the times. So it is opt-in: `compiled_forward(model)`
 here, `granite bench --compile` in the CLI. Shapes are compiled dynamic, so one compilation serves
 every cache position. The eager model stays the reference; the compiled step agrees with it to
 float rounding (tests/test_compiled.py).
@@ -48,7 +50,9 @@ class CompiledForward:
         self.compile_s: float | None = None
 
     def __call__(self, ids: torch.Tensor, cache=None, logits: str = "all") -> torch.Tensor:
-        ids = ids.contiguous()  # a column slice's row stride would enter the guards (a recompile)
+        # a fresh [b, t] copy with standard strides: a column slice keeps its row stride (contiguous()
+        # keeps it too when b is 1), which enters the guards tied to the cache position (a recompile)
+        ids = ids.clone(memory_format=torch.contiguous_format)
         if self.compile_s is None:
             t0 = time.perf_counter()
             out = self._fn(ids, cache, logits=logits)
