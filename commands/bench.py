@@ -31,7 +31,7 @@ def bench(
     warmup: Annotated[Optional[int], typer.Option(help="Untimed runs per case (default 1; on a CPU 0 for the default sweep and above 16k).")] = None,
     ubatch: Annotated[int, typer.Option(help="Prefill tokens per forward (chunked prefill).")] = 4096,
     cuda_graph: Annotated[bool, typer.Option(help="On a GPU, replay decode steps as CUDA graphs (falls back to eager, with the reason, where capture is impossible).")] = True,
-    compile_decode: Annotated[bool, typer.Option("--compile", help="On a CPU, run decode steps under torch.compile (TorchInductor; needs a C++ compiler). Compiling takes tens of seconds per model and batch, in an untimed first pass.")] = False,
+    compile_decode: Annotated[bool, typer.Option("--compile", help="On a CPU, run decode steps under torch.compile (TorchInductor; needs a C++ compiler). Compiling takes 1-2.5 minutes per model and batch size on 2 cores, in untimed first passes.")] = False,
     sweep: Annotated[Optional[Path], typer.Option(help="TOML sweep file (the same fields as the options).")] = None,
     max_case_seconds: Annotated[float, typer.Option(help="Skip cases the fitted curve predicts to take longer.")] = 1800.0,
     out: Annotated[Optional[Path], typer.Option(help="Write report.md, rows.jsonl and plots into this folder.")] = None,

@@ -384,9 +384,9 @@ def estimate_seconds(spec: SweepSpec, gflops: float) -> float:
                     t += b * runs * spec.gen * (2 * p.active * 4 / 20e9 + 4 * att * c / (gflops * 1e9))
                 total += t
         if spec.compile and "decode" in spec.phases and spec.device == "cpu":
-            # compilation per model and batch size: ~80 s on our 2-core CPU with a cold inductor
-            # cache, 22-60 s warm (cpu-hybrid, tiny-hybrid); the middle of that
-            total += 60.0 * len(spec.batch)
+            # compilation per model and batch size: two or three variants of 20-75 s each on our
+            # 2-core CPU (reports/bench/cpu-compiled-decode: 133 and 143 s a model over 1k-8k)
+            total += 120.0 * len(spec.batch)
     return total
 
 

@@ -13,10 +13,10 @@ The price is compile time and a C++ compiler on the machine. Compiling takes abo
 variant on our 2 cores (inductor's cache on disk makes later processes faster), and a model and
 batch size need up to three variants: the general step; the step that fills the cache's last slot
 (the KV prefix's contiguity enters the guards); and, once, positions past 4,095 (a range guard
-that the compiled code carries). reports/bench/cpu-compiled-decode has the times. So it is opt-in: `compiled_forward(model)`
-here, `granite bench --compile` in the CLI. Shapes are compiled dynamic, so one compilation serves
-every cache position. The eager model stays the reference; the compiled step agrees with it to
-float rounding (tests/test_compiled.py).
+that the compiled code carries); shapes are compiled dynamic, so each variant serves every position
+in its range. reports/bench/cpu-compiled-decode has the times. So it is opt-in:
+`compiled_forward(model)` here, `granite bench --compile` in the CLI. The eager model stays the
+reference; the compiled step agrees with it to float rounding (tests/test_compiled.py).
 """
 
 from __future__ import annotations
