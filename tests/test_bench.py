@@ -124,26 +124,23 @@ def test_compiled_decode_mode_is_untimed_first_then_timed_and_falls_back_with_th
 
     calls = []
 
-    def fake(model, cache, ids):
-        def run():
+    def fake(model):  # stands in for the compiled forward: the model itself, recording each step's position
+        def fwd(ids, cache, logits="all"):
             calls.append(cache.pos)
-            out = None
-            for i in range(ids.shape[1]):
-                out = model(ids[:, i : i + 1], cache, logits="last")
-            return out
-        return run
+            return model(ids, cache, logits=logits)
+        return fwd
 
-    monkeypatch.setattr(compiled, "compiled_decode", fake)
+    monkeypatch.setattr(compiled, "compiled_forward", fake)
     rows = []
     Runner(_spec(ctx=[32], phases=["decode"], compile=True, warmup=0, reps=2), rows.append).run()
     (r,) = rows
     assert r["decode_mode"] == "compiled" and "first pass" in r["decode_note"] and len(r["samples_s"]) == 2
-    assert calls == [32, 32, 32]  # untimed compile pass + 2 timed reps, each from the snapshot at depth 32
+    assert calls == [32, 33] * 3  # untimed compile pass + 2 timed reps, each from the snapshot at depth 32
 
-    def broken(model, cache, ids):
+    def broken(model):
         raise RuntimeError("inductor exploded")
 
-    monkeypatch.setattr(compiled, "compiled_decode", broken)
+    monkeypatch.setattr(compiled, "compiled_forward", broken)
     rows = []
     Runner(_spec(ctx=[32], phases=["decode"], compile=True), rows.append).run()
     (r,) = rows

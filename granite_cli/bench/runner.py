@@ -307,19 +307,19 @@ class Runner:
         return step
 
     def _compiled_decode(self, model, cache, nxt, snap):
-        """torch.compile'd decode (granite_cli.model.compiled): one untimed pass over the `gen` steps
-        compiles them (and the variant for the step that fills the cache), then the cache is restored.
-        Returns (step, "compiled", note with the compile time), or the eager loop with the reason when
-        compilation fails."""
-        from granite_cli.model.compiled import compiled_decode
+        """torch.compile'd decode: the eager loop over granite_cli.model.compiled's forward. One
+        untimed pass over the `gen` steps compiles them (and the variant for the step that fills the
+        cache), then the cache is restored. Returns (step, "compiled", note with the compile time), or
+        the eager loop with the reason when compilation fails."""
+        from granite_cli.model.compiled import compiled_forward
 
         t0 = time.perf_counter()
         try:
-            step = compiled_decode(model, cache, nxt)
+            step = self._eager(compiled_forward(model), cache, nxt)
             step()
         except Exception as e:  # noqa: BLE001 - compilation is an optimisation; eager always works
             cache.restore(snap)
-            return self._eager(model, cache, nxt), "eager", f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})"
+            return self._eager(model, cache, nxt), "eager", f"torch.compile failed ({_reason(e)})"
         cache.restore(snap)
         return step, "compiled", f"torch.compile: first pass {time.perf_counter() - t0:.1f} s (compilation; not timed)"
 
@@ -349,7 +349,7 @@ class Runner:
         except Exception as e:  # noqa: BLE001 - capture is an optimisation; the eager loop always works
             torch.cuda.synchronize()
             cache.restore(snap)
-            return self._eager(model, cache, nxt), "eager", f"CUDA graph capture failed ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
+            return self._eager(model, cache, nxt), "eager", f"CUDA graph capture failed ({_reason(e)})"
 
         def replay():
             for g in graphs:
@@ -357,6 +357,12 @@ class Runner:
             return outs[-1]
 
         return replay, "cuda_graph", None
+
+
+def _reason(e: BaseException) -> str:
+    """An exception as one short line for a row's note: its type and the first line of its message."""
+    msg = str(e).splitlines()
+    return f"{type(e).__name__}: {msg[0][:160]}" if msg else type(e).__name__
 
 
 class _null:

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import shutil
 import time
-from typing import Callable
-
 import torch
 
 from granite_cli.errors import InputError
@@ -72,17 +70,3 @@ def compiled_forward(model: torch.nn.Module) -> CompiledForward:
         cf = CompiledForward(model)
         object.__setattr__(model, "_granite_compiled", cf)  # not a submodule: keep it out of state_dict
     return cf
-
-
-def compiled_decode(model: torch.nn.Module, cache, ids: torch.Tensor) -> Callable[[], torch.Tensor]:
-    """A closure running ids [b, n] through the compiled forward one token at a time from the cache's
-    position (what bench times); returns the last step's logits [b, 1, v]."""
-    fwd = compiled_forward(model)
-
-    def run() -> torch.Tensor:
-        out = None
-        for i in range(ids.shape[1]):
-            out = fwd(ids[:, i : i + 1], cache, logits="last")
-        return out
-
-    return run
