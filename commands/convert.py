@@ -60,8 +60,10 @@ def convert(
 
     source = run.open_any(src, from_profile, dtype, seed)
     p = run.plan(source, dst, dtype=dtype, quant_method=quant, keep=tuple(keep_high_precision or ()),
-                 shard_size=shard_size, force=force)
-    if dry_run:
+                 shard_size=shard_size, force=force, check_disk=not dry_run)
+    if dry_run:  # a plan is reported even when it would not fit; the shortfall is a field and a warning
+        if short := run.disk_shortfall(p):
+            say(f"warning: {short} (a real run stops here, exit 2)")
         s = p.summary()
         if fmt is Format.json:  # the per-tensor plan too (a table would be one row per tensor)
             s["tensor_plan"] = p.tensor_plan()

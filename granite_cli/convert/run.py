@@ -1,7 +1,8 @@
 """Plan, write and verify a conversion, one tensor at a time.
 
 plan():    what will be written (names, shapes, storage types, bytes), the memory and disk it needs;
-           refuses up front (exit 2) when DST exists without force or the disk is too small.
+           refuses up front (exit 2) when DST exists without force or the disk is too small
+           (check_disk=False, for a dry run, reports the shortfall in the summary instead).
 execute(): streams every tensor from the source to a temporary name beside DST, verifies the
            result, and only then renames it into place; any failure or interruption leaves no DST.
 verify():  inventory (via re-opening the output, which checks every tensor the config implies),
@@ -102,7 +103,8 @@ class Plan:
             "quant": self.quant, "shards": max(1, len(self.shards)),
             "bytes_in": self.source.nbytes, "bytes_out": self.bytes_out,
             "memory_needed_bytes": self.memory_needed,
-            "disk_needed_bytes": self.bytes_out, "disk_free_bytes": free, "notes": self.notes,
+            "disk_needed_bytes": self.bytes_out, "disk_free_bytes": free, "disk_enough": free >= self.bytes_out,
+            "notes": self.notes,
         }
 
 
@@ -114,7 +116,8 @@ def _existing_parent(p: Path) -> Path:
 
 
 def plan(source: Source, dst: str | Path, *, dtype: str | None = None, quant_method: str | None = None,
-         keep: tuple[str, ...] = (), shard_size: str = "5GB", force: bool = False) -> Plan:
+         keep: tuple[str, ...] = (), shard_size: str = "5GB", force: bool = False,
+         check_disk: bool = True) -> Plan:
     dst = Path(dst)
     fmt = "gguf" if dst.suffix == ".gguf" else "hf"
     if dst.exists() and not force:
@@ -185,11 +188,19 @@ def plan(source: Source, dst: str | Path, *, dtype: str | None = None, quant_met
         p.bytes_out = sum(o.nbytes + 32 for o in outs) + 64 * len(outs) + 2**16
         if source.tokenizer_dir is not None:
             p.bytes_out += (source.tokenizer_dir / "tokenizer.json").stat().st_size
-    free = shutil.disk_usage(_existing_parent(dst)).free
-    if p.bytes_out > free:
-        raise InputError(f"too little disk at {_existing_parent(dst)}: the output needs {_gb(p.bytes_out)}, "
-                         f"{_gb(free)} is free; free some space or choose another DST")
+    if check_disk and (short := disk_shortfall(p)):
+        raise InputError(short)
     return p
+
+
+def disk_shortfall(p: Plan) -> str | None:
+    """The one-line reason the output will not fit on DST's disk, or None when it fits."""
+    where = _existing_parent(p.dst)
+    free = shutil.disk_usage(where).free
+    if p.bytes_out <= free:
+        return None
+    return (f"too little disk at {where}: the output needs {_gb(p.bytes_out)}, {_gb(free)} is free; "
+            f"free some space or choose another DST")
 
 
 def _gb(n: int) -> str:
