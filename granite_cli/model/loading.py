@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 
 from granite_cli.config import ModelConfig, export_hf_config, load_config
 from granite_cli.errors import InputError
@@ -40,7 +41,13 @@ def build_empty(cfg: ModelConfig, dtype: torch.dtype, device: str | torch.device
     with torch.device("meta"):
         model = GraniteModel(cfg).to(dtype)
     if torch.device(device).type != "meta":
-        model = model.to_empty(device=device)
+        # torch.empty per parameter, not Module.to_empty: its empty_like of a meta tensor runs through
+        # torch._refs, which imports sympy on first use (0.5-1 s of every command's start-up here)
+        for mod in model.modules():
+            for name, p in mod._parameters.items():
+                if p is not None:
+                    mod._parameters[name] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=device),
+                                                         requires_grad=False)
     model.requires_grad_(False)
     return model.eval()
 

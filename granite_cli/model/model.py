@@ -189,13 +189,23 @@ class DecoderLayer(nn.Module):
         return f.mul_(self.rho).add_(h) if self.rho != 1.0 else f.add_(h)
 
 
+class _Embedding(nn.Embedding):
+    """nn.Embedding without its default init. The model is only ever built on the meta device and
+    then loaded or filled (loading.build_empty), so an init is wasted; and normal_ on a meta tensor
+    runs through torch._refs, whose first call imports torch._dynamo: 2 s of every command's
+    start-up on our CPU."""
+
+    def reset_parameters(self) -> None:
+        pass
+
+
 class GraniteModel(nn.Module):
     """The causal LM. Parameters: embed, layers[i].{norm1, mixer, norm2, moe, mlp}, norm, lm_head (untied)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed = _Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, t) for t in cfg.layer_types)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
