@@ -24,7 +24,7 @@ def bench(
     ctx: Annotated[Optional[str], typer.Option(help="Contexts: 1k,4k,128k or a range 1k-128k*2 / 512-4k+512.")] = None,
     batch: Annotated[Optional[str], typer.Option(help="Batch sizes: 1,4 or a range 1-16*2.")] = None,
     phase: Annotated[str, typer.Option(help="prefill, decode, or prefill,decode.")] = "prefill,decode",
-    gen: Annotated[int, typer.Option(help="Decode tokens timed per repetition.")] = 16,
+    gen: Annotated[Optional[int], typer.Option(help="Decode tokens timed per repetition (default 16; 8 for the CPU default sweep).")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="fp32, bf16 or fp16 (default: fp32 on CPU, bf16 on GPU).")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
     reps: Annotated[Optional[int], typer.Option(help="Timed repetitions per case (default 3; on a CPU 1 for the default sweep and above 16k).")] = None,
@@ -54,7 +54,7 @@ def bench(
     from granite_cli.bench.report import write_report
     from granite_cli.bench.rows import JsonlStore, finished_keys
     from granite_cli.bench.runner import Runner, estimate_seconds, matmul_gflops
-    from granite_cli.bench.spec import SweepSpec, load_sweep_file, parse_list
+    from granite_cli.bench.spec import SweepSpec, load_sweep_file, parse_list, run_defaults
     from granite_cli.errors import CheckFailed, InputError
     from granite_cli.hostmem import retain_freed_memory
     from granite_cli.model.loading import parse_dtype
@@ -74,15 +74,13 @@ def bench(
     models = model or fields.get("models") or (["granite-4.0-h-micro", "granite-4.0-micro"] if gpu else ["cpu-hybrid", "cpu-dense"])
     ctxs = parse_list(ctx, "context") if ctx else fields.get("ctx") or parse_list("1k-32k*2" if gpu else "512-8k*2", "context")
     batches = parse_list(batch, "batch") if batch else fields.get("batch") or ([1] if user_ctx else [1, 4])
-    # On a CPU the default sweep and long contexts run one timed repetition with no warmup (the
-    # default must finish in minutes); pass --reps/--warmup for statistics.
-    quick_cpu = not gpu and (max(ctxs) > 16384 or not (model or ctx or batch or sweep))
+    dflt = run_defaults(gpu, not (model or ctx or batch or sweep), max(ctxs))  # quick on a CPU; see there
     spec = SweepSpec(
         models=list(models), ctx=ctxs, batch=batches,
         phases=[p.strip() for p in (fields.get("phases") or phase.split(",")) if p.strip()],
-        gen=fields.get("gen", gen), dtype=fields.get("dtype", dtype or ("bf16" if gpu else "fp32")), device=dev,
-        reps=reps if reps is not None else fields.get("reps", 1 if quick_cpu else 3),
-        warmup=warmup if warmup is not None else fields.get("warmup", 0 if quick_cpu else 1),
+        gen=gen if gen is not None else fields.get("gen", dflt["gen"]), dtype=fields.get("dtype", dtype or ("bf16" if gpu else "fp32")), device=dev,
+        reps=reps if reps is not None else fields.get("reps", dflt["reps"]),
+        warmup=warmup if warmup is not None else fields.get("warmup", dflt["warmup"]),
         ubatch=fields.get("ubatch", ubatch), cuda_graph=fields.get("cuda_graph", cuda_graph),
         compile=fields.get("compile", compile_decode), max_case_seconds=fields.get("max_case_seconds", max_case_seconds),
         seed=fields.get("seed", seed),

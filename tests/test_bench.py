@@ -17,7 +17,7 @@ from granite_cli.bench.analysis import analyse, check_claims, regressions
 from granite_cli.bench.fit import describe, fit_scaling
 from granite_cli.bench.rows import JsonlStore, finished_keys
 from granite_cli.bench.runner import Runner
-from granite_cli.bench.spec import SweepSpec, load_sweep_file, parse_list, parse_size
+from granite_cli.bench.spec import SweepSpec, load_sweep_file, parse_list, parse_size, run_defaults
 from granite_cli.errors import InputError
 
 
@@ -43,6 +43,13 @@ def test_sweep_file(tmp_path):
     p.write_text("contexts = [1]\n")
     with pytest.raises(InputError, match="unknown key 'contexts'"):
         load_sweep_file(p)
+
+
+def test_run_defaults_quick_only_where_time_demands_it():
+    assert run_defaults(gpu=False, default_sweep=True, max_ctx=8192) == {"reps": 1, "warmup": 0, "gen": 8}
+    assert run_defaults(gpu=False, default_sweep=False, max_ctx=8192) == {"reps": 3, "warmup": 1, "gen": 16}
+    assert run_defaults(gpu=False, default_sweep=False, max_ctx=32768) == {"reps": 1, "warmup": 0, "gen": 16}
+    assert run_defaults(gpu=True, default_sweep=True, max_ctx=32768) == {"reps": 3, "warmup": 1, "gen": 16}
 
 
 def test_fit_quadratic_and_linear_series():
