@@ -58,7 +58,7 @@ def run_defaults(gpu: bool, default_sweep: bool, max_ctx: int) -> dict:
     """reps, warmup and gen where the user gives none. On a CPU the default sweep (no model, context,
     batch or sweep file given) and contexts above 16k run one timed repetition with no warmup, and
     the default sweep times 8 decode steps a case instead of 16: it must finish in under 3 minutes
-    on our 2-core VM, where its prefills alone take 160-165 s. Elsewhere: 3 reps, 1 warmup, 16 steps."""
+    on our 2-core VM, where its prefills alone take 159-170 s. Elsewhere: 3 reps, 1 warmup, 16 steps."""
     default_cpu = not gpu and default_sweep
     quick = default_cpu or (not gpu and max_ctx > 16384)
     return {"reps": 1 if quick else 3, "warmup": 0 if quick else 1, "gen": 8 if default_cpu else 16}
