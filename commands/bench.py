@@ -24,12 +24,13 @@ def bench(
     ctx: Annotated[Optional[str], typer.Option(help="Contexts: 1k,4k,128k or a range 1k-128k*2 / 512-4k+512.")] = None,
     batch: Annotated[Optional[str], typer.Option(help="Batch sizes: 1,4 or a range 1-16*2.")] = None,
     phase: Annotated[str, typer.Option(help="prefill, decode, or prefill,decode.")] = "prefill,decode",
-    gen: Annotated[Optional[int], typer.Option(help="Decode tokens timed per repetition (default 16; 8 for the CPU default sweep).")] = None,
+    gen: Annotated[Optional[int], typer.Option(help="Decode tokens timed per repetition (default 16).")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="fp32, bf16 or fp16 (default: fp32 on CPU, bf16 on GPU).")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
     reps: Annotated[Optional[int], typer.Option(help="Timed repetitions per case (default 3; on a CPU 1 for the default sweep and above 16k).")] = None,
     warmup: Annotated[Optional[int], typer.Option(help="Untimed runs per case (default 1; on a CPU 0 for the default sweep and above 16k).")] = None,
     ubatch: Annotated[int, typer.Option(help="Prefill tokens per forward (chunked prefill).")] = 4096,
+    share_prefill: Annotated[bool, typer.Option(help="On a CPU, a context's prefill continues from a smaller context's end state where that is a whole number of --ubatch pieces (the same pieces and tokens; its time is added, and the row says prefill_from).")] = True,
     cuda_graph: Annotated[bool, typer.Option(help="On a GPU, replay decode steps as CUDA graphs (falls back to eager, with the reason, where capture is impossible).")] = True,
     compile_decode: Annotated[bool, typer.Option("--compile", help="On a CPU, run decode steps under torch.compile (TorchInductor; needs a C++ compiler). Compiling takes 1-2.5 minutes per model and batch size on 2 cores, in untimed first passes.")] = False,
     sweep: Annotated[Optional[Path], typer.Option(help="TOML sweep file (the same fields as the options).")] = None,
@@ -78,10 +79,11 @@ def bench(
     spec = SweepSpec(
         models=list(models), ctx=ctxs, batch=batches,
         phases=[p.strip() for p in (fields.get("phases") or phase.split(",")) if p.strip()],
-        gen=gen if gen is not None else fields.get("gen", dflt["gen"]), dtype=fields.get("dtype", dtype or ("bf16" if gpu else "fp32")), device=dev,
+        gen=gen if gen is not None else fields.get("gen", 16), dtype=fields.get("dtype", dtype or ("bf16" if gpu else "fp32")), device=dev,
         reps=reps if reps is not None else fields.get("reps", dflt["reps"]),
         warmup=warmup if warmup is not None else fields.get("warmup", dflt["warmup"]),
-        ubatch=fields.get("ubatch", ubatch), cuda_graph=fields.get("cuda_graph", cuda_graph),
+        ubatch=fields.get("ubatch", ubatch), share_prefill=fields.get("share_prefill", share_prefill),
+        cuda_graph=fields.get("cuda_graph", cuda_graph),
         compile=fields.get("compile", compile_decode), max_case_seconds=fields.get("max_case_seconds", max_case_seconds),
         seed=fields.get("seed", seed),
     ).validate()
@@ -148,7 +150,7 @@ def bench(
         write_report(out, rows, result, {"models": spec.models, "ctx": spec.ctx, "batch": spec.batch,
                                          "phases": spec.phases, "dtype": spec.dtype, "device": spec.device,
                                          "reps": spec.reps, "warmup": spec.warmup, "gen": spec.gen,
-                                         "ubatch": spec.ubatch}, wall)
+                                         "ubatch": spec.ubatch, "share_prefill": spec.share_prefill}, wall)
         say(f"report written to {out / 'report.md'}")
     emit_rows(rows, fmt, columns=COLUMNS, headers=HEADERS,
               json_obj={"schema_version": 1, "rows": rows, "verdicts": result["verdicts"], "fits": result["fits"],

@@ -46,10 +46,10 @@ def test_sweep_file(tmp_path):
 
 
 def test_run_defaults_quick_only_where_time_demands_it():
-    assert run_defaults(gpu=False, default_sweep=True, max_ctx=8192) == {"reps": 1, "warmup": 0, "gen": 8}
-    assert run_defaults(gpu=False, default_sweep=False, max_ctx=8192) == {"reps": 3, "warmup": 1, "gen": 16}
-    assert run_defaults(gpu=False, default_sweep=False, max_ctx=32768) == {"reps": 1, "warmup": 0, "gen": 16}
-    assert run_defaults(gpu=True, default_sweep=True, max_ctx=32768) == {"reps": 3, "warmup": 1, "gen": 16}
+    assert run_defaults(gpu=False, default_sweep=True, max_ctx=8192) == {"reps": 1, "warmup": 0}
+    assert run_defaults(gpu=False, default_sweep=False, max_ctx=8192) == {"reps": 3, "warmup": 1}
+    assert run_defaults(gpu=False, default_sweep=False, max_ctx=32768) == {"reps": 1, "warmup": 0}
+    assert run_defaults(gpu=True, default_sweep=True, max_ctx=32768) == {"reps": 3, "warmup": 1}
 
 
 def test_fit_quadratic_and_linear_series():
@@ -106,6 +106,46 @@ def test_resume_skips_finished_cases(tmp_path):
     new = []
     Runner(_spec(ctx=[32, 64]), new.append, done=finished_keys(kept)).run()
     assert [(r["ctx"], r["phase"]) for r in new] == [(64, "prefill"), (64, "decode")]
+
+
+def test_shared_prefix_prefill_continues_the_smaller_case_on_the_same_tokens(monkeypatch):
+    real = runner_mod.Runner._prefill_once
+    runs = []  # (context, position the pieces start from, the first tokens)
+
+    def spy(self, model, cache, ids):
+        runs.append((ids.shape[1], cache.pos, ids[0, :8].tolist()))
+        if cache.pos:  # a continuation starts exactly where the smaller case ended
+            snap = self._bases[ids.shape[0]]["snap"]
+            for k, layer in enumerate(cache.layers):
+                a = snap["layers"][k][0]
+                got = layer.k[:, :, : cache.pos] if hasattr(layer, "k") else layer.conv
+                assert torch.equal(got, a)
+        return real(self, model, cache, ids)
+
+    monkeypatch.setattr(runner_mod.Runner, "_prefill_once", spy)
+    rows = []
+    Runner(_spec(ctx=[32, 64, 80, 96], ubatch=32, reps=2, warmup=1, phases=["prefill"]), rows.append).run()
+    by = {r["ctx"]: r for r in rows}
+    # 64 continues from 32; 80 is not a whole number of pieces, so 96 continues from 64, and 80 from 64
+    assert [by[c]["prefill_from"] for c in (32, 64, 80, 96)] == [None, 32, 64, 64]
+    assert {(c, pos) for c, pos, _ in runs} == {(32, 0), (64, 32), (80, 64), (96, 64)}
+    assert len({tuple(t) for _, _, t in runs}) == 1  # one token stream: every case reads its prefix
+    for c in (64, 80, 96):  # each sample is the prefix's time plus the continuation's
+        base = by[by[c]["prefill_from"]]["samples_s"]
+        assert all(x > y for x, y in zip(by[c]["samples_s"], base)) and len(by[c]["samples_s"]) == 2
+        assert by[c]["tokens_per_s"] == pytest.approx(c / by[c]["median_s"])
+    runs.clear()
+    rows.clear()
+    Runner(_spec(ctx=[32, 64], ubatch=32, phases=["prefill"], share_prefill=False), rows.append).run()
+    assert [r["prefill_from"] for r in rows] == [None, None] and {pos for _, pos, _ in runs} == {0}
+
+
+def test_estimate_counts_a_shared_prefix_once():
+    from granite_cli.bench.runner import estimate_seconds
+
+    kw = dict(models=["cpu-hybrid"], ctx=[4096, 8192], batch=[1], reps=1, warmup=0, dtype="fp32", device="cpu")
+    shared, fresh = estimate_seconds(SweepSpec(**kw), 100.0), estimate_seconds(SweepSpec(**kw, share_prefill=False), 100.0)
+    assert shared < fresh * 0.8  # the 8k case does not pay for its first 4k again
 
 
 def test_oom_becomes_a_row_and_the_sweep_goes_on(monkeypatch):

@@ -3,7 +3,7 @@
 A row: schema_version; case parameters (model, kind, dtype, device, batch, ctx, phase, gen, ubatch,
 reps); status (ok | invalid | oom | skipped | error) and error; metrics (tokens_per_s, latency_ms,
 median_s, stdev_s, min_s, max_s, samples_s, peak_bytes, peak_delta_bytes, memory_source,
-reserved_peak_bytes and nvml_used_bytes on a GPU, cache_bytes, attribution_s; decode_mode
+reserved_peak_bytes and nvml_used_bytes on a GPU, cache_bytes, attribution_s, prefill_from; decode_mode
 cuda_graph | compiled | eager and decode_note); the correctness guard (valid, guard_max_diff); parameter counts; and
 the environment (torch, triton, python, cpu, gpu, threads, kernel_impl, commit, dirty, time).
 """

@@ -3,6 +3,12 @@
 Prefill: time to process `ctx` tokens from an empty cache (in `ubatch`-token pieces), logits for
 the last position only; median over `reps` after `warmup` runs. The first warmup run carries
 forward hooks that attribute time to layer types (Mamba mixers, attention, MoE/MLP, rest).
+Shared prefixes (CPU, `share_prefill`): the cases of one model and batch read one token stream, so
+when a smaller context c0 of the sweep is a multiple of `ubatch`, a larger context's prefill passes
+through exactly the cache state that c0's prefill ended in (the same pieces, the same tokens). That
+case restores c0's cache (untimed) and times only the pieces after it; its samples are c0's samples
+plus those, its attribution the sum, and its row says `prefill_from: c0`. Memory is measured from
+before the restore, so the restored KV counts as it would in a prefill from empty.
 Decode: the cache is prefilled to depth `ctx` once, snapshotted, and restored before each
 repetition; then `gen` tokens are decoded one step at a time. On a GPU each step is captured as a
 CUDA graph after the warmups (row field `decode_mode`; `eager`, with `decode_note` saying why, where
@@ -144,9 +150,11 @@ class Runner:
             base = {"model": cfg.name, "kind": "hybrid" if cfg.is_hybrid else "dense", "params_total": params.total,
                     "params_active": params.active, "guard_max_diff": diff, "valid": ok}
             fits: dict[int, list] = {}
+            self._bases: dict[int, dict] = {}  # batch -> the latest shareable prefill (see the module docstring)
+            self._ids: dict[int, torch.Tensor] = {}
             for b, c in pending:
                 self._case(model, base, b, c, fits)
-            del model
+            del model, self._bases
 
     def _row(self, base: dict, b: int, c: int, phase: str, **metrics) -> dict:
         row = {
@@ -156,7 +164,7 @@ class Runner:
             "status": "ok", "error": None, "tokens_per_s": None, "latency_ms": None, "median_s": None,
             "stdev_s": None, "min_s": None, "max_s": None, "samples_s": [], "peak_bytes": None,
             "peak_delta_bytes": None, "memory_source": None, "reserved_peak_bytes": None, "nvml_used_bytes": None,
-            "cache_bytes": None, "attribution_s": None, "decode_mode": None, "decode_note": None,
+            "cache_bytes": None, "attribution_s": None, "prefill_from": None, "decode_mode": None, "decode_note": None,
             **self.env, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         row.update(metrics)
@@ -184,15 +192,23 @@ class Runner:
             with torch.inference_mode():
                 cache = model.allocate_cache(b, c + spec.gen)
                 cache_bytes = cache.nbytes()["total"]
-                g = torch.Generator().manual_seed(spec.seed + c + b)
-                ids = torch.randint(0, model.cfg.vocab_size, (b, c + spec.gen), generator=g).to(self.device)
-                prefill_row = self._prefill(model, cache, ids[:, :c], base, b, c, cache_bytes)
+                ids = self._tokens(model, b)[:, : c + spec.gen]
+                self._bases = {k: v for k, v in self._bases.items() if k == b}  # other batches are done
+                start = self._bases.get(b)
+                if start is not None and not start["ctx"] < c:
+                    start = None
+                prefill_row = self._prefill(model, cache, ids[:, :c], base, b, c, cache_bytes, start)
+                # depth c: where each decode repetition starts, and where a larger context may continue
+                snap = cache.snapshot() if ("decode" in phases or self._shareable(b, c)) else None
                 if prefill_row["status"] in ("ok", "invalid"):
                     prev.append((c, prefill_row["median_s"]))
+                if self._shareable(b, c) and prefill_row["status"] == "ok":
+                    self._bases[b] = {"ctx": c, "snap": snap, "samples": prefill_row["samples_s"],
+                                      "attribution": prefill_row["attribution_s"]}
                 if "prefill" in phases:
                     self._emit(prefill_row)
                 if "decode" in phases:
-                    self._emit(self._decode(model, cache, ids[:, c:], base, b, c, cache_bytes))
+                    self._emit(self._decode(model, cache, ids[:, c:], base, b, c, cache_bytes, snap))
         except Exception as e:  # noqa: BLE001 - a failed case is a row, the sweep goes on
             status = "oom" if _is_oom(e) else "error"
             for p in phases:
@@ -211,14 +227,36 @@ class Runner:
         f = fit_scaling([x for x, _ in prev], [y for _, y in prev])
         return f.predict(c) * (self.spec.warmup + self.spec.reps) if f else 0.0
 
+    def _tokens(self, model, b: int) -> torch.Tensor:
+        """One token stream per model and batch size, long enough for every context of the sweep:
+        each case reads a prefix of it, so a larger context's prefill extends a smaller one's."""
+        if b not in self._ids:
+            g = torch.Generator().manual_seed(self.spec.seed + b)
+            n = max(self.spec.ctx) + self.spec.gen
+            self._ids[b] = torch.randint(0, model.cfg.vocab_size, (b, n), generator=g).to(self.device)
+        return self._ids[b]
+
+    def _shareable(self, b: int, c: int) -> bool:
+        """Whether case (b, c)'s end state is where a later, larger case's prefill passes: c is a whole
+        number of ubatch pieces and a larger context of this batch is still to come."""
+        return (self.spec.share_prefill and self.device.type == "cpu" and c % self.spec.ubatch == 0
+                and any(x > c for x in self.spec.ctx))
+
+    def _prefill_ready(self, cache, start: dict | None) -> None:
+        """Untimed: an empty cache, or the shared prefix's state restored."""
+        if start is None:
+            cache.reset()
+        else:
+            cache.restore(start["snap"])
+
     def _prefill_once(self, model, cache, ids) -> torch.Tensor:
-        cache.reset()
+        """The prefill pieces from the cache's position to the end of ids (from 0 after a reset)."""
         out = None
-        for s in range(0, ids.shape[1], self.spec.ubatch):
+        for s in range(cache.pos, ids.shape[1], self.spec.ubatch):
             out = model(ids[:, s : s + self.spec.ubatch], cache, logits="last")
         return out
 
-    def _prefill(self, model, cache, ids, base, b, c, cache_bytes) -> dict:
+    def _prefill(self, model, cache, ids, base, b, c, cache_bytes, start: dict | None = None) -> dict:
         spec = self.spec
         # Layer-type attribution. CPU: hooks in the first warmup run, or with no warmup in the first
         # timed run (there they only read a timer). GPU: one extra untimed run after the timed ones,
@@ -227,6 +265,7 @@ class Runner:
         hook_warm = spec.warmup > 0 and not gpu
         attribution = None
         for w in range(spec.warmup):
+            self._prefill_ready(cache, start)
             if w == 0 and hook_warm:
                 attribution = self._attributed(model, cache, ids)
             else:
@@ -235,24 +274,33 @@ class Runner:
         finite = True
         pm = PeakMemory(self.device)
         for r in range(spec.reps):
-            if r == 0 and not hook_warm and self.device.type == "cpu":
-                with pm:
+            with pm if r == 0 else _null():  # from before the restore: restored KV counts as prefill memory
+                self._prefill_ready(cache, start)
+                if r == 0 and not hook_warm and self.device.type == "cpu":
                     t0 = time.perf_counter()
                     attribution = self._attributed(model, cache, ids)
                     samples.append(time.perf_counter() - t0)
-                out = self._last_out
-            else:
-                with (pm if r == 0 else _null()), Stopwatch(self.device) as sw:
-                    out = self._prefill_once(model, cache, ids)
-                samples.append(sw.seconds)
+                    out = self._last_out
+                else:
+                    with Stopwatch(self.device) as sw:
+                        out = self._prefill_once(model, cache, ids)
+                    samples.append(sw.seconds)
             finite = finite and bool(torch.isfinite(out).all())
         if gpu:
+            self._prefill_ready(cache, start)
             attribution = self._attributed(model, cache, ids)
+        if start is not None:  # the shared prefix's own time, sample by sample, and its attribution
+            pre = start["samples"]
+            samples = [x + (pre[i] if i < len(pre) else statistics.median(pre)) for i, x in enumerate(samples)]
+            if attribution and start["attribution"]:
+                attribution = {k: attribution.get(k, 0.0) + start["attribution"].get(k, 0.0)
+                               for k in set(attribution) | set(start["attribution"])}
         st = _stats(samples)
         row = self._row(base, b, c, "prefill", **st, tokens_per_s=b * c / st["median_s"], latency_ms=st["median_s"] * 1e3,
                         peak_bytes=pm.peak, peak_delta_bytes=pm.delta, memory_source=pm.source,
                         reserved_peak_bytes=pm.reserved, nvml_used_bytes=pm.nvml_used,
-                        cache_bytes=cache_bytes, attribution_s=attribution)
+                        cache_bytes=cache_bytes, attribution_s=attribution,
+                        prefill_from=None if start is None else start["ctx"])
         if not finite:
             row.update(status="invalid", error="non-finite logits")
         return row
@@ -268,9 +316,8 @@ class Runner:
             result = att.close(time.perf_counter() - t0)
         return result
 
-    def _decode(self, model, cache, nxt, base, b, c, cache_bytes) -> dict:
+    def _decode(self, model, cache, nxt, base, b, c, cache_bytes, snap: dict) -> dict:
         spec = self.spec
-        snap = cache.snapshot()
         samples, finite = [], True
         pm = PeakMemory(self.device)
 
@@ -376,14 +423,19 @@ class _null:
 def estimate_seconds(spec: SweepSpec, gflops: float) -> float:
     """A rough up-front estimate of the sweep's run time from FLOP counts and a measured matmul rate."""
     total = 0.0
+    share = spec.share_prefill and spec.device == "cpu"
     for name in spec.models:
         cfg = load_config(name)
         p = count_params(cfg)
         per_tok = 2 * (p.active - p.groups["embedding"]) + 2 * cfg.hidden_size * cfg.vocab_size / max(1, spec.ubatch)
         att = len(cfg.attention_layers) * cfg.num_attention_heads * cfg.head_dim
         for b in spec.batch:
-            for c in spec.ctx:
-                flops = b * (per_tok * c + 2 * att * c * c)  # causal QK and PV: 2·2·(c²/2)·heads·hd
+            c0 = 0  # the shared prefix a case continues from (0: none)
+            for c in sorted(spec.ctx):
+                # causal QK and PV: 2·2·(c²/2)·heads·hd; a shared prefix's part is not run again
+                flops = b * (per_tok * (c - c0) + 2 * att * (c * c - c0 * c0))
+                if share and c % spec.ubatch == 0:
+                    c0 = c
                 runs = spec.warmup + spec.reps
                 t = flops / (gflops * 1e9) * runs * 1.6  # 1.6: what a CPU forward reaches of the matmul rate
                 if "decode" in spec.phases:
