@@ -140,6 +140,16 @@ def test_shared_prefix_prefill_continues_the_smaller_case_on_the_same_tokens(mon
     assert [r["prefill_from"] for r in rows] == [None, None] and {pos for _, pos, _ in runs} == {0}
 
 
+@pytest.mark.parametrize("share", [True, False])
+def test_a_shared_case_is_skipped_only_for_its_own_time(share):
+    rows = []
+    r = Runner(_spec(ctx=[32, 64], ubatch=32, phases=["prefill"], max_case_seconds=20.0, share_prefill=share),
+               rows.append)
+    r.predicted_seconds = lambda prev, c: 0.5 * c  # 64 tokens: 32 s from empty, 16 s after the 32 prefix
+    r.run()
+    assert [row["status"] for row in rows] == ["ok", "ok" if share else "skipped"]
+
+
 def test_estimate_counts_a_shared_prefix_once():
     from granite_cli.bench.runner import estimate_seconds
 

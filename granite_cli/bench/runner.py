@@ -180,7 +180,12 @@ class Runner:
         spec = self.spec
         phases = [p for p in spec.phases if case_key(base["model"], spec, b, c, p) not in self.done]
         prev = fits.setdefault(b, [])
-        est = self.predicted_seconds(prev, c)
+        self._bases = {k: v for k, v in self._bases.items() if k == b}  # other batches are done
+        start = self._bases.get(b)
+        if start is not None and not start["ctx"] < c:
+            start = None
+        # this case's own run time: a shared prefix is not run again
+        est = self.predicted_seconds(prev, c) - (self.predicted_seconds(prev, start["ctx"]) if start else 0.0)
         if est > spec.max_case_seconds:
             for p in phases:
                 self._emit(self._row(base, b, c, p, status="skipped",
@@ -193,10 +198,6 @@ class Runner:
                 cache = model.allocate_cache(b, c + spec.gen)
                 cache_bytes = cache.nbytes()["total"]
                 ids = self._tokens(model, b)[:, : c + spec.gen]
-                self._bases = {k: v for k, v in self._bases.items() if k == b}  # other batches are done
-                start = self._bases.get(b)
-                if start is not None and not start["ctx"] < c:
-                    start = None
                 prefill_row = self._prefill(model, cache, ids[:, :c], base, b, c, cache_bytes, start)
                 # depth c: where each decode repetition starts, and where a larger context may continue
                 snap = cache.snapshot() if ("decode" in phases or self._shareable(b, c)) else None
