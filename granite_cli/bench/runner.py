@@ -240,8 +240,7 @@ class Runner:
     def _shareable(self, b: int, c: int) -> bool:
         """Whether case (b, c)'s end state is where a later, larger case's prefill passes: c is a whole
         number of ubatch pieces and a larger context of this batch is still to come."""
-        return (self.spec.share_prefill and self.device.type == "cpu" and c % self.spec.ubatch == 0
-                and any(x > c for x in self.spec.ctx))
+        return prefix_point(self.spec, c) and any(x > c for x in self.spec.ctx)
 
     def _prefill_ready(self, cache, start: dict | None) -> None:
         """Untimed: an empty cache, or the shared prefix's state restored."""
@@ -290,12 +289,9 @@ class Runner:
         if gpu:
             self._prefill_ready(cache, start)
             attribution = self._attributed(model, cache, ids)
-        if start is not None:  # the shared prefix's own time, sample by sample, and its attribution
-            pre = start["samples"]
-            samples = [x + (pre[i] if i < len(pre) else statistics.median(pre)) for i, x in enumerate(samples)]
-            if attribution and start["attribution"]:
-                attribution = {k: attribution.get(k, 0.0) + start["attribution"].get(k, 0.0)
-                               for k in set(attribution) | set(start["attribution"])}
+        if start is not None:  # the shared prefix's own time, sample by sample (same reps), and its attribution
+            samples = [x + y for x, y in zip(samples, start["samples"], strict=True)]
+            attribution = {k: v + start["attribution"][k] for k, v in attribution.items()}
         st = _stats(samples)
         row = self._row(base, b, c, "prefill", **st, tokens_per_s=b * c / st["median_s"], latency_ms=st["median_s"] * 1e3,
                         peak_bytes=pm.peak, peak_delta_bytes=pm.delta, memory_source=pm.source,
@@ -421,10 +417,15 @@ class _null:
         return None
 
 
+def prefix_point(spec: SweepSpec, c: int) -> bool:
+    """Whether a prefill of c tokens ends where a longer one of the same sweep passes: prefixes are
+    shared (CPU only) and c is a whole number of ubatch pieces."""
+    return spec.share_prefill and torch.device(spec.device).type == "cpu" and c % spec.ubatch == 0
+
+
 def estimate_seconds(spec: SweepSpec, gflops: float) -> float:
     """A rough up-front estimate of the sweep's run time from FLOP counts and a measured matmul rate."""
     total = 0.0
-    share = spec.share_prefill and spec.device == "cpu"
     for name in spec.models:
         cfg = load_config(name)
         p = count_params(cfg)
@@ -435,7 +436,7 @@ def estimate_seconds(spec: SweepSpec, gflops: float) -> float:
             for c in sorted(spec.ctx):
                 # causal QK and PV: 2·2·(c²/2)·heads·hd; a shared prefix's part is not run again
                 flops = b * (per_tok * (c - c0) + 2 * att * (c * c - c0 * c0))
-                if share and c % spec.ubatch == 0:
+                if prefix_point(spec, c):
                     c0 = c
                 runs = spec.warmup + spec.reps
                 t = flops / (gflops * 1e9) * runs * 1.6  # 1.6: what a CPU forward reaches of the matmul rate
