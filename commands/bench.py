@@ -52,11 +52,12 @@ def bench(
     Examples: granite bench --ctx 128k;  granite bench -m granite-4.0-h-tiny --ctx 1k-32k*2 --batch 1,8 --out rep/
     """
     from granite_cli.bench import analysis as an
-    from granite_cli.bench.report import write_report
-    from granite_cli.bench.rows import JsonlStore, finished_keys
+    from granite_cli.bench.report import REPORT_FILES, write_report
+    from granite_cli.bench.rows import JsonlStore, check_rows_file, finished_keys
     from granite_cli.bench.runner import Runner, estimate_seconds, matmul_gflops
     from granite_cli.bench.spec import SweepSpec, load_sweep_file, parse_list, run_defaults
     from granite_cli.errors import CheckFailed, InputError
+    from granite_cli.fsutil import check_report_dir, prepare_report_dir
     from granite_cli.hostmem import retain_freed_memory
     from granite_cli.model.loading import parse_dtype
 
@@ -106,12 +107,18 @@ def bench(
             raise InputError(f"bad --fail-on-regression {fail_on_regression!r}: use a percentage such as 10%") from None
     base_rows = _read_rows(baseline) if baseline else None
 
-    store = JsonlStore(jsonl or (out / "rows.jsonl")) if (jsonl or out) else None
-    if resume and store is None:
+    if resume and not (jsonl or out):
         raise InputError("--resume needs --jsonl FILE or --out DIR to find finished rows")
+    if out:  # refused before any work when it holds files granite did not write
+        check_report_dir(out, REPORT_FILES)
+    if jsonl:
+        check_rows_file(jsonl)
+    if out and not jsonl:
+        prepare_report_dir(out, REPORT_FILES, appended=("rows.jsonl",))
+    store = JsonlStore(jsonl or (out / "rows.jsonl")) if (jsonl or out) else None
     kept = store.read() if (store and resume) else []
     if store and not resume and store.path.exists():
-        store.path.unlink()
+        store.path.unlink()  # proven granite's rows above
     rows: list[dict] = [r for r in kept if r.get("status") in ("ok", "invalid", "oom", "skipped")]
 
     est = estimate_seconds(spec, matmul_gflops(torch.device(dev), parse_dtype(spec.dtype)))

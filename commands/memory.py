@@ -42,6 +42,10 @@ def memory_report(
     limit = R.parse_bytes(budget) if budget is not None else None
     if device not in ("cpu", "cuda"):
         raise InputError(f"--device must be cpu or cuda, got {device!r}")
+    if out:  # refused before any work when it holds files granite did not write
+        from granite_cli.fsutil import check_report_dir
+
+        check_report_dir(out, R.REPORT_FILES)
     rep = R.full_report(models, ctxs, batches, weights, kv, state, ubatch)
     if trace:
         say(f"tracing {len(rep['rows'])} case(s) on the meta device ...")

@@ -55,10 +55,11 @@ def profiles_show(
 def profiles_export(
     model: Annotated[str, typer.Argument(help="Profile name, config.json path or checkpoint folder.")],
     out_dir: Annotated[Path, typer.Argument(help="Folder to write config.json into (created if missing).")],
+    force: Annotated[bool, typer.Option("--force", help="Replace a config.json already in the folder.")] = False,
 ) -> None:
     """Write a Hugging Face config.json that transformers' config class for the architecture loads."""
     from granite_cli.config import export_hf_config, load_config
 
-    path = export_hf_config(load_config(model), out_dir)
+    path = export_hf_config(load_config(model), out_dir, overwrite=force)
     say(f"wrote {path}")
     out(str(path))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
@@ -605,12 +606,29 @@ def _load_json(path: Path, name: str) -> ModelConfig:
     return from_hf_dict(d, name=name, source=str(path))
 
 
-def export_hf_config(cfg: ModelConfig, out_dir: Path) -> Path:
-    """Write `config.json` for cfg into out_dir (atomically) and return its path."""
+def export_hf_config(cfg: ModelConfig, out_dir: Path, overwrite: bool = True) -> Path:
+    """Write `config.json` for cfg into out_dir (atomically) and return its path. With
+    overwrite=False an existing config.json is refused (InputError) rather than replaced."""
+    import tempfile
+
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"{out_dir} is a file; give a folder to write config.json into")
     dst = out_dir / "config.json"
-    tmp = out_dir / ".config.json.tmp"
-    tmp.write_text(json.dumps(cfg.to_hf_dict(), indent=2, sort_keys=True) + "\n")
-    tmp.replace(dst)
+    if dst.is_symlink() or (dst.exists() and not dst.is_file()):
+        raise InputError(f"{dst} is not a regular file; choose another folder")
+    if dst.exists() and not overwrite:
+        raise InputError(f"{dst} already exists; pass --force to replace it")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise InputError(f"{out_dir}: a parent is a file, not a folder; choose a path inside a folder") from None
+    fd, tmp = tempfile.mkstemp(prefix=".config.json.", suffix=".partial", dir=out_dir)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(cfg.to_hf_dict(), indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, dst)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return dst

@@ -7,7 +7,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from granite_cli.fsutil import commit_dir, partial_dir
+from granite_cli.fsutil import report_dir
 from granite_cli.render import _json_safe, human_bytes, to_markdown
 
 PLOTS = {
@@ -18,6 +18,9 @@ PLOTS = {
     "attribution": "Prefill time by layer type",
 }
 
+
+# What a report folder may hold of granite's (fsutil checks an existing --out against it up front).
+REPORT_FILES = ("report.md", "rows.jsonl", "analysis.json", "*.png")
 
 def _plots(rows: list[dict], analysis: dict, out: Path) -> list[str]:
     import matplotlib
@@ -110,29 +113,29 @@ def _plots(rows: list[dict], analysis: dict, out: Path) -> list[str]:
 
 def write_report(out_dir: Path, rows: list[dict], analysis: dict, spec_dict: dict, wall_s: float | None = None) -> Path:
     out_dir = Path(out_dir)
-    tmp = partial_dir(out_dir)
-    plots = _plots(rows, analysis, tmp)
-    cols = ["model", "batch", "ctx", "phase", "status", "tokens_per_s", "latency_ms", "stdev_s", "peak_delta_bytes",
-            "cache_bytes"]
-    table = [{**r, "tokens_per_s": round(r["tokens_per_s"], 1) if r.get("tokens_per_s") else None,
-              "latency_ms": round(r["latency_ms"], 2) if r.get("latency_ms") else None,
-              "stdev_s": round(r["stdev_s"], 4) if r.get("stdev_s") is not None else None,
-              "peak_delta_bytes": human_bytes(r.get("peak_delta_bytes")) if r.get("peak_delta_bytes") is not None else None,
-              "cache_bytes": human_bytes(r.get("cache_bytes")) if r.get("cache_bytes") is not None else None}
-             for r in rows]
-    env = {k: rows[0].get(k) for k in ("device", "cpu", "gpu", "threads", "torch", "kernel_impl", "commit", "dirty")} if rows else {}
-    lines = ["# granite bench report", ""]
-    lines += [f"- {k}: `{v}`" for k, v in env.items()]
-    lines += [f"- sweep: `{json.dumps(spec_dict)}`"]
-    if wall_s is not None:
-        lines.append(f"- wall time: {wall_s:.0f} s")
-    lines += ["", "## Verdicts", ""] + [f"- {v}" for v in analysis["verdicts"]]
-    lines += ["", "## Results", "", to_markdown(table, cols)]
-    for name in plots:
-        lines += [f"## {PLOTS[name]}", "", f"![{name}]({name}.png)", ""]
-    (tmp / "report.md").write_text("\n".join(lines) + "\n")
-    with open(tmp / "rows.jsonl", "w") as f:
-        for r in rows:
-            f.write(json.dumps(_json_safe(r)) + "\n")
-    (tmp / "analysis.json").write_text(json.dumps(_json_safe(analysis), indent=2) + "\n")
-    return commit_dir(tmp, out_dir)
+    with report_dir(out_dir, REPORT_FILES) as tmp:
+        plots = _plots(rows, analysis, tmp)
+        cols = ["model", "batch", "ctx", "phase", "status", "tokens_per_s", "latency_ms", "stdev_s", "peak_delta_bytes",
+                "cache_bytes"]
+        table = [{**r, "tokens_per_s": round(r["tokens_per_s"], 1) if r.get("tokens_per_s") else None,
+                  "latency_ms": round(r["latency_ms"], 2) if r.get("latency_ms") else None,
+                  "stdev_s": round(r["stdev_s"], 4) if r.get("stdev_s") is not None else None,
+                  "peak_delta_bytes": human_bytes(r.get("peak_delta_bytes")) if r.get("peak_delta_bytes") is not None else None,
+                  "cache_bytes": human_bytes(r.get("cache_bytes")) if r.get("cache_bytes") is not None else None}
+                 for r in rows]
+        env = {k: rows[0].get(k) for k in ("device", "cpu", "gpu", "threads", "torch", "kernel_impl", "commit", "dirty")} if rows else {}
+        lines = ["# granite bench report", ""]
+        lines += [f"- {k}: `{v}`" for k, v in env.items()]
+        lines += [f"- sweep: `{json.dumps(spec_dict)}`"]
+        if wall_s is not None:
+            lines.append(f"- wall time: {wall_s:.0f} s")
+        lines += ["", "## Verdicts", ""] + [f"- {v}" for v in analysis["verdicts"]]
+        lines += ["", "## Results", "", to_markdown(table, cols)]
+        for name in plots:
+            lines += [f"## {PLOTS[name]}", "", f"![{name}]({name}.png)", ""]
+        (tmp / "report.md").write_text("\n".join(lines) + "\n")
+        with open(tmp / "rows.jsonl", "w") as f:
+            for r in rows:
+                f.write(json.dumps(_json_safe(r)) + "\n")
+        (tmp / "analysis.json").write_text(json.dumps(_json_safe(analysis), indent=2) + "\n")
+    return out_dir

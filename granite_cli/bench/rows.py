@@ -67,6 +67,38 @@ def environment_fields(device) -> dict:
     }
 
 
+_ROW_KEYS = ("model", "batch", "ctx", "phase", "status")
+
+
+def check_rows_file(path: Path) -> None:
+    """Refuse (exit 2) a --jsonl file that granite may not append to or replace: a link, a folder, or
+    a file with a line that is not a bench row (a last line cut by an interruption is allowed)."""
+    from granite_cli.errors import InputError
+
+    path = Path(path)
+    if path.is_symlink():
+        raise InputError(f"--jsonl {path} is a symbolic link; give the file it points to, or a new file")
+    if not path.exists():
+        return
+    if not path.is_file():
+        raise InputError(f"--jsonl {path} is not a file; give a new file or one granite bench wrote")
+    try:
+        lines = path.read_bytes().decode("utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        lines = ["\0"]
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+            ok = isinstance(r, dict) and all(k in r for k in _ROW_KEYS)
+        except ValueError:  # a row cut mid-write, as an interrupt leaves it
+            ok = i == len(lines) and line.startswith('{"schema_version": ')
+        if not ok:
+            raise InputError(f"--jsonl {path}: line {i} is not a granite bench row, so the file is not granite's; "
+                             "choose another file")
+
+
 class JsonlStore:
     """Rows appended as one JSON line each, flushed as they finish, so an interrupted sweep keeps them."""
 

@@ -31,7 +31,7 @@ from granite_cli.convert.sources import (TOKENIZER_FILES, TORCH_DTYPE_NAMES, GGU
                                          Source)
 from granite_cli.convert.tokenizer import vocab_kvs
 from granite_cli.errors import CheckFailed, InputError
-from granite_cli.fsutil import commit_dir, partial_dir
+from granite_cli.fsutil import check_destination, partial_dir, replace_checkpoint, temp_file_beside
 from granite_cli.model.loading import parse_dtype
 from granite_cli.render import parse_bytes
 
@@ -118,14 +118,9 @@ def _existing_parent(p: Path) -> Path:
 def plan(source: Source, dst: str | Path, *, dtype: str | None = None, quant_method: str | None = None,
          keep: tuple[str, ...] = (), shard_size: str = "5GB", force: bool = False,
          check_disk: bool = True) -> Plan:
-    dst = Path(dst)
+    dst = Path(os.path.abspath(dst))  # "." and ".." get a name, and a parent to write the temporary beside
     fmt = "gguf" if dst.suffix == ".gguf" else "hf"
-    if dst.exists() and not force:
-        raise InputError(f"{dst} already exists; pass --force to replace it")
-    if dst.exists() and fmt == "gguf" and dst.is_dir():
-        raise InputError(f"{dst} is a folder; a .gguf destination must be a file path")
-    if source.kind != "profile" and Path(source.path).resolve() == dst.resolve():
-        raise InputError("DST is the same as SRC; write to a new path")
+    check_destination(dst, None if source.kind == "profile" else Path(source.path), fmt, force)
     qm = (quant_method or "").lower() or None
     if qm not in (None, "fp8", "int8", "q8_0"):
         raise InputError(f"unknown --quant {quant_method!r}; use fp8, int8 (safetensors) or q8_0 (GGUF)")
@@ -502,12 +497,7 @@ def execute(p: Plan, *, verify_output: bool = True, progress: Callable[[int, int
     """Write, verify, rename. Returns the report (plan summary, timings, verification)."""
     t0 = time.perf_counter()
     dst = p.dst
-    if p.fmt == "gguf":
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst.with_name(f".{dst.name}.partial")
-        tmp.unlink(missing_ok=True)
-    else:
-        tmp = partial_dir(dst)
+    tmp = temp_file_beside(dst) if p.fmt == "gguf" else partial_dir(dst)
     try:
         if p.fmt == "gguf":
             _write_gguf(p, tmp, progress)
@@ -519,12 +509,7 @@ def execute(p: Plan, *, verify_output: bool = True, progress: Callable[[int, int
             if status:
                 status("verifying: inventory, metadata, every tensor, logits ...")
             ver = verify(p, tmp)
-        if p.fmt == "gguf":
-            if dst.exists() and dst.is_dir():
-                shutil.rmtree(dst)
-            os.replace(tmp, dst)
-        else:
-            commit_dir(tmp, dst)
+        replace_checkpoint(tmp, dst, p.fmt)
     except BaseException:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)

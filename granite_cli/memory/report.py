@@ -7,7 +7,7 @@ from pathlib import Path
 
 from granite_cli.config import load_config
 from granite_cli.errors import InputError
-from granite_cli.fsutil import commit_dir, partial_dir
+from granite_cli.fsutil import report_dir
 from granite_cli.memory.claims import all_claims, max_batch, max_context
 from granite_cli.memory.predict import activation_bytes, kv_state_crossover, norm_dtype, predict, weight_bytes
 from granite_cli.render import _json_safe, human_bytes, parse_bytes, to_markdown  # noqa: F401 (parse_bytes re-exported)
@@ -18,6 +18,9 @@ DEFAULT_MODELS = [
     "qwen3-4b", "qwen3-8b", "qwen3-30b-a3b", "qwen3-32b",
 ]
 GPU_SIZES_GB = [24, 48, 80, 141]
+
+# What a report folder may hold of granite's (fsutil checks an existing --out against it up front).
+REPORT_FILES = ("report.md", "report.json", "*.png")
 
 def rows_for(models, ctxs, batches, weights="bf16", kv="bf16", state="fp32", ubatch=4096) -> list[dict]:
     for d in (weights, kv, state):
@@ -201,26 +204,26 @@ def _plots(report: dict, out: Path) -> list[str]:
 
 def write_report_dir(out_dir: Path, report: dict) -> Path:
     out_dir = Path(out_dir)
-    tmp = partial_dir(out_dir)
-    plots = _plots(report, tmp)
-    cols = ["model", "ctx", "batch", "weights_bytes", "kv_bytes", "state_bytes", "activation_bytes", "total_bytes"]
-    extra = [c for c in ("traced_total_bytes", "measured_total_bytes", "measured_rss_peak_delta_bytes")
-             if any(c in r for r in report["rows"])]
-    fmt = [{k: (human_bytes(v) if k.endswith("bytes") and isinstance(v, (int, float)) else v) for k, v in r.items()}
-           for r in report["rows"]]
-    lines = ["# granite memory-report", "",
-             "Predicted from each model's config (weights by dtype; KV for attention layers only; Mamba conv + SSM "
-             "state per sequence, constant in context; the working set of a 4096-token prefill piece). "
-             "Sizes in binary units.", "",
-             "## IBM's claims", "",
-             "ratio: ours / IBM's figure (E1b); the smallest memory reduction over the grid, hybrid vs dense (70%); "
-             "the smallest comparable/Micro memory ratio where the conditions hold (E6).", "",
-             to_markdown(report["claims"], ["claim", "conditions", "ratio", "reduction_range", "verdict"]),
-             "## Where a hybrid's KV cache overtakes its Mamba state", "", to_markdown(report["crossover"]),
-             "## Capacity: most concurrent sequences that fit (bf16 weights and KV, fp32 state)", "",
-             to_markdown(report["capacity"]), "## Memory by model, context and batch", "", to_markdown(fmt, cols + extra)]
-    for p in plots:
-        lines += [f"![{p}]({p}.png)", ""]
-    (tmp / "report.md").write_text("\n".join(lines) + "\n")
-    (tmp / "report.json").write_text(json.dumps(_json_safe(report), indent=1) + "\n")
-    return commit_dir(tmp, out_dir)
+    with report_dir(out_dir, REPORT_FILES) as tmp:
+        plots = _plots(report, tmp)
+        cols = ["model", "ctx", "batch", "weights_bytes", "kv_bytes", "state_bytes", "activation_bytes", "total_bytes"]
+        extra = [c for c in ("traced_total_bytes", "measured_total_bytes", "measured_rss_peak_delta_bytes")
+                 if any(c in r for r in report["rows"])]
+        fmt = [{k: (human_bytes(v) if k.endswith("bytes") and isinstance(v, (int, float)) else v) for k, v in r.items()}
+               for r in report["rows"]]
+        lines = ["# granite memory-report", "",
+                 "Predicted from each model's config (weights by dtype; KV for attention layers only; Mamba conv + SSM "
+                 "state per sequence, constant in context; the working set of a 4096-token prefill piece). "
+                 "Sizes in binary units.", "",
+                 "## IBM's claims", "",
+                 "ratio: ours / IBM's figure (E1b); the smallest memory reduction over the grid, hybrid vs dense (70%); "
+                 "the smallest comparable/Micro memory ratio where the conditions hold (E6).", "",
+                 to_markdown(report["claims"], ["claim", "conditions", "ratio", "reduction_range", "verdict"]),
+                 "## Where a hybrid's KV cache overtakes its Mamba state", "", to_markdown(report["crossover"]),
+                 "## Capacity: most concurrent sequences that fit (bf16 weights and KV, fp32 state)", "",
+                 to_markdown(report["capacity"]), "## Memory by model, context and batch", "", to_markdown(fmt, cols + extra)]
+        for p in plots:
+            lines += [f"![{p}]({p}.png)", ""]
+        (tmp / "report.md").write_text("\n".join(lines) + "\n")
+        (tmp / "report.json").write_text(json.dumps(_json_safe(report), indent=1) + "\n")
+    return out_dir
