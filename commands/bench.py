@@ -54,7 +54,7 @@ def bench(
     from granite_cli.bench import analysis as an
     from granite_cli.bench.report import REPORT_FILES, write_report
     from granite_cli.bench.rows import JsonlStore, check_rows_file, finished_keys
-    from granite_cli.bench.runner import Runner, estimate_seconds, matmul_gflops
+    from granite_cli.bench.runner import Runner, check_fits, estimate_seconds, matmul_gflops
     from granite_cli.bench.spec import SweepSpec, load_sweep_file, parse_list, run_defaults
     from granite_cli.errors import CheckFailed, InputError
     from granite_cli.fsutil import check_report_dir, prepare_report_dir
@@ -121,6 +121,7 @@ def bench(
         store.path.unlink()  # proven granite's rows above
     rows: list[dict] = [r for r in kept if r.get("status") in ("ok", "invalid", "oom", "skipped")]
 
+    check_fits(spec)
     est = estimate_seconds(spec, matmul_gflops(torch.device(dev), parse_dtype(spec.dtype)))
     n_cases = len(spec.models) * len(spec.ctx) * len(spec.batch)
     say(f"granite bench: {len(spec.models)} model(s) x {len(spec.batch)} batch x {len(spec.ctx)} context(s) on {dev} "
@@ -199,18 +200,25 @@ def _read_rows(path: Path) -> list[dict]:
 
     from granite_cli.errors import InputError
 
+    bad = InputError(f"{path}: not bench rows (expected JSONL or granite bench --format json output)")
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode("utf-8")
     except OSError as e:
         raise InputError(f"{path}: cannot read baseline ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise bad from None
     try:
         d = json.loads(text)
-        return d["rows"] if isinstance(d, dict) else d
-    except (json.JSONDecodeError, KeyError):
+        rows = d["rows"] if isinstance(d, dict) else d
+    except (ValueError, KeyError, TypeError, RecursionError):
         try:
-            return [json.loads(line) for line in text.splitlines() if line.strip()]
-        except json.JSONDecodeError:
-            raise InputError(f"{path}: not bench rows (expected JSONL or granite bench --format json output)") from None
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except (ValueError, RecursionError):
+            raise bad from None
+    keys = ("model", "dtype", "device", "batch", "ctx", "phase", "status")
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and all(k in r for k in keys) for r in rows):
+        raise bad
+    return rows
 
 
 class _Progress:

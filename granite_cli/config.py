@@ -299,9 +299,44 @@ def validate(cfg: ModelConfig, source: str | None = None) -> ModelConfig:
             )
         if cfg.mamba_n_heads % cfg.mamba_n_groups:
             raise _fail(src, f"mamba_n_groups {cfg.mamba_n_groups} does not divide mamba_n_heads {cfg.mamba_n_heads}")
-    if cfg.rms_norm_eps <= 0:
-        raise _fail(src, "rms_norm_eps must be positive")
+    _check_values(cfg, src)
     return cfg
+
+
+_MAX_DIM = 2**31 - 1  # beyond any model, and past it torch's index arithmetic would overflow
+
+
+def _check_values(cfg: ModelConfig, src: str) -> None:
+    """Ranges of the scalar fields (validate holds the geometry rules)."""
+    for f in dataclasses.fields(ModelConfig):
+        v = getattr(cfg, f.name)
+        if f.type == "int" and isinstance(v, int) and not 0 <= v <= _MAX_DIM:
+            raise _fail(src, f"{f.name} must be between 0 and {_MAX_DIM}, got {v}")
+        if f.type == "float" and isinstance(v, (int, float)) and not math.isfinite(v):
+            raise _fail(src, f"{f.name} must be a finite number, got {v}")
+    if cfg.max_position_embeddings < 1:
+        raise _fail(src, "max_position_embeddings must be a positive integer")
+    if cfg.is_hybrid and cfg.mamba_expand < 1:
+        raise _fail(src, "mamba_expand must be a positive integer for a model with Mamba layers")
+    if not cfg.rms_norm_eps > 0:
+        raise _fail(src, "rms_norm_eps must be positive")
+    if not cfg.rope_theta > 0:
+        raise _fail(src, f"rope_theta must be positive, got {cfg.rope_theta}")
+    if cfg.logits_scaling == 0:
+        raise _fail(src, "logits_scaling must not be 0 (the logits are divided by it)")
+    if cfg.attention_multiplier < 0:
+        raise _fail(src, f"attention_multiplier must not be negative, got {cfg.attention_multiplier}")
+    lo, hi = cfg.time_step_limit
+    if not 0 <= lo <= hi or math.isnan(hi):
+        raise _fail(src, f"time_step_limit must be [low, high] with 0 <= low <= high, got {[lo, hi]}")
+    rs = cfg.rope_scaling_dict
+    if rs and rs.get("rope_type", rs.get("type")) == "llama3":
+        for k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+            v = rs.get(k)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
+                raise _fail(src, f"rope_scaling.{k} must be a positive number for llama3 scaling, got {v!r}")
+        if rs["high_freq_factor"] == rs["low_freq_factor"]:
+            raise _fail(src, "rope_scaling high_freq_factor must differ from low_freq_factor")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -338,6 +373,8 @@ def _rope_from_hf(d: dict[str, Any], default_theta: float) -> tuple[float, tuple
     params = d.get("rope_parameters")
     if isinstance(params, dict):
         theta = params.get("rope_theta", theta)
+        if isinstance(theta, bool) or not isinstance(theta, (int, float)):
+            raise InputError(f"rope_parameters.rope_theta must be a number, got {theta!r}")
         rt = params.get("rope_type", params.get("type", "default"))
         if rt != "default":
             scaling = {k: v for k, v in params.items() if k != "rope_theta"}
@@ -357,8 +394,20 @@ def _time_step_limit(raw: Any) -> tuple[float, float]:
 
     if raw is None:
         return (0.0, math.inf)
-    lo, hi = raw
-    return (num(lo), num(hi))
+    if not isinstance(raw, (list, tuple)) or len(raw) != 2:
+        raise InputError(f"time_step_limit must be a pair [low, high], got {raw!r}")
+    try:
+        lo, hi = num(raw[0]), num(raw[1])
+    except (TypeError, ValueError):
+        raise InputError(f"time_step_limit must hold two numbers, got {raw!r}") from None
+    return (lo, hi)
+
+
+def _time_step_limit_in(raw: Any, source: str) -> tuple[float, float]:
+    try:
+        return _time_step_limit(raw)
+    except InputError as e:
+        raise _fail(source, str(e)) from None
 
 
 # Keys transformers writes that do not change the forward pass (bookkeeping, token ids, training).
@@ -427,8 +476,62 @@ _HF_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+# The JSON type of each key the parser reads. null means "not given" (the transformers default) only
+# for the keys in _HF_NULLABLE; anywhere else it is an error, as it would be in transformers' forward.
+_HF_TYPES: dict[str, str] = {
+    **dict.fromkeys(("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "head_dim", "max_position_embeddings", "shared_intermediate_size",
+                     "num_local_experts", "num_experts_per_tok", "mamba_n_heads", "mamba_n_groups", "mamba_d_state",
+                     "mamba_d_conv", "mamba_expand", "mamba_chunk_size", "moe_intermediate_size", "num_experts",
+                     "decoder_sparse_step"), "integer"),
+    **dict.fromkeys(("rms_norm_eps", "rope_theta", "embedding_multiplier", "attention_multiplier",
+                     "residual_multiplier", "logits_scaling"), "number"),
+    **dict.fromkeys(("tie_word_embeddings", "attention_bias", "mamba_conv_bias", "mamba_proj_bias",
+                     "norm_topk_prob"), "true or false"),
+    **dict.fromkeys(("position_embedding_type", "torch_dtype", "dtype"), "string"),
+    **dict.fromkeys(("rope_scaling", "rope_parameters"), "object"),
+    **dict.fromkeys(("layer_types", "layers_block_type", "attn_layer_indices", "mlp_only_layers", "time_step_limit"),
+                    "list"),
+}
+_HF_NULLABLE = {"num_key_value_heads", "head_dim", "position_embedding_type", "torch_dtype", "dtype", "rope_scaling",
+                "rope_parameters", "layer_types", "layers_block_type", "attn_layer_indices", "mlp_only_layers",
+                "time_step_limit", "mamba_d_head"}
+
+
+def _json_type_ok(v: Any, kind: str) -> bool:
+    if kind == "integer":
+        return isinstance(v, int) and not isinstance(v, bool)
+    if kind == "number":
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    return isinstance(v, {"true or false": bool, "string": str, "object": dict, "list": (list, tuple)}[kind])
+
+
+def _check_hf_types(d: dict[str, Any], source: str) -> None:
+    for k, v in d.items():
+        if v is None:
+            if k in _HF_TYPES and k not in _HF_NULLABLE:
+                raise _fail(source, f"{k} must be {_a(_HF_TYPES[k])}, got null; give a value or remove the key")
+            continue
+        if k == "mamba_d_head":
+            if v != "auto" and not _json_type_ok(v, "integer"):
+                raise _fail(source, f"mamba_d_head must be an integer or \"auto\", got {v!r}")
+        elif k in _HF_TYPES and not _json_type_ok(v, _HF_TYPES[k]):
+            raise _fail(source, f"{k} must be {_a(_HF_TYPES[k])}, got {json.dumps(v)[:60]}")
+    for k in ("num_attention_heads", "num_hidden_layers", "hidden_size"):  # divisors and counts used below
+        if k in d and d[k] <= 0:
+            raise _fail(source, f"{k} must be a positive integer, got {d[k]}")
+    if d.get("mamba_n_heads") is not None and d["mamba_n_heads"] < 0:
+        raise _fail(source, f"mamba_n_heads must not be negative, got {d['mamba_n_heads']}")
+
+
+def _a(kind: str) -> str:
+    return {"integer": "an integer", "number": "a number", "true or false": "true or false", "string": "a string",
+            "object": "a JSON object", "list": "a list"}[kind]
+
+
 def from_hf_dict(d: dict[str, Any], name: str = "", source: str = "config.json") -> ModelConfig:
-    """Parse a Hugging Face config dict. Unknown keys are errors (a misspelt key must not pass silently)."""
+    """Parse a Hugging Face config dict. Unknown keys are errors (a misspelt key must not pass silently),
+    and so are values of the wrong JSON type."""
     if not isinstance(d, dict):
         raise _fail(source, "expected a JSON object")
     mt = d.get("model_type")
@@ -438,12 +541,16 @@ def from_hf_dict(d: dict[str, Any], name: str = "", source: str = "config.json")
     if unknown:
         raise _fail(source, f"unknown key {unknown[0]!r}" + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else "")
                     + f" for model_type {mt}; remove it or check its spelling")
+    _check_hf_types(d, source)
     g = {**_HF_DEFAULTS[mt], **{k: v for k, v in d.items() if v is not None or k not in _HF_DEFAULTS[mt]}}
     n_layers = g["num_hidden_layers"]
     heads = g["num_attention_heads"]
     kv = g.get("num_key_value_heads") or heads
     head_dim = g.get("head_dim") or (g["hidden_size"] // heads)
-    theta, scaling = _rope_from_hf(d, g.get("rope_theta", 10000.0))
+    try:
+        theta, scaling = _rope_from_hf(d, g.get("rope_theta", 10000.0))
+    except InputError as e:
+        raise _fail(source, str(e)) from None
     common = dict(
         name=name, architecture=mt, vocab_size=g["vocab_size"], hidden_size=g["hidden_size"],
         num_hidden_layers=n_layers, num_attention_heads=heads, num_key_value_heads=kv, head_dim=head_dim,
@@ -477,7 +584,7 @@ def from_hf_dict(d: dict[str, Any], name: str = "", source: str = "config.json")
             mamba_n_groups=g["mamba_n_groups"], mamba_d_state=g["mamba_d_state"], mamba_d_conv=g["mamba_d_conv"],
             mamba_expand=g["mamba_expand"], mamba_chunk_size=g["mamba_chunk_size"],
             mamba_conv_bias=bool(g["mamba_conv_bias"]), mamba_proj_bias=bool(g["mamba_proj_bias"]),
-            time_step_limit=_time_step_limit(d.get("time_step_limit")),
+            time_step_limit=_time_step_limit_in(d.get("time_step_limit"), source),
         )
         if not cfg.is_hybrid:
             # dense members carry leftover mamba_* keys; they build nothing, so do not validate them
@@ -497,6 +604,7 @@ def from_hf_dict(d: dict[str, Any], name: str = "", source: str = "config.json")
             **common, layer_types=layer_types, position_embedding_type="rope", qk_norm=mt in ("qwen3", "qwen3_moe"),
             **extra,
         )
+    _check_types(cfg, source)
     return validate(cfg, source)
 
 
@@ -533,9 +641,11 @@ def from_profile_dict(d: dict[str, Any], name: str, source: str) -> ModelConfig:
         types = _layers_from_indices(d.pop("attention_layers", "all"), n, source)
     if "rope_scaling" in d:
         rs = d.pop("rope_scaling")
+        if not isinstance(rs, dict):
+            raise _fail(source, f"rope_scaling must be a table, got {rs!r}")
         d["rope_scaling"] = tuple(sorted(rs.items())) if rs else None
     if "time_step_limit" in d:
-        d["time_step_limit"] = _time_step_limit(d.pop("time_step_limit"))
+        d["time_step_limit"] = _time_step_limit_in(d.pop("time_step_limit"), source)
     d.setdefault("head_dim", d["hidden_size"] // d["num_attention_heads"])
     if d["architecture"] in ("qwen3", "qwen3_moe"):
         d.setdefault("qk_norm", True)
@@ -564,9 +674,13 @@ def _check_types(cfg: ModelConfig, source: str) -> None:
 
 def load_profile_file(path: Path, name: str | None = None) -> ModelConfig:
     try:
-        text = Path(path).read_text()
+        if Path(path).stat().st_size > MAX_CONFIG_BYTES:
+            raise InputError(f"{path}: too large to be a profile")
+        text = Path(path).read_bytes().decode("utf-8")
     except OSError as e:
         raise InputError(f"{path}: cannot read profile ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not a TOML profile (not UTF-8 text)") from None
     try:
         d = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
@@ -598,12 +712,32 @@ def load_config(spec: str | Path | ModelConfig) -> ModelConfig:
     )
 
 
-def _load_json(path: Path, name: str) -> ModelConfig:
+# A config.json is a few kB; anything far larger is not one (and is not read into memory to find out).
+MAX_CONFIG_BYTES = 16 * 2**20
+
+
+def read_json_config(path: Path) -> Any:
+    """The parsed JSON of a config file, or an InputError naming what is wrong with it."""
     try:
-        d = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise InputError(f"{path}: not a readable JSON config ({e})") from None
-    return from_hf_dict(d, name=name, source=str(path))
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise InputError(f"{path}: {size} bytes is too large for a config.json; pass a checkpoint folder, a "
+                             "config.json or a profile name")
+        text = path.read_bytes().decode("utf-8")
+        return json.loads(text)
+    except OSError as e:
+        raise InputError(f"{path}: cannot read config ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not a JSON config (not UTF-8 text); pass a checkpoint folder, a config.json or "
+                         "a profile name") from None
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); fix the file or re-download it") from None
+    except RecursionError:
+        raise InputError(f"{path}: JSON nested too deeply to be a config") from None
+
+
+def _load_json(path: Path, name: str) -> ModelConfig:
+    return from_hf_dict(read_json_config(path), name=name, source=str(path))
 
 
 def export_hf_config(cfg: ModelConfig, out_dir: Path, overwrite: bool = True) -> Path:

@@ -93,4 +93,6 @@ def parse_bytes(s: str) -> float:
     v = float(m.group(1)) * _UNITS[m.group(2).lower()]
     if v <= 0:
         raise InputError(f"bad size {s!r}: must be positive")
+    if not v < 2**63:
+        raise InputError(f"bad size {s[:40]!r}: too large (at most 2^63 bytes)")
     return v

@@ -46,19 +46,18 @@ class SafetensorsFile:
                 raise InputError(f"{self.path}: corrupt safetensors header (length {n} in a {size}-byte file)")
             try:
                 header = json.loads(fh.read(n))
-            except (UnicodeDecodeError, json.JSONDecodeError):
+            except (UnicodeDecodeError, ValueError, RecursionError):
                 raise InputError(f"{self.path}: corrupt safetensors header (not valid JSON)") from None
-            self.metadata = header.pop("__metadata__", {}) or {}
+            if not isinstance(header, dict):
+                raise InputError(f"{self.path}: corrupt safetensors header (not a JSON object)")
+            self.metadata = header.pop("__metadata__", None) or {}
+            if not isinstance(self.metadata, dict) or not all(isinstance(v, str) for v in self.metadata.values()):
+                raise InputError(f"{self.path}: corrupt safetensors header (__metadata__ is not an object of strings)")
             self.data_start = 8 + n
             self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
             data_len = size - self.data_start
             for name, info in header.items():
-                try:
-                    dt = DTYPES[info["dtype"]]
-                    shape = tuple(int(x) for x in info["shape"])
-                    start, end = (int(x) for x in info["data_offsets"])
-                except (KeyError, TypeError, ValueError):
-                    raise InputError(f"{self.path}: corrupt safetensors header entry for {name!r}") from None
+                dt, shape, start, end = self._entry(name, info)
                 numel = 1
                 for s in shape:
                     numel *= s
@@ -68,7 +67,34 @@ class SafetensorsFile:
                         "(truncated or corrupt file)"
                     )
                 self.entries[name] = (dt, shape, start, end)
+            self._check_layout(data_len)
             self._mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY) if size > 0 else None
+
+    def _entry(self, name: str, info) -> tuple[torch.dtype, tuple[int, ...], int, int]:
+        def ints(v, k: int | None) -> bool:
+            return (isinstance(v, list) and (k is None or len(v) == k)
+                    and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v))
+
+        ok = (isinstance(info, dict) and info.get("dtype") in DTYPES and ints(info.get("shape"), None)
+              and ints(info.get("data_offsets"), 2))
+        if not ok:
+            raise InputError(f"{self.path}: corrupt safetensors header entry for {name[:80]!r} (needs dtype, shape "
+                             "and data_offsets [begin, end])")
+        return DTYPES[info["dtype"]], tuple(info["shape"]), *info["data_offsets"]
+
+    def _check_layout(self, data_len: int) -> None:
+        """The tensors tile the data section exactly, as the safetensors format requires: no overlap
+        (two tensors sharing bytes would convert as if independent), no gap, nothing after."""
+        end = 0
+        for name, (_, _, start, stop) in sorted(self.entries.items(), key=lambda kv: (kv[1][2], kv[1][3])):
+            if start != end:
+                what = "overlaps the tensor before it" if start < end else "leaves a gap before it"
+                raise InputError(f"{self.path}: tensor {name!r} {what} (data_offsets); the file is corrupt: "
+                                 "re-download or re-convert it")
+            end = stop
+        if end != data_len:
+            raise InputError(f"{self.path}: {data_len - end} bytes after the last tensor; the file is corrupt or "
+                             "truncated: re-download or re-convert it")
 
     def keys(self) -> list[str]:
         return list(self.entries)

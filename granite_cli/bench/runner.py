@@ -423,6 +423,43 @@ def prefix_point(spec: SweepSpec, c: int) -> bool:
     return spec.share_prefill and torch.device(spec.device).type == "cpu" and c % spec.ubatch == 0
 
 
+def device_memory(device: torch.device) -> tuple[int, str]:
+    """(bytes, what they are) of the memory a sweep on `device` can use."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory, f"{torch.cuda.get_device_name(device)}'s memory"
+    import psutil
+
+    return psutil.virtual_memory().total, "this machine's memory"
+
+
+def check_fits(spec: SweepSpec, have: int | None = None, where: str = "") -> None:
+    """Refuse (InputError) a sweep whose largest case, by memory-report's model (weights, KV cache,
+    Mamba state, working set), needs more than the device has: such a case could only fail, after
+    minutes of smaller ones or an attempt to allocate terabytes."""
+    from granite_cli.memory.predict import predict
+    from granite_cli.render import human_bytes
+
+    if have is None:
+        have, where = device_memory(torch.device(spec.device))
+    b, c = max(spec.batch), max(spec.ctx)
+    for name in spec.models:
+        cfg = load_config(name)
+
+        def need(ctx: int) -> float:
+            return predict(cfg, ctx + spec.gen, b, spec.dtype, spec.dtype, "fp32", spec.ubatch).total_bytes
+
+        if need(c) <= have:
+            continue
+        lo, hi = 0, c  # the largest context that fits at this batch, by bisection
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if need(mid) <= have else (lo, mid - 1)
+        hint = f"at batch {b} up to about {lo} tokens fit" if lo else f"not even one token fits at batch {b}"
+        raise InputError(f"{cfg.name} at ctx {c} x batch {b} needs about {human_bytes(need(c))} (predicted: weights, "
+                         f"KV cache, Mamba state, working set), more than the {human_bytes(have)} of {where}; "
+                         f"lower --ctx or --batch ({hint})")
+
+
 def estimate_seconds(spec: SweepSpec, gflops: float) -> float:
     """A rough up-front estimate of the sweep's run time from FLOP counts and a measured matmul rate."""
     total = 0.0

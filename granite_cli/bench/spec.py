@@ -15,6 +15,10 @@ from pathlib import Path
 from granite_cli.errors import InputError
 
 _SIZE = re.compile(r"^(\d+)([kKmM]?)$")
+# A context or batch beyond 2^40 describes no machine, and past it sizes multiplied together overflow int64.
+MAX_SIZE = 2**40
+# More values than a sweep or a report can use; a range that would give more is refused before it is expanded.
+MAX_VALUES = 1000
 
 
 def parse_size(s: str, what: str = "size") -> int:
@@ -24,7 +28,10 @@ def parse_size(s: str, what: str = "size") -> int:
     n = int(m.group(1)) * {"": 1, "k": 1024, "m": 1024 * 1024}[m.group(2).lower()]
     if n <= 0:
         raise InputError(f"bad {what} {s!r}: must be positive")
+    if n > MAX_SIZE:
+        raise InputError(f"bad {what} {s[:40]!r}: at most {MAX_SIZE} (1m = 1048576)")
     return n
+
 
 
 def parse_list(spec: str, what: str = "size") -> list[int]:
@@ -42,13 +49,27 @@ def parse_list(spec: str, what: str = "size") -> list[int]:
                 raise InputError(f"bad {what} range {part!r}: the end is below the start")
             if (op == "*" and step < 2) or (op == "+" and step < 1):
                 raise InputError(f"bad {what} range {part!r}: the step must grow (*2 or more, +1 or more)")
+            count = (hi - lo) // step + 1 if op == "+" else len(_geometric(lo, hi, step))
+            if count + len(out) > MAX_VALUES:
+                raise InputError(f"bad {what} range {part!r}: {count} values, more than the {MAX_VALUES} a list may "
+                                 f"hold; use a larger step or a geometric range such as 1k-128k*2")
             v = lo
             while v <= hi:
                 out.append(v)
                 v = v * step if op == "*" else v + step
         else:
             out.append(parse_size(part, what))
+        if len(out) > MAX_VALUES:
+            raise InputError(f"bad {what} list: more than {MAX_VALUES} values")
     return sorted(set(out))
+
+
+def _geometric(lo: int, hi: int, mult: int) -> list[int]:
+    out, v = [], lo
+    while v <= hi:  # at most log2(MAX_SIZE) steps
+        out.append(v)
+        v *= mult
+    return out
 
 
 PHASES = ("prefill", "decode")
@@ -91,8 +112,11 @@ class SweepSpec:
                 raise InputError(f"--{name} must be at least 1")
         if self.warmup < 0:
             raise InputError("--warmup must not be negative")
-        if self.max_case_seconds <= 0:
+        if not self.max_case_seconds > 0:
             raise InputError("--max-case-seconds must be positive")
+        from granite_cli.model.loading import check_seed
+
+        check_seed(self.seed)
         return self
 
     def cases(self):
@@ -103,19 +127,41 @@ class SweepSpec:
                     yield m, b, c
 
 
+_FILE_TYPES = {"models": (list, str), "ctx": (list, str, int), "batch": (list, str, int), "phases": (list, str),
+               "gen": int, "dtype": str, "device": str, "reps": int, "warmup": int, "cuda_graph": bool,
+               "compile": bool, "share_prefill": bool, "ubatch": int, "max_case_seconds": (int, float), "seed": int}
+_FILE_WORDS = {k: ("true or false" if v is bool else "an integer" if v is int else "a string" if v is str
+                   else "a number" if k == "max_case_seconds" else "a list or a string")
+               for k, v in _FILE_TYPES.items()}
+
+
 def load_sweep_file(path: str | Path) -> dict:
     """A TOML sweep file with any of: models, ctx, batch, phases, gen, dtype, device, reps, warmup,
     ubatch, share_prefill, max_case_seconds, seed. ctx and batch may be lists or range strings."""
     try:
-        d = tomllib.loads(Path(path).read_text())
+        d = tomllib.loads(Path(path).read_bytes().decode("utf-8"))
     except OSError as e:
         raise InputError(f"{path}: cannot read sweep file ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not a TOML sweep file (not UTF-8 text)") from None
     except tomllib.TOMLDecodeError as e:
         raise InputError(f"{path}: not valid TOML ({e})") from None
     known = {f.name for f in fields(SweepSpec)}
     unknown = sorted(set(d) - known)
     if unknown:
         raise InputError(f"{path}: unknown key {unknown[0]!r}; valid: {', '.join(sorted(known))}")
+    for k, v in d.items():
+        want = _FILE_TYPES[k]
+        ok = (isinstance(v, want) and not (isinstance(v, bool) and bool not in (want if isinstance(want, tuple)
+                                                                                    else (want,))))
+        if k in ("models", "phases") and isinstance(v, list):
+            ok = all(isinstance(x, str) for x in v)
+        if k in ("ctx", "batch") and isinstance(v, list):
+            ok = all(isinstance(x, (int, str)) and not isinstance(x, bool) for x in v)
+        if not ok:
+            raise InputError(f"{path}: {k} must be {_FILE_WORDS[k]}, got {v!r:.60}")
+    if isinstance(d.get("models"), str):
+        d["models"] = [d["models"]]
     for k in ("ctx", "batch"):
         if k in d and not isinstance(d[k], list):
             d[k] = parse_list(str(d[k]), k)

@@ -145,6 +145,39 @@ class GGUFWriter:
         self._f.close()
 
 
+# Bounds that no real model file reaches, so a header cannot make the reader allocate without limit:
+# counts are checked before anything is allocated for them, metadata arrays longer than _EAGER_ITEMS
+# (the vocabulary) stay compact (numpy) or undecoded (strings), and at most _EAGER_BUDGET elements
+# in all become Python objects.
+MAX_TENSORS = 1 << 16
+MAX_KEYS = 1 << 16
+MAX_DIMS = 4
+_EAGER_ITEMS = 4096
+_EAGER_BUDGET = 1 << 18
+
+
+class GGUFStrings:
+    """A metadata array of strings, kept undecoded: its length, and its items on iteration."""
+
+    def __init__(self, f: "GGUFFile", n: int) -> None:
+        self._f, self._start, self._n = f, f._pos, n
+        for _ in range(n):  # step over the strings, checking each lies in the file
+            (k,) = f._take("<Q")
+            if f._pos + k > f.size:
+                raise struct.error("past end")
+            f._pos += k
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __iter__(self):
+        mm, pos = self._f._mm, self._start
+        for _ in range(self._n):
+            (k,) = struct.unpack_from("<Q", mm, pos)
+            yield bytes(mm[pos + 8 : pos + 8 + k]).decode("utf-8", errors="replace")
+            pos += 8 + k
+
+
 class GGUFFile:
     """A mapped GGUF file: `.kv` (key → value), `.tensors` (name → TensorInfo), `.raw(name)`."""
 
@@ -178,18 +211,37 @@ class GGUFFile:
         self._pos += n
         return s
 
+    def _corrupt(self, what: str) -> InputError:
+        return InputError(f"{self.path}: corrupt GGUF header ({what}); re-download or re-convert it")
+
     def _value(self, vtype: int):
         if vtype == STR:
             return self._str()
         if vtype == ARR:
             atype, n = self._take("<IQ")
             if atype == STR:
+                if n > (self.size - self._pos) // 8:  # each string takes at least its 8-byte length
+                    raise struct.error("past end")
+                if n > _EAGER_ITEMS or n > self._budget:
+                    return GGUFStrings(self, n)
+                self._budget -= n
                 return [self._str() for _ in range(n)]
-            if atype not in _SCALAR or n > self.size:
-                raise InputError(f"{self.path}: corrupt GGUF metadata array")
-            return list(self._take(f"<{n}{_SCALAR[atype][1]}"))
+            if atype not in _SCALAR:
+                raise self._corrupt(f"metadata array of value type {atype}")
+            code = _SCALAR[atype][1]
+            width = struct.calcsize("<" + code)
+            if n > (self.size - self._pos) // width:
+                raise struct.error("past end")
+            if n > _EAGER_ITEMS or n > self._budget:  # a compact copy: exactly the file's bytes
+                import numpy as np
+
+                a = np.frombuffer(self._mm, dtype=np.dtype("<" + code), count=n, offset=self._pos).copy()
+                self._pos += n * width
+                return a
+            self._budget -= n
+            return list(self._take(f"<{n}{code}"))
         if vtype not in _SCALAR:
-            raise InputError(f"{self.path}: corrupt GGUF metadata (value type {vtype})")
+            raise self._corrupt(f"metadata value type {vtype}")
         return self._take(_SCALAR[vtype])[0]
 
     def _parse(self) -> None:
@@ -199,18 +251,25 @@ class GGUFFile:
         version, nt, nkv = self._take("<IQQ")
         if version not in (2, 3):
             raise InputError(f"{self.path}: GGUF version {version} is not supported (only 2 and 3)")
-        if nt > self.size or nkv > self.size:
+        if nt > min(self.size, MAX_TENSORS) or nkv > min(self.size, MAX_KEYS):
             raise InputError(f"{self.path}: corrupt GGUF header (counts {nt}/{nkv})")
+        self._budget = _EAGER_BUDGET
         self.kv: dict[str, Any] = {}
         for _ in range(nkv):
             key = self._str()
             (vt,) = self._take("<I")
+            if key in self.kv:
+                raise self._corrupt(f"metadata key {key!r} twice")
             self.kv[key] = self._value(vt)
-        align = int(self.kv.get("general.alignment", ALIGN))
+        align = self.kv.get("general.alignment", ALIGN)
+        if not isinstance(align, int) or isinstance(align, bool) or align < 1 or align & (align - 1):
+            raise self._corrupt(f"general.alignment {align!r:.20} is not a power of two")
         infos = []
         for _ in range(nt):
             name = self._str()
             (nd,) = self._take("<I")
+            if nd > MAX_DIMS:
+                raise self._corrupt(f"tensor {name!r:.60} has {nd} dimensions; GGUF allows {MAX_DIMS}")
             dims = self._take(f"<{nd}Q")
             gt, off = self._take("<IQ")
             infos.append((name, tuple(reversed(dims)), gt, off))
@@ -223,11 +282,26 @@ class GGUFFile:
                     f"{self.path}: tensor {name} is {type_name(gt)}, which granite cannot read (F32, F16, BF16, Q8_0); "
                     "convert from the original safetensors checkpoint instead"
                 )
+            if name in self.tensors:
+                raise self._corrupt(f"tensor {name!r:.60} twice")
+            numel = 1
+            for d in shape:
+                numel *= d
+            blk = GGML_TYPES[gt][1]
+            if numel > self.size * blk or (shape and shape[-1] % blk):
+                raise self._corrupt(f"tensor {name!r:.60} has impossible dimensions {list(shape)} for "
+                                    f"{type_name(gt)}")
+            if off % align:
+                raise self._corrupt(f"tensor {name!r:.60} is not aligned to {align} bytes")
             ti = TensorInfo(name, shape, gt)
             if start + off + ti.nbytes > self.size:
                 raise InputError(f"{self.path}: tensor {name} lies past the end of the file (truncated download?)")
             self.tensors[name] = ti
             self.offsets[name] = start + off
+        spans = sorted((self.offsets[n], self.offsets[n] + t.nbytes, n) for n, t in self.tensors.items())
+        for (_, end, a), (begin, _, b) in zip(spans, spans[1:]):
+            if begin < end:
+                raise self._corrupt(f"tensors {a!r:.60} and {b!r:.60} overlap")
 
     def raw(self, name: str) -> torch.Tensor:
         """The tensor's bytes as a zero-copy uint8 view."""

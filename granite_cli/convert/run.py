@@ -32,7 +32,7 @@ from granite_cli.convert.sources import (TOKENIZER_FILES, TORCH_DTYPE_NAMES, GGU
 from granite_cli.convert.tokenizer import vocab_kvs
 from granite_cli.errors import CheckFailed, InputError
 from granite_cli.fsutil import check_destination, partial_dir, replace_checkpoint, temp_file_beside
-from granite_cli.model.loading import parse_dtype
+from granite_cli.model.loading import check_seed, parse_dtype
 from granite_cli.render import parse_bytes
 
 STORE_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
@@ -528,7 +528,7 @@ def open_any(src: str | None, from_profile: str | None, dtype: str | None, seed:
     if from_profile:
         if src:
             raise InputError("give either SRC or --from-profile, not both")
-        return ProfileSource(from_profile, dtype, seed)
+        return ProfileSource(from_profile, dtype, check_seed(seed))
     if not src:
         raise InputError("missing SRC: a checkpoint folder or .gguf file (or --from-profile NAME)")
     return open_source(src)

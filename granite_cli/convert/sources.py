@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from granite_cli.config import ModelConfig, load_config
+from granite_cli.config import ModelConfig, load_config, read_json_config
 from granite_cli.convert import gguf_format as G
 from granite_cli.convert import mapping, quant
 from granite_cli.errors import InputError
@@ -85,10 +85,7 @@ class HFSource(Source):
         cfg_path = self.path / "config.json"
         if not cfg_path.is_file():
             raise InputError(f"{self.path}: no config.json; SRC must be a Hugging Face checkpoint folder or a .gguf file")
-        try:
-            self.hf_config = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as e:
-            raise InputError(f"{cfg_path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        self.hf_config = read_json_config(cfg_path)
         self.cfg = load_config(self.path)
         self.quant = quant.compressed_layout(self.hf_config)
         self._where = checkpoint_files(self.path)
@@ -149,8 +146,11 @@ class GGUFSource(Source):
             raise InputError(f"{self.path}: GGUF has {len(extra)} tensor(s) granite does not know, e.g. {', '.join(extra[:3])}")
         try:
             recorded = json.loads(self.f.kv.get(mapping.HF_DTYPES_KEY, "{}"))
-        except json.JSONDecodeError:
-            recorded = {}
+        except (TypeError, ValueError, RecursionError):
+            recorded = None
+        if not isinstance(recorded, dict) or not all(isinstance(v, str) for v in recorded.values()):
+            raise InputError(f"{self.path}: corrupt {mapping.HF_DTYPES_KEY} metadata (not an object of dtype names); "
+                             "re-convert the file")
         base = parse_dtype(self.cfg.torch_dtype)
         gdt = {G.GGML_F32: torch.float32, G.GGML_F16: torch.float16, G.GGML_BF16: torch.bfloat16}
         self._shapes, self._dtypes = {}, {}
@@ -176,7 +176,8 @@ class GGUFSource(Source):
         if t.parts[0].kind == "a":
             i = int(name.split(".")[2])
             vals = self.f.kv.get(mapping.A_LOG_KEY.format(i))
-            if vals is not None and len(vals) == parts[0].numel():
+            if (isinstance(vals, list) and len(vals) == parts[0].numel()
+                    and all(isinstance(v, float) for v in vals)):
                 exact = torch.tensor(vals, dtype=torch.float32)
         x = mapping.from_gguf(t, parts, exact)
         return x.to(self._dtypes[name]) if cast else x
@@ -204,7 +205,7 @@ class ProfileSource(Source):
 
     def get(self, name: str, cast: bool = True) -> torch.Tensor:
         out = torch.empty(self._shapes[name], dtype=self._dtypes[name])
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self._index[name])
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + self._index[name]) % 2**64)
         fill_random(name, out, g, self._tile, self.std)
         return out
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from granite_cli.config import ModelConfig, export_hf_config, load_config
+from granite_cli.config import ModelConfig, export_hf_config, load_config, read_json_config
 from granite_cli.errors import InputError
 from granite_cli.model.model import GraniteModel
 from granite_cli.model.names import IGNORED_CKPT_SUFFIXES, checkpoint_entries
@@ -34,6 +34,13 @@ def parse_dtype(d: str | torch.dtype | None, default: str = "float32") -> torch.
     if key not in _DTYPES:
         raise InputError(f"unknown dtype {d!r}; use fp32, bf16 or fp16")
     return _DTYPES[key]
+
+
+def check_seed(seed: int) -> int:
+    """A seed torch's generators take: 0 to 2^64-1 (an InputError otherwise)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+        raise InputError(f"--seed must be an integer between 0 and 2^64-1, got {seed!r:.40}")
+    return seed
 
 
 def build_empty(cfg: ModelConfig, dtype: torch.dtype, device: str | torch.device = "cpu") -> GraniteModel:
@@ -110,16 +117,25 @@ def checkpoint_files(folder: Path) -> dict[str, Path]:
     """Map tensor name → safetensors file, from model.safetensors.index.json or the lone file."""
     idx = folder / "model.safetensors.index.json"
     if idx.is_file():
-        try:
-            wm = json.loads(idx.read_text())["weight_map"]
-        except (OSError, json.JSONDecodeError, KeyError, TypeError):
-            raise InputError(f"{idx}: not a valid safetensors index (no weight_map)") from None
+        d = read_json_config(idx)
+        wm = d.get("weight_map") if isinstance(d, dict) else None
+        if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
+            raise InputError(f"{idx}: not a valid safetensors index (weight_map must be an object of shard file names)")
         out = {}
-        for name, fname in wm.items():
-            f = folder / fname
-            if not f.is_file():
+        for fname in sorted(set(wm.values())):
+            # an index names files in its own folder; a path could make a conversion read anything
+            if fname in ("", ".", "..") or "/" in fname or "\\" in fname or not fname.endswith(".safetensors"):
+                raise InputError(f"{idx}: shard name {fname[:80]!r} is not a .safetensors file name in the "
+                                 "checkpoint folder; fix the index")
+            if not (folder / fname).is_file():
                 raise InputError(f"{idx}: shard {fname} is named in the index but missing from {folder}")
-            out[name] = f
+            have = set(SafetensorsFile(folder / fname).keys())
+            lacking = sorted(n for n, f in wm.items() if f == fname and n not in have)
+            if lacking:
+                raise InputError(f"{idx}: maps {len(lacking)} tensor(s) to {fname}, which lacks them, e.g. "
+                                 f"{lacking[0]}; fix the index or re-download the shard")
+        for name, fname in wm.items():
+            out[name] = folder / fname
         return out
     files = sorted(folder.glob("*.safetensors"))
     if not files:
@@ -135,7 +151,7 @@ def checkpoint_files(folder: Path) -> dict[str, Path]:
 def load_weights(model: GraniteModel, folder: Path) -> None:
     """Fill the model's parameters from the checkpoint in `folder`, checking every name and shape."""
     cfg = model.cfg
-    raw = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+    raw = read_json_config(folder / "config.json") if (folder / "config.json").is_file() else {}
     if raw.get("quantization_config"):  # compressed-tensors FP8/INT8: dequantised by the converter's reader
         from granite_cli.convert.sources import HFSource
 
