@@ -42,6 +42,7 @@ def bench(
     fail_on_regression: Annotated[Optional[str], typer.Option(help="With --baseline: exit 3 if tokens/s drops by more, e.g. 10%.")] = None,
     check: Annotated[bool, typer.Option(help="Exit 3 when a scaling claim is not reproduced.")] = False,
     seed: Annotated[int, typer.Option(help="Seed for random weights and inputs.")] = 0,
+    guard: Annotated[str, typer.Option(help="Correctness at each case's depth: 'depth' compares its decode steps with a chunked continuation from the same state; 'full' also with a from-empty prefill, at each model's largest context. A failing case is marked invalid.")] = "depth",
     fmt: FormatOpt = Format.table,
 ) -> None:
     """Sweep context and batch: prefill and decode throughput, latency and memory; fit the scaling.
@@ -86,7 +87,7 @@ def bench(
         ubatch=fields.get("ubatch", ubatch), share_prefill=fields.get("share_prefill", share_prefill),
         cuda_graph=fields.get("cuda_graph", cuda_graph),
         compile=fields.get("compile", compile_decode), max_case_seconds=fields.get("max_case_seconds", max_case_seconds),
-        seed=fields.get("seed", seed),
+        seed=fields.get("seed", seed), guard=fields.get("guard", guard),
     ).validate()
     parse_dtype(spec.dtype)
     if spec.compile:
@@ -158,7 +159,8 @@ def bench(
         write_report(out, rows, result, {"models": spec.models, "ctx": spec.ctx, "batch": spec.batch,
                                          "phases": spec.phases, "dtype": spec.dtype, "device": spec.device,
                                          "reps": spec.reps, "warmup": spec.warmup, "gen": spec.gen,
-                                         "ubatch": spec.ubatch, "share_prefill": spec.share_prefill}, wall)
+                                         "ubatch": spec.ubatch, "share_prefill": spec.share_prefill,
+                                         "guard": spec.guard}, wall)
         say(f"report written to {out / 'report.md'}")
     emit_rows(rows, fmt, columns=COLUMNS, headers=HEADERS,
               json_obj={"schema_version": 1, "rows": rows, "verdicts": result["verdicts"], "fits": result["fits"],

@@ -49,7 +49,7 @@ def main() -> None:
 
     debug = os.environ.get("GRANITE_DEBUG") == "1"
     try:
-        app()
+        code = app(standalone_mode=False)  # usage errors come back here, to be said in one line
     except GraniteError as e:
         if debug:
             raise
@@ -58,8 +58,34 @@ def main() -> None:
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         sys.exit(130)
+    except typer.Abort:  # Ctrl-C while Typer itself was reading input
+        sys.stderr.write("interrupted\n")
+        sys.exit(130)
     except Exception as e:  # an unexpected failure: one line, exit 1, traceback on request
+        if _is_usage_error(e):
+            msg = str(e.format_message())
+            # a bare `granite` or command group prints its help (exit 2, as Typer does); anything else is one line
+            sys.stderr.write(msg if msg.startswith("Usage:") else f"error: {_usage_line(e)}\n")
+            sys.exit(e.exit_code)
         if debug:
             raise
         sys.stderr.write(f"error: {type(e).__name__}: {e} (set GRANITE_DEBUG=1 for the traceback)\n")
         sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _is_usage_error(e: Exception) -> bool:
+    """Typer's own usage errors (a bad option value, an unknown option): they carry an exit code and
+    a message; matched by that shape, since Typer exports no public class for them."""
+    return isinstance(getattr(e, "exit_code", None), int) and callable(getattr(e, "format_message", None))
+
+
+def _usage_line(e: Exception) -> str:
+    msg = " ".join(str(e.format_message()).split())
+    ctx = getattr(e, "ctx", None)
+    if ctx is not None:
+        root = ctx
+        while getattr(root, "parent", None) is not None:
+            root = root.parent
+        msg += f" (see `granite{ctx.command_path[len(root.command_path):]} --help`)"
+    return msg

@@ -304,6 +304,12 @@ def validate(cfg: ModelConfig, source: str | None = None) -> ModelConfig:
 
 
 _MAX_DIM = 2**31 - 1  # beyond any model, and past it torch's index arithmetic would overflow
+MAX_LAYERS = 65536    # beyond any model; the per-layer tables are built before anything else is checked
+
+
+def check_layer_count(n: Any, source: str) -> None:
+    if isinstance(n, int) and n > MAX_LAYERS:
+        raise _fail(source, f"num_hidden_layers must be at most {MAX_LAYERS}, got {n}")
 
 
 def _check_values(cfg: ModelConfig, src: str) -> None:
@@ -520,6 +526,10 @@ def _check_hf_types(d: dict[str, Any], source: str) -> None:
     for k in ("num_attention_heads", "num_hidden_layers", "hidden_size"):  # divisors and counts used below
         if k in d and d[k] <= 0:
             raise _fail(source, f"{k} must be a positive integer, got {d[k]}")
+    for k, v in d.items():
+        if _HF_TYPES.get(k) == "integer" and isinstance(v, int) and v > _MAX_DIM:
+            raise _fail(source, f"{k} must be at most {_MAX_DIM}, got {v}")
+    check_layer_count(d.get("num_hidden_layers", 0), source)
     if d.get("mamba_n_heads") is not None and d["mamba_n_heads"] < 0:
         raise _fail(source, f"mamba_n_heads must not be negative, got {d['mamba_n_heads']}")
 
@@ -535,7 +545,7 @@ def from_hf_dict(d: dict[str, Any], name: str = "", source: str = "config.json")
     if not isinstance(d, dict):
         raise _fail(source, "expected a JSON object")
     mt = d.get("model_type")
-    if mt not in _HF_DEFAULTS:
+    if not isinstance(mt, str) or mt not in _HF_DEFAULTS:
         raise _fail(source, f"unsupported model_type {mt!r}; supported: {', '.join(ARCHITECTURES)}")
     unknown = sorted(k for k in d if k not in _HF_KNOWN and k not in _HF_IGNORED)
     if unknown:
@@ -633,6 +643,9 @@ def from_profile_dict(d: dict[str, Any], name: str, source: str) -> ModelConfig:
         if req not in d:
             raise _fail(source, f"missing required key {req!r}")
     n = d["num_hidden_layers"]
+    if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+        raise _fail(source, f"num_hidden_layers must be a positive integer, got {n!r}")
+    check_layer_count(n, source)
     if "layer_types" in d and "attention_layers" in d:
         raise _fail(source, "give either layer_types or attention_layers, not both")
     if "layer_types" in d:

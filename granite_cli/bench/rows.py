@@ -4,7 +4,8 @@ A row: schema_version; case parameters (model, kind, dtype, device, batch, ctx, 
 reps); status (ok | invalid | oom | skipped | error) and error; metrics (tokens_per_s, latency_ms,
 median_s, stdev_s, min_s, max_s, samples_s, peak_bytes, peak_delta_bytes, memory_source,
 reserved_peak_bytes and nvml_used_bytes on a GPU, cache_bytes, attribution_s, prefill_from; decode_mode
-cuda_graph | compiled | eager and decode_note); the correctness guard (valid, guard_max_diff); parameter counts; and
+cuda_graph | compiled | eager and decode_note); the correctness guards (valid, guard_max_diff: the short guard at
+load; guard_depth_diff, guard_full_diff, guard_tol, guard_s: the depth guard at the case's context); parameter counts; and
 the environment (torch, triton, python, cpu, gpu, threads, kernel_impl, commit, dirty, time).
 """
 

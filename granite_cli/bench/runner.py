@@ -114,6 +114,34 @@ def correctness_guard(model, device) -> tuple[bool, float]:
     return diff <= tol * max(scale, 1.0), diff
 
 
+PROBE_COLUMNS = 256
+
+
+def probe_columns(vocab: int, device) -> torch.Tensor:
+    """A fixed spread of vocabulary columns whose logits the depth guard compares: a wrong state
+    moves every logit, so a few hundred find it, at the cost of a small gather in a timed step."""
+    g = torch.Generator().manual_seed(7)
+    return torch.randperm(vocab, generator=g)[:PROBE_COLUMNS].sort().values.to(device)
+
+
+GUARD_RTOL = {torch.float32: 1e-5, torch.float64: 1e-9}
+
+
+def guard_tolerance(dtype: torch.dtype, ref: torch.Tensor) -> float:
+    """What two correct code paths over the same state may differ by, relative to the logit scale
+    (the largest |logit| compared): 1e-5 in fp32, 5% in half precision. Two fp32 paths agree to about
+    1e-7 of the scale; a state or offset error of one token shows at 1e-4 and above, even in a small
+    random-weight model, so the fp32 bound sits between them (reports/reliability has the figures)."""
+    scale = ref.abs().max().item() if ref.numel() else 1.0
+    return GUARD_RTOL.get(dtype, 5e-2) * max(scale, 1e-6)
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        return math.inf
+    return (a - b).abs().max().item()
+
+
 class Runner:
     def __init__(
         self,
@@ -146,6 +174,7 @@ class Runner:
                 continue
             model = load_model(name, weights=_weights_for(name), dtype=self.dtype, device=self.device, seed=self.spec.seed)
             params = count_params(cfg)
+            self._probe = probe_columns(cfg.vocab_size, self.device)
             ok, diff = correctness_guard(model, self.device)
             base = {"model": cfg.name, "kind": "hybrid" if cfg.is_hybrid else "dense", "params_total": params.total,
                     "params_active": params.active, "guard_max_diff": diff, "valid": ok}
@@ -156,6 +185,47 @@ class Runner:
                 self._case(model, base, b, c, fits)
             del model, self._bases
 
+    def _full_guard(self, c: int) -> bool:
+        return self.spec.guard == "full" and c == max(self.spec.ctx)
+
+    @torch.no_grad()
+    def _depth_guard(self, model, cache, mark: dict, ids: torch.Tensor, steps: list | None, full: bool) -> dict:
+        """The case's correctness at its real depth c, from the state its prefill left (`mark`): k
+        single-token decode steps against one k-token continuation (the chunked path) over the same
+        tokens; with `full`, also against a prefill of c + k tokens from an empty cache. `steps`: the
+        timed decode's recorded probe logits (k = gen), or None to run k = min(gen, 4) steps here."""
+        c = mark["pos"]
+        if steps is None:  # a prefill-only sweep: a few untimed steps
+            cache.rewind(mark)
+            steps = [model(ids[:, c + i : c + i + 1], cache, logits="last")[..., self._probe]
+                     for i in range(min(self.spec.gen, 4))]
+        k = len(steps)
+        want = torch.cat(steps, dim=1).float()  # [b, k, P]
+        cache.rewind(mark)
+        chunk = model(ids[:, c : c + k], cache, logits="all")[..., self._probe].float()
+        res = {"guard_depth_diff": _max_diff(chunk, want), "guard_full_diff": None,
+               "guard_tol": guard_tolerance(model.dtype, want)}
+        if full:
+            cache.reset()
+            tail = None
+            for s in range(0, c + k, self.spec.ubatch):
+                h = model.hidden_states(ids[:, s : min(s + self.spec.ubatch, c + k)], cache)
+                tail = h if tail is None else torch.cat([tail, h], dim=1)[:, -k:]
+            res["guard_full_diff"] = _max_diff(model.logits(tail[:, -k:])[..., self._probe].float(), want)
+        return res
+
+    def _judge(self, rows: list[dict], g: dict) -> None:
+        """Put the depth guard's figures in the case's rows; a failure makes them invalid (never fast)."""
+        bad = [f"{name} differ from the decode steps by {g[key]:.3g} (tolerance {g['guard_tol']:.3g})"
+               for key, name in (("guard_depth_diff", "a chunked continuation's logits"),
+                                 ("guard_full_diff", "a from-empty prefill's logits"))
+               if g[key] is not None and not g[key] <= g["guard_tol"]]
+        for row in rows:
+            row.update(g)
+            if bad and row["status"] in ("ok", "invalid"):
+                row.update(status="invalid", valid=False,
+                           error=f"depth guard at ctx {row['ctx']}: " + "; ".join(bad))
+
     def _row(self, base: dict, b: int, c: int, phase: str, **metrics) -> dict:
         row = {
             "schema_version": SCHEMA_VERSION, **base, "dtype": self.spec.dtype, "device": self.device.type,
@@ -165,6 +235,7 @@ class Runner:
             "stdev_s": None, "min_s": None, "max_s": None, "samples_s": [], "peak_bytes": None,
             "peak_delta_bytes": None, "memory_source": None, "reserved_peak_bytes": None, "nvml_used_bytes": None,
             "cache_bytes": None, "attribution_s": None, "prefill_from": None, "decode_mode": None, "decode_note": None,
+            "guard_depth_diff": None, "guard_full_diff": None, "guard_tol": None, "guard_s": None,
             **self.env, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         row.update(metrics)
@@ -201,15 +272,22 @@ class Runner:
                 prefill_row = self._prefill(model, cache, ids[:, :c], base, b, c, cache_bytes, start)
                 # depth c: where each decode repetition starts, and where a larger context may continue
                 snap = cache.snapshot() if ("decode" in phases or self._shareable(b, c)) else None
+                mark = cache.mark()
                 if prefill_row["status"] in ("ok", "invalid"):
                     prev.append((c, prefill_row["median_s"]))
                 if self._shareable(b, c) and prefill_row["status"] == "ok":
                     self._bases[b] = {"ctx": c, "snap": snap, "samples": prefill_row["samples_s"],
                                       "attribution": prefill_row["attribution_s"]}
-                if "prefill" in phases:
-                    self._emit(prefill_row)
+                steps = None
+                rows = [prefill_row] if "prefill" in phases else []
                 if "decode" in phases:
-                    self._emit(self._decode(model, cache, ids[:, c:], base, b, c, cache_bytes, snap))
+                    steps = []
+                    rows.append(self._decode(model, cache, ids[:, c:], base, b, c, cache_bytes, snap, steps))
+                t0 = time.perf_counter()
+                g = self._depth_guard(model, cache, mark, ids, steps, full=self._full_guard(c))
+                self._judge(rows, {**g, "guard_s": round(time.perf_counter() - t0, 4)})
+                for row in rows:
+                    self._emit(row)
         except Exception as e:  # noqa: BLE001 - a failed case is a row, the sweep goes on
             status = "oom" if _is_oom(e) else "error"
             for p in phases:
@@ -313,7 +391,9 @@ class Runner:
             result = att.close(time.perf_counter() - t0)
         return result
 
-    def _decode(self, model, cache, nxt, base, b, c, cache_bytes, snap: dict) -> dict:
+    def _decode(self, model, cache, nxt, base, b, c, cache_bytes, snap: dict, record: list) -> dict:
+        """Timed decode repetitions from the snapshot; the last one also records each step's probe
+        logits into `record` (a gather of a few hundred values a step), for the depth guard."""
         spec = self.spec
         samples, finite = [], True
         pm = PeakMemory(self.device)
@@ -329,7 +409,7 @@ class Runner:
                 cache.restore(snap)
             timed_rep = r >= spec.warmup
             with (pm if r == spec.warmup else _null()), Stopwatch(self.device) as sw:
-                out = step()
+                out = step(record) if r == spec.warmup + spec.reps - 1 else step()
             if timed_rep:
                 samples.append(sw.seconds / spec.gen)
                 finite = finite and bool(torch.isfinite(out).all())
@@ -343,9 +423,13 @@ class Runner:
         return row
 
     def _eager(self, model, cache, nxt):
-        def step():
+        probe = self._probe
+
+        def step(record: list | None = None):
             for i in range(self.spec.gen):
                 out = model(nxt[:, i : i + 1], cache, logits="last")
+                if record is not None:
+                    record.append(out[..., probe])
             return out
 
         return step
@@ -395,9 +479,13 @@ class Runner:
             cache.restore(snap)
             return self._eager(model, cache, nxt), "eager", f"CUDA graph capture failed ({_reason(e)})"
 
-        def replay():
-            for g in graphs:
+        probe = self._probe
+
+        def replay(record: list | None = None):
+            for i, g in enumerate(graphs):
                 g.replay()
+                if record is not None:
+                    record.append(outs[i][..., probe])
             return outs[-1]
 
         return replay, "cuda_graph", None

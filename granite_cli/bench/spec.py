@@ -73,6 +73,7 @@ def _geometric(lo: int, hi: int, mult: int) -> list[int]:
 
 
 PHASES = ("prefill", "decode")
+GUARDS = ("depth", "full")
 
 
 def run_defaults(gpu: bool, default_sweep: bool, max_ctx: int) -> dict:
@@ -100,6 +101,7 @@ class SweepSpec:
     ubatch: int = 4096
     max_case_seconds: float = 600.0
     seed: int = 0
+    guard: str = "depth"
 
     def validate(self) -> "SweepSpec":
         if not self.models:
@@ -112,6 +114,8 @@ class SweepSpec:
                 raise InputError(f"--{name} must be at least 1")
         if self.warmup < 0:
             raise InputError("--warmup must not be negative")
+        if self.guard not in GUARDS:
+            raise InputError(f"unknown --guard {self.guard!r}; use depth or full")
         if not self.max_case_seconds > 0:
             raise InputError("--max-case-seconds must be positive")
         from granite_cli.model.loading import check_seed
@@ -129,7 +133,8 @@ class SweepSpec:
 
 _FILE_TYPES = {"models": (list, str), "ctx": (list, str, int), "batch": (list, str, int), "phases": (list, str),
                "gen": int, "dtype": str, "device": str, "reps": int, "warmup": int, "cuda_graph": bool,
-               "compile": bool, "share_prefill": bool, "ubatch": int, "max_case_seconds": (int, float), "seed": int}
+               "compile": bool, "share_prefill": bool, "ubatch": int, "max_case_seconds": (int, float), "seed": int,
+               "guard": str}
 _FILE_WORDS = {k: ("true or false" if v is bool else "an integer" if v is int else "a string" if v is str
                    else "a number" if k == "max_case_seconds" else "a list or a string")
                for k, v in _FILE_TYPES.items()}

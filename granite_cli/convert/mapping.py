@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from granite_cli.config import ModelConfig, from_hf_dict
+from granite_cli.config import MAX_LAYERS, ModelConfig, from_hf_dict
 from granite_cli.convert import gguf_format as G
 from granite_cli.errors import InputError
 
@@ -271,6 +271,9 @@ def config_from_gguf(kv: dict, tensors: dict[str, G.TensorInfo], source: str) ->
         raise InputError(f"{source}: GGUF architecture {arch!r} is not supported; granite reads granitehybrid and granite")
     md = _Meta(kv, arch + ".", source)
     n_layers = md.int("block_count")
+    if n_layers > MAX_LAYERS:
+        raise InputError(f"{source}: GGUF metadata {arch}.block_count {n_layers} is more layers than any model has "
+                         f"(at most {MAX_LAYERS}); the file is corrupt")
     hkv = md.get("attention.head_count_kv")
     hkv = list(hkv) if isinstance(hkv, list) else [md.int("attention.head_count_kv", lo=0)] * n_layers
     if len(hkv) != n_layers:

@@ -90,6 +90,19 @@ class Cache:
                 layer.conv.copy_(a)
                 layer.ssm.copy_(b)
 
+    def mark(self) -> dict:
+        """A cheap return point at the current position: the Mamba states only (constant in context).
+        KV needs no copy: a continuation writes only past pos, so rewinding is moving pos back."""
+        return {"pos": self.pos, "mamba": [(x.conv.clone(), x.ssm.clone()) for x in self.layers
+                                           if isinstance(x, MambaCache)]}
+
+    def rewind(self, mark: dict) -> None:
+        """Back to a mark() taken at an earlier position, with the KV before it untouched since."""
+        self.pos = mark["pos"]
+        for layer, (conv, ssm) in zip((x for x in self.layers if isinstance(x, MambaCache)), mark["mamba"]):
+            layer.conv.copy_(conv)
+            layer.ssm.copy_(ssm)
+
     def nbytes(self) -> dict[str, int]:
         """Allocated bytes by kind: attention KV, Mamba conv state, Mamba SSM state."""
         out = {"attention_kv": 0, "mamba_conv": 0, "mamba_ssm": 0}
