@@ -11,8 +11,10 @@ import typer
 
 from granite_cli.commands._common import Format, FormatOpt, emit_rows, say
 
-COLUMNS = ["model", "batch", "ctx", "phase", "status", "tokens_per_s", "latency_ms", "stdev_s", "peak_delta_bytes"]
-HEADERS = {"tokens_per_s": "tok/s", "latency_ms": "latency ms", "stdev_s": "stdev s", "peak_delta_bytes": "peak +mem"}
+COLUMNS = ["model", "batch", "ctx", "phase", "status", "tokens_per_s", "latency_ms", "stdev_s", "peak_total_bytes",
+           "predicted_total_bytes", "peak_delta_bytes"]
+HEADERS = {"tokens_per_s": "tok/s", "latency_ms": "latency ms", "stdev_s": "stdev s", "peak_total_bytes": "peak mem",
+           "predicted_total_bytes": "predicted", "peak_delta_bytes": "peak +mem"}
 
 
 def _fmt_num(v):
@@ -166,7 +168,7 @@ def bench(
               json_obj={"schema_version": 1, "rows": rows, "verdicts": result["verdicts"], "fits": result["fits"],
                         "ratios": result["ratios"], "wall_s": wall},
               formatters={"tokens_per_s": _fmt_num, "latency_ms": _fmt_num, "stdev_s": _fmt_num,
-                          "peak_delta_bytes": _bytes})
+                          "peak_total_bytes": _bytes, "predicted_total_bytes": _bytes, "peak_delta_bytes": _bytes})
     if fmt is Format.table:
         for v in result["verdicts"]:
             say(f"  {v}")

@@ -642,9 +642,11 @@ def from_profile_dict(d: dict[str, Any], name: str, source: str) -> ModelConfig:
                 "num_key_value_heads", "intermediate_size"):
         if req not in d:
             raise _fail(source, f"missing required key {req!r}")
+    _check_types_of(d, source)
     n = d["num_hidden_layers"]
-    if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
-        raise _fail(source, f"num_hidden_layers must be a positive integer, got {n!r}")
+    for k in ("num_hidden_layers", "num_attention_heads", "hidden_size"):  # counts and divisors used below
+        if d[k] <= 0:
+            raise _fail(source, f"{k} must be a positive integer, got {d[k]}")
     check_layer_count(n, source)
     if "layer_types" in d and "attention_layers" in d:
         raise _fail(source, "give either layer_types or attention_layers, not both")
@@ -673,8 +675,15 @@ def from_profile_dict(d: dict[str, Any], name: str, source: str) -> ModelConfig:
 
 
 def _check_types(cfg: ModelConfig, source: str) -> None:
+    _check_types_of({f.name: getattr(cfg, f.name) for f in dataclasses.fields(ModelConfig)}, source)
+
+
+def _check_types_of(d: dict[str, Any], source: str) -> None:
+    """The scalar fields of d (ModelConfig field names) have their field's type."""
     for f in dataclasses.fields(ModelConfig):
-        v = getattr(cfg, f.name)
+        if f.name not in d:
+            continue
+        v = d[f.name]
         if f.type in ("int",) and (not isinstance(v, int) or isinstance(v, bool)):
             raise _fail(source, f"{f.name} must be an integer, got {v!r}")
         if f.type in ("float",) and (not isinstance(v, (int, float)) or isinstance(v, bool)):

@@ -273,3 +273,42 @@ def test_cli_bad_input_exits_2(args, msg):
     r = _cli(*args, "--ctx" if "--ctx" not in args else "--gen", "64" if "--ctx" not in args else "2")
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert msg in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+# ------------------------------------------------------------------------------------ memory verdicts
+
+def test_memory_verdict_is_the_total_peak_ratio_tracked_and_predicted():
+    """At 4k tokens the hybrid's cache is half the dense twin's: the verdict's memory ratio is the ratio of
+    the tracked totals (weights + cache + working set), below 1, and within 5% of memory-report's."""
+    rows = []
+    spec = _spec(models=["tiny-hybrid", "tiny-dense"], ctx=[4096], ubatch=512, gen=2, reps=1, warmup=0)
+    Runner(spec, rows.append).run()
+    by = {(r["model"], r["phase"]): r for r in rows}
+    assert all(r["peak_total_source"] == "tracked" and r["status"] == "ok" for r in rows)
+    (ratio,) = analyse(rows)["ratios"]
+    for phase in ("prefill", "decode"):
+        h, d = by[("tiny-hybrid", phase)], by[("tiny-dense", phase)]
+        tracked = h["peak_total_bytes"] / d["peak_total_bytes"]
+        predicted = h["predicted_total_bytes"] / d["predicted_total_bytes"]
+        assert ratio[f"{phase}_total_memory"] == pytest.approx(tracked, rel=1e-12) and tracked < 1
+        assert ratio[f"{phase}_total_predicted"] == pytest.approx(predicted, rel=1e-12)
+        assert abs(tracked / predicted - 1) < 0.05
+        # the tracked total holds the weights and the cache, which an increase over the baseline leaves out
+        assert h["peak_total_bytes"] > h["weights_bytes"] + h["cache_bytes"]
+    verdict = next(v for v in analyse(rows)["verdicts"] if " vs " in v)
+    assert f"prefill {ratio['prefill_total_memory']:.2f}x, decode {ratio['decode_total_memory']:.2f}x" in verdict
+
+
+def test_memory_headline_never_uses_the_increase_over_the_baseline():
+    def row(model, kind, phase, total, delta):
+        return {**_row(model, kind, 4096, 1.0, phase=phase), "peak_total_bytes": total, "predicted_total_bytes": total,
+                "peak_total_source": "tracked", "peak_delta_bytes": delta}
+
+    # the hybrid's increase over its baseline is 3x the dense one's, its total half: the headline says 0.50x
+    rows = [row("h", "hybrid", p, 1_000 * 2**20, 300 * 2**20) for p in ("prefill", "decode")]
+    rows += [row("d", "dense", p, 2_000 * 2**20, 100 * 2**20) for p in ("prefill", "decode")]
+    res = analyse(rows)
+    (v,) = [v for v in res["verdicts"] if " vs " in v]
+    assert "peak memory (tracked: weights + cache + working set) prefill 0.50x, decode 0.50x" in v
+    assert "3.00x" not in v and "increase" not in v
+    assert res["ratios"][0]["prefill_increase_memory"] == pytest.approx(3.0)  # kept, as a secondary figure

@@ -109,6 +109,39 @@ def test_config_json_is_accepted_whole_or_refused_with_input_error(hybrid_hf, da
     build_empty(cfg, torch.float32, "meta")
 
 
+toml_value = st.one_of(st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=True), st.text(max_size=8),
+                      st.lists(st.one_of(st.integers(-3, 8), st.text(max_size=9)), max_size=6),
+                      st.dictionaries(st.text(max_size=6), st.one_of(st.integers(), st.text(max_size=4)), max_size=3))
+
+
+@FUZZ
+@given(data=st.data())
+def test_profile_toml_is_accepted_whole_or_refused_with_input_error(data):
+    """A profile (a user's own .toml) with any key set to any TOML value or removed: InputError, or a
+    config the core builds."""
+    import tomllib
+
+    from granite_cli.config import from_profile_dict, profiles_dir
+
+    d = tomllib.loads((profiles_dir() / "tiny-hybrid.toml").read_text())
+    for _ in range(data.draw(st.integers(1, 3))):
+        key = data.draw(st.sampled_from(sorted(d) + ["layer_types", "rope_scaling", "time_step_limit"]))
+        if data.draw(st.booleans()):
+            d[key] = data.draw(toml_value)
+        else:
+            d.pop(key, None)
+    try:
+        cfg = from_profile_dict(d, "fuzz", "p.toml")
+    except InputError as e:
+        assert str(e).startswith("p.toml: ") and "\n" not in str(e)
+        return
+    import torch
+
+    from granite_cli.model.loading import build_empty
+
+    build_empty(cfg, torch.float32, "meta")
+
+
 # ------------------------------------------------------------------------------------ safetensors
 
 DT = ["F32", "F16", "BF16", "I64", "I8", "U8", "BOOL", "F64", "Q4", 7, None]

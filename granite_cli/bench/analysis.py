@@ -47,14 +47,26 @@ def analyse(rows: list[dict]) -> dict:
                 f"{hi['latency_ms']:.2f} ms at {hi['ctx']} ({hi['median_s'] / lo['median_s']:.2f}x over "
                 f"{hi['ctx'] / lo['ctx']:.0f}x depth)")
     ratios = hybrid_dense_ratios(rows)
-    for r in ratios:
-        src = {"rss": "RSS", "cuda_allocated": "allocated"}.get(r.get("memory_source"), r.get("memory_source"))
-        mem = f", prefill {src} peak increase {r['prefill_memory']:.2f}x" if r["prefill_memory"] == r["prefill_memory"] else ""
-        verdicts.append(
-            f"{r['hybrid']} vs {r['dense']} b{r['batch']} ctx {r['ctx']}: prefill {r['prefill_speed']:.2f}x, "
-            f"decode {r['decode_speed']:.2f}x speed; cache (KV + state) {r['cache_memory']:.2f}x{mem}"
-            .replace("nanx", "n/a"))
+    verdicts += [ratio_verdict(r) for r in ratios]
     return {"fits": fits, "verdicts": verdicts, "ratios": ratios}
+
+
+_SOURCE = {"tracked": "tracked", "cuda_allocated": "allocator"}
+
+
+def ratio_verdict(r: dict) -> str:
+    """One hybrid-vs-dense line: speed, then total peak memory per phase (weights + cache + working
+    set, the memory the claim is about) measured beside memory-report's prediction, then the cache.
+    The RSS increase over the baseline is not in it: it leaves out the weights and the cache."""
+    def x(v) -> str:
+        return "n/a" if v is None or v != v else f"{v:.2f}x"
+
+    src = _SOURCE.get(r.get("memory_total_source"), "measured")
+    return (f"{r['hybrid']} vs {r['dense']} b{r['batch']} ctx {r['ctx']}: prefill {x(r['prefill_speed'])}, "
+            f"decode {x(r['decode_speed'])} speed; peak memory ({src}: weights + cache + working set) prefill "
+            f"{x(r['prefill_total_memory'])}, decode {x(r['decode_total_memory'])} (predicted "
+            f"{x(r['prefill_total_predicted'])}, {x(r['decode_total_predicted'])}); cache (KV + state) "
+            f"{x(r['cache_memory'])}")
 
 
 def hybrid_dense_ratios(rows: list[dict]) -> list[dict]:
@@ -78,12 +90,22 @@ def hybrid_dense_ratios(rows: list[dict]) -> list[dict]:
                 def rss_ratio(x, y):  # RSS deltas under 16 MiB are allocator noise, not the model
                     return x / y if x and y and min(x, y) >= 16 * 2**20 else float("nan")
 
+                def field(row, key):
+                    return row.get(key) if row else None
+
                 out.append({
                     "hybrid": h, "dense": d, "batch": b, "ctx": c,
                     "prefill_speed": ratio(rh["tokens_per_s"], rd["tokens_per_s"]),
-                    "decode_speed": ratio(dh and dh["tokens_per_s"], dd and dd["tokens_per_s"]),
-                    "prefill_memory": rss_ratio(rh.get("peak_delta_bytes"), rd.get("peak_delta_bytes")),
+                    "decode_speed": ratio(field(dh, "tokens_per_s"), field(dd, "tokens_per_s")),
+                    "prefill_total_memory": ratio(rh.get("peak_total_bytes"), rd.get("peak_total_bytes")),
+                    "decode_total_memory": ratio(field(dh, "peak_total_bytes"), field(dd, "peak_total_bytes")),
+                    "prefill_total_predicted": ratio(rh.get("predicted_total_bytes"), rd.get("predicted_total_bytes")),
+                    "decode_total_predicted": ratio(field(dh, "predicted_total_bytes"),
+                                                    field(dd, "predicted_total_bytes")),
+                    "memory_total_source": rh.get("peak_total_source"),
                     "cache_memory": ratio(rh.get("cache_bytes"), rd.get("cache_bytes")),
+                    # secondary: the peak's increase over the phase's baseline (RSS on a CPU), not the total
+                    "prefill_increase_memory": rss_ratio(rh.get("peak_delta_bytes"), rd.get("peak_delta_bytes")),
                     "memory_source": rh.get("memory_source"),
                 })
     return out

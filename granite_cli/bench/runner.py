@@ -36,6 +36,7 @@ from granite_cli.config import load_config
 from granite_cli.errors import InputError
 from granite_cli.hostmem import retain_freed_memory
 from granite_cli.measure import PeakMemory, Stopwatch, sync
+from granite_cli.memory.trace import LiveTensorBytes
 from granite_cli.model.loading import load_model, parse_dtype
 from granite_cli.ops import dispatch
 from granite_cli.params import count_params
@@ -177,13 +178,37 @@ class Runner:
             self._probe = probe_columns(cfg.vocab_size, self.device)
             ok, diff = correctness_guard(model, self.device)
             base = {"model": cfg.name, "kind": "hybrid" if cfg.is_hybrid else "dense", "params_total": params.total,
-                    "params_active": params.active, "guard_max_diff": diff, "valid": ok}
+                    "params_active": params.active, "guard_max_diff": diff, "valid": ok,
+                    "weights_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
+            self._cfg = cfg
             fits: dict[int, list] = {}
             self._bases: dict[int, dict] = {}  # batch -> the latest shareable prefill (see the module docstring)
             self._ids: dict[int, torch.Tensor] = {}
             for b, c in pending:
                 self._case(model, base, b, c, fits)
             del model, self._bases
+
+    def _totals(self, base: dict, b: int, c: int, cache_bytes: int, pm, tracked: int | None, tokens: int) -> dict:
+        """A phase's total peak memory (weights + cache + working set) and memory-report's prediction of
+        it. Of record: on a GPU the allocator's peak; on a CPU the live-tensor tracker's (the RSS peak
+        counts the allocator's and the runtime's own memory too, and stays in peak_bytes beside it)."""
+        pred = predicted_total(self._cfg, self.spec.dtype, b, c + self.spec.gen, tokens, base["weights_bytes"])
+        if self.device.type == "cuda":
+            total, source = pm.peak, "cuda_allocated"
+        else:
+            total = None if tracked is None else base["weights_bytes"] + cache_bytes + tracked
+            source = "tracked" if tracked is not None else None
+        return {"peak_total_bytes": total, "peak_total_source": source, "predicted_total_bytes": int(pred)}
+
+    @torch.no_grad()
+    def _tracked_step(self, model, cache, mark: dict, ids: torch.Tensor, base: dict, cache_bytes: int) -> dict:
+        """One untimed decode step at the case's depth under the live-tensor tracker (CPU): the decode
+        phase's tracked total. (Under --compile the timed steps run a compiled graph; this is the eager step.)"""
+        cache.rewind(mark)
+        c = mark["pos"]
+        with LiveTensorBytes() as tr:
+            model(ids[:, c : c + 1], cache, logits="last")
+        return {"peak_total_bytes": base["weights_bytes"] + cache_bytes + tr.peak, "peak_total_source": "tracked"}
 
     def _full_guard(self, c: int) -> bool:
         return self.spec.guard == "full" and c == max(self.spec.ctx)
@@ -236,6 +261,7 @@ class Runner:
             "peak_delta_bytes": None, "memory_source": None, "reserved_peak_bytes": None, "nvml_used_bytes": None,
             "cache_bytes": None, "attribution_s": None, "prefill_from": None, "decode_mode": None, "decode_note": None,
             "guard_depth_diff": None, "guard_full_diff": None, "guard_tol": None, "guard_s": None,
+            "peak_total_bytes": None, "peak_total_source": None, "predicted_total_bytes": None,
             **self.env, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         row.update(metrics)
@@ -286,6 +312,8 @@ class Runner:
                 t0 = time.perf_counter()
                 g = self._depth_guard(model, cache, mark, ids, steps, full=self._full_guard(c))
                 self._judge(rows, {**g, "guard_s": round(time.perf_counter() - t0, 4)})
+                if "decode" in phases and self.device.type == "cpu":
+                    rows[-1].update(self._tracked_step(model, cache, mark, ids, base, cache_bytes))
                 for row in rows:
                     self._emit(row)
         except Exception as e:  # noqa: BLE001 - a failed case is a row, the sweep goes on
@@ -304,7 +332,7 @@ class Runner:
         if len(prev) < 2:
             return 0.0
         f = fit_scaling([x for x, _ in prev], [y for _, y in prev])
-        return f.predict(c) * (self.spec.warmup + self.spec.reps) if f else 0.0
+        return f.predict(c) * prefill_runs(self.spec) if f else 0.0
 
     def _tokens(self, model, b: int) -> torch.Tensor:
         """One token stream per model and batch size, long enough for every context of the sweep:
@@ -339,15 +367,23 @@ class Runner:
         # Layer-type attribution. CPU: hooks in the first warmup run, or with no warmup in the first
         # timed run (there they only read a timer). GPU: one extra untimed run after the timed ones,
         # since the hooks synchronise and the first run also compiles the Triton kernels.
+        # CPU memory of record: the live-tensor tracker over one untimed run (it slows the ops it sees
+        # by 5-17%, so never a timed one): the first warmup, or with no warmup one run before the timed.
         gpu = self.device.type == "cuda"
         hook_warm = spec.warmup > 0 and not gpu
         attribution = None
+        self._tracked = None
         for w in range(spec.warmup):
             self._prefill_ready(cache, start)
             if w == 0 and hook_warm:
-                attribution = self._attributed(model, cache, ids)
+                attribution = self._attributed(model, cache, ids, track=True)
             else:
                 self._prefill_once(model, cache, ids)
+        if not gpu and spec.warmup == 0:
+            self._prefill_ready(cache, start)
+            with LiveTensorBytes() as tr:
+                self._prefill_once(model, cache, ids)
+            self._tracked = tr.peak
         samples = []
         finite = True
         pm = PeakMemory(self.device)
@@ -375,20 +411,26 @@ class Runner:
                         peak_bytes=pm.peak, peak_delta_bytes=pm.delta, memory_source=pm.source,
                         reserved_peak_bytes=pm.reserved, nvml_used_bytes=pm.nvml_used,
                         cache_bytes=cache_bytes, attribution_s=attribution,
-                        prefill_from=None if start is None else start["ctx"])
+                        prefill_from=None if start is None else start["ctx"],
+                        **self._totals(base, b, c, cache_bytes, pm, self._tracked, min(c, spec.ubatch)))
         if not finite:
             row.update(status="invalid", error="non-finite logits")
         return row
 
-    def _attributed(self, model, cache, ids) -> dict:
+    def _attributed(self, model, cache, ids, track: bool = False) -> dict:
+        """A prefill with layer-type timing hooks; with `track`, also under the live-tensor tracker,
+        whose peak (the working set above the weights and cache) goes to self._tracked."""
         att = _Attribution(model, self.device)
         sync(self.device)
         t0 = time.perf_counter()
         try:
-            self._last_out = self._prefill_once(model, cache, ids)
+            with (LiveTensorBytes() if track else _null()) as tr:
+                self._last_out = self._prefill_once(model, cache, ids)
             sync(self.device)
         finally:
             result = att.close(time.perf_counter() - t0)
+        if track:
+            self._tracked = tr.peak
         return result
 
     def _decode(self, model, cache, nxt, base, b, c, cache_bytes, snap: dict, record: list) -> dict:
@@ -417,7 +459,7 @@ class Runner:
         row = self._row(base, b, c, "decode", **st, tokens_per_s=b / st["median_s"], latency_ms=st["median_s"] * 1e3,
                         peak_bytes=pm.peak, peak_delta_bytes=pm.delta, memory_source=pm.source, cache_bytes=cache_bytes,
                         reserved_peak_bytes=pm.reserved, nvml_used_bytes=pm.nvml_used, decode_mode=mode,
-                        decode_note=note)
+                        decode_note=note, **self._totals(base, b, c, cache_bytes, pm, None, 1))
         if not finite:
             row.update(status="invalid", error="non-finite logits")
         return row
@@ -548,6 +590,22 @@ def check_fits(spec: SweepSpec, have: int | None = None, where: str = "") -> Non
                          f"lower --ctx or --batch ({hint})")
 
 
+def predicted_total(cfg, dtype: str, batch: int, cache_len: int, tokens: int, weights: int) -> float:
+    """memory-report's model of a phase's total peak: the weights, a cache of cache_len tokens (KV, conv
+    state; fp32 SSM state) and the working set of a forward of `tokens` new tokens per sequence."""
+    from granite_cli.memory.predict import activation_bytes, kv_bytes, state_bytes
+
+    return (weights + kv_bytes(cfg, cache_len, batch, dtype) + state_bytes(cfg, batch, "fp32", dtype)["total"]
+            + activation_bytes(cfg, tokens, batch, dtype))
+
+
+def prefill_runs(spec: SweepSpec) -> int:
+    """Prefill runs per case: warmups and timed repetitions, and on a CPU without warmups the untimed
+    run under the live-tensor tracker."""
+    extra = 1 if torch.device(spec.device).type == "cpu" and spec.warmup == 0 else 0
+    return spec.warmup + spec.reps + extra
+
+
 def estimate_seconds(spec: SweepSpec, gflops: float) -> float:
     """A rough up-front estimate of the sweep's run time from FLOP counts and a measured matmul rate."""
     total = 0.0
@@ -564,7 +622,8 @@ def estimate_seconds(spec: SweepSpec, gflops: float) -> float:
                 if prefix_point(spec, c):
                     c0 = c
                 runs = spec.warmup + spec.reps
-                t = flops / (gflops * 1e9) * runs * 1.6  # 1.6: what a CPU forward reaches of the matmul rate
+                # 1.6: what a CPU forward reaches of the matmul rate
+                t = flops / (gflops * 1e9) * prefill_runs(spec) * 1.6
                 if "decode" in spec.phases:
                     t += b * runs * spec.gen * (2 * p.active * 4 / 20e9 + 4 * att * c / (gflops * 1e9))
                 total += t

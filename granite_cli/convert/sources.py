@@ -153,6 +153,7 @@ class GGUFSource(Source):
                              "re-convert the file")
         base = parse_dtype(self.cfg.torch_dtype)
         gdt = {G.GGML_F32: torch.float32, G.GGML_F16: torch.float16, G.GGML_BF16: torch.bfloat16}
+        self._check_shapes()
         self._shapes, self._dtypes = {}, {}
         for name, t in self.tmap.items():
             parts = [self._part(p.gguf) for p in t.parts]
@@ -165,6 +166,17 @@ class GGUFSource(Source):
                 self._dtypes[name] = gdt.get(self.f.tensors[t.parts[0].gguf].gtype, base)
         self._nbytes = sum(ti.nbytes for ti in self.f.tensors.values())
         self._check_inventory(list(self.tmap), str(self.path))
+
+    def _check_shapes(self) -> None:
+        """Every GGUF tensor has the shape the config implies, so rebuilding the HF tensors cannot fail."""
+        want = expected_shapes(self.cfg)
+        for t in self.tmap.values():
+            for p in t.parts:
+                exp = tuple(mapping.to_gguf(p, torch.empty(want[t.hf], device="meta")).shape)
+                got = tuple(self.f.tensors[p.gguf].shape)
+                if got != exp:
+                    raise InputError(f"{self.path}: GGUF tensor {p.gguf} has shape {list(got)}, the metadata implies "
+                                     f"{list(exp)}; the file is corrupt or was edited: re-convert it")
 
     def _part(self, gname: str) -> torch.Tensor:
         return torch.empty(self.f.tensors[gname].shape, device="meta")  # shape only, reads nothing
