@@ -347,10 +347,22 @@ def run_case(case) -> dict:
                 "lost": lost, "secs": round(r["secs"], 1)}
 
 
+def _lost(r: dict) -> str:
+    return ", ".join(r["lost"]) if r.get("lost") else ("none" if r.get("lost") is not None else "")
+
+
+def _msg(line: str) -> str:
+    """The message without the run's temporary folder, and table-safe."""
+    import re
+
+    return re.sub(r"/tmp/tmp[\w]+/", "", line).replace("|", "\\|")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path)
     ap.add_argument("--only", default="")
+    ap.add_argument("--compare", type=Path, help="an earlier run's .json: the table shows both, before and after")
     a = ap.parse_args()
     res = []
     for c in CASES:
@@ -363,11 +375,21 @@ def main() -> int:
               f" {r['line'][:150]}", file=sys.stderr)
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
-        lines = ["| case | input | exit | files lost | message |", "|---|---|---|---|---|"]
+        old = {r["id"]: r for r in json.loads(a.compare.read_text())} if a.compare else {}
+        if old:
+            lines = ["| case | input | before: exit | before: files lost | before: message | after: exit | "
+                     "after: message |", "|---|---|---|---|---|---|---|"]
+        else:
+            lines = ["| case | input | exit | files lost | message |", "|---|---|---|---|---|"]
         for r in res:
-            lost = ", ".join(r["lost"]) if r.get("lost") else ("none" if r.get("lost") is not None else "")
-            msg = r["line"].replace("|", "\\|")
-            lines.append(f"| {r['id']} | {r['what'].replace('|', '/')} | {r['rc']} | {lost} | {msg} |")
+            cells = [r["id"], r["what"].replace("|", "/")]
+            if old:
+                b = old.get(r["id"], {"rc": "", "line": "", "lost": None})
+                cells += [str(b["rc"]), _lost(b), _msg(b["line"])]
+                cells += [str(r["rc"]) + (" (lost: " + _lost(r) + ")" if r.get("lost") else ""), _msg(r["line"])]
+            else:
+                cells += [str(r["rc"]), _lost(r), _msg(r["line"])]
+            lines.append("| " + " | ".join(cells) + " |")
         a.out.write_text("\n".join(lines) + "\n")
         a.out.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
     bad = [r for r in res if r["rc"] != r["want"] or r.get("traceback") or r.get("lost")]

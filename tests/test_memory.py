@@ -170,3 +170,35 @@ def test_report_folder(tmp_path):
     rep = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert len(rep["rows"]) == 4 and rep["claims"]
     assert "## IBM's claims" in (tmp_path / "rep" / "report.md").read_text()
+
+
+@pytest.mark.parametrize("name,ctx,batch,ubatch", [("tiny-hybrid", 96, 2, 40), ("tiny-dense", 96, 2, 40),
+                                                   ("tiny-hybrid", 300, 1, 4096), ("cpu-hybrid", 1024, 1, 512)])
+def test_allocation_replay_peak_equals_the_trackers_over_a_real_run(name, ctx, batch, ubatch):
+    """bench's CPU memory of record: the tracker over a replay that allocates what the run allocated
+    (first pieces and continuations, routed experts with the run's own routing) equals, to the byte,
+    the tracker over the real run; the replay leaves the cache as it found it."""
+    from granite_cli.memory.trace import AllocationReplay, LiveTensorBytes
+    from granite_cli.model.loading import load_model
+    from granite_cli.ops.basic import record_routing, replay_routing
+
+    model = load_model(name)
+    ids = torch.randint(0, model.cfg.vocab_size, (batch, ctx), generator=torch.Generator().manual_seed(0))
+    cache = model.allocate_cache(batch, ctx)
+
+    def prefill():
+        for s in range(0, ctx, ubatch):
+            model(ids[:, s : s + ubatch], cache, logits="last")
+
+    routing: list = []
+    with torch.inference_mode():
+        with LiveTensorBytes() as real, record_routing(routing):
+            prefill()
+        tensors = [t for layer in cache.layers for t in vars(layer).values()]
+        state = [t.clone() for t in tensors]
+        cache.pos = 0
+        with AllocationReplay() as replay, replay_routing(routing):
+            prefill()
+    assert replay.peak == real.peak > 0
+    assert (len(routing) > 0) == bool(model.cfg.num_local_experts)
+    assert all(torch.equal(t, saved) for t, saved in zip(tensors, state))

@@ -36,9 +36,10 @@ from granite_cli.config import load_config
 from granite_cli.errors import InputError
 from granite_cli.hostmem import retain_freed_memory
 from granite_cli.measure import PeakMemory, Stopwatch, sync
-from granite_cli.memory.trace import LiveTensorBytes
+from granite_cli.memory.trace import AllocationReplay, LiveTensorBytes
 from granite_cli.model.loading import load_model, parse_dtype
 from granite_cli.ops import dispatch
+from granite_cli.ops.basic import record_routing, replay_routing
 from granite_cli.params import count_params
 
 GUARD_TOKENS = 16
@@ -367,28 +368,22 @@ class Runner:
         # Layer-type attribution. CPU: hooks in the first warmup run, or with no warmup in the first
         # timed run (there they only read a timer). GPU: one extra untimed run after the timed ones,
         # since the hooks synchronise and the first run also compiles the Triton kernels.
-        # CPU memory of record: the live-tensor tracker over one untimed run (it slows the ops it sees
-        # by 5-17%, so never a timed one): the first warmup, or with no warmup one run before the timed.
         gpu = self.device.type == "cuda"
         hook_warm = spec.warmup > 0 and not gpu
         attribution = None
-        self._tracked = None
         for w in range(spec.warmup):
             self._prefill_ready(cache, start)
             if w == 0 and hook_warm:
-                attribution = self._attributed(model, cache, ids, track=True)
+                attribution = self._attributed(model, cache, ids)
             else:
                 self._prefill_once(model, cache, ids)
-        if not gpu and spec.warmup == 0:
-            self._prefill_ready(cache, start)
-            with LiveTensorBytes() as tr:
-                self._prefill_once(model, cache, ids)
-            self._tracked = tr.peak
-        samples = []
+        samples, routing = [], []
         finite = True
         pm = PeakMemory(self.device)
         for r in range(spec.reps):
-            with pm if r == 0 else _null():  # from before the restore: restored KV counts as prefill memory
+            # from before the restore: restored KV counts as prefill memory; the first repetition's
+            # MoE routing is kept for the allocation replay below
+            with (pm if r == 0 else _null()), (record_routing(routing) if r == 0 else _null()):
                 self._prefill_ready(cache, start)
                 if r == 0 and not hook_warm and self.device.type == "cpu":
                     t0 = time.perf_counter()
@@ -400,6 +395,7 @@ class Runner:
                         out = self._prefill_once(model, cache, ids)
                     samples.append(sw.seconds)
             finite = finite and bool(torch.isfinite(out).all())
+        tracked = None if gpu else self._replayed_prefill(model, cache, ids, start, routing)
         if gpu:
             self._prefill_ready(cache, start)
             attribution = self._attributed(model, cache, ids)
@@ -412,25 +408,32 @@ class Runner:
                         reserved_peak_bytes=pm.reserved, nvml_used_bytes=pm.nvml_used,
                         cache_bytes=cache_bytes, attribution_s=attribution,
                         prefill_from=None if start is None else start["ctx"],
-                        **self._totals(base, b, c, cache_bytes, pm, self._tracked, min(c, spec.ubatch)))
+                        **self._totals(base, b, c, cache_bytes, pm, tracked, min(c, spec.ubatch)))
         if not finite:
             row.update(status="invalid", error="non-finite logits")
         return row
 
-    def _attributed(self, model, cache, ids, track: bool = False) -> dict:
-        """A prefill with layer-type timing hooks; with `track`, also under the live-tensor tracker,
-        whose peak (the working set above the weights and cache) goes to self._tracked."""
+    def _replayed_prefill(self, model, cache, ids, start: dict | None, routing: list) -> int:
+        """The CPU prefill's working set of record: the live-tensor tracker over an allocation replay of
+        the pieces just timed, with their own routing (memory.trace.AllocationReplay: the same tensors,
+        no arithmetic; the tracker on a real run would slow it by 5-17%, too much to time, too costly to
+        run again). The replay writes no state, so the end state is put back after it."""
+        end = cache.mark()
+        self._prefill_ready(cache, start)
+        with AllocationReplay() as tr, replay_routing(routing):
+            self._prefill_once(model, cache, ids)
+        cache.rewind(end)
+        return tr.peak
+
+    def _attributed(self, model, cache, ids) -> dict:
         att = _Attribution(model, self.device)
         sync(self.device)
         t0 = time.perf_counter()
         try:
-            with (LiveTensorBytes() if track else _null()) as tr:
-                self._last_out = self._prefill_once(model, cache, ids)
+            self._last_out = self._prefill_once(model, cache, ids)
             sync(self.device)
         finally:
             result = att.close(time.perf_counter() - t0)
-        if track:
-            self._tracked = tr.peak
         return result
 
     def _decode(self, model, cache, nxt, base, b, c, cache_bytes, snap: dict, record: list) -> dict:
@@ -600,10 +603,8 @@ def predicted_total(cfg, dtype: str, batch: int, cache_len: int, tokens: int, we
 
 
 def prefill_runs(spec: SweepSpec) -> int:
-    """Prefill runs per case: warmups and timed repetitions, and on a CPU without warmups the untimed
-    run under the live-tensor tracker."""
-    extra = 1 if torch.device(spec.device).type == "cpu" and spec.warmup == 0 else 0
-    return spec.warmup + spec.reps + extra
+    """Prefill runs per case: warmups and timed repetitions."""
+    return spec.warmup + spec.reps
 
 
 def estimate_seconds(spec: SweepSpec, gflops: float) -> float:

@@ -12,8 +12,8 @@ from __future__ import annotations
 import weakref
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+from torch.utils._pytree import tree_flatten, tree_map
 
 from granite_cli.config import ModelConfig
 
@@ -44,6 +44,61 @@ class LiveTensorBytes(TorchDispatchMode):
             self.peak = max(self.peak, self.live)
             weakref.finalize(t, self._free, n)
         return out
+
+
+class AllocationReplay(LiveTensorBytes):
+    """LiveTensorBytes over a run that computes nothing: each op that would create a tensor creates
+    an uninitialised one of the same size, strides, dtype and device; views run for real (they
+    allocate nothing); in-place ops return their target untouched. The shapes, and so the live bytes
+    and their peak, are those of a real run of the same inputs, as long as nothing depends on values:
+    in the core only the MoE routing does, and it is replayed from the real run (ops.basic
+    replay_routing). The peak equals the tracker's over the real run to the byte (tests/test_memory.py),
+    at the cost of dispatching the ops, not of running them.
+
+    Caches and states are not written: a caller that needs them afterwards restores them."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        rets = func._schema.returns
+        if any(r.alias_info is not None for r in rets):
+            for a, arg in zip(func._schema.arguments, args):
+                if a.alias_info is not None and a.alias_info.is_write:
+                    return arg  # in place (or out=): the target, unchanged
+            for a in func._schema.arguments:
+                if a.alias_info is not None and a.alias_info.is_write and a.name in kwargs:
+                    return kwargs[a.name]
+            return func(*args, **kwargs)  # a view of a real tensor: no allocation, no arithmetic
+        with _disable_current_modes():
+            shaped = func(*tree_map(_to_meta, args), **tree_map(_to_meta, kwargs))
+            out = tree_map(_like_on(_device_of(args, kwargs)), shaped)
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                n = t.numel() * t.element_size()
+                if n:
+                    self.live += n
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(t, self._free, n)
+        return out
+
+
+def _to_meta(x):
+    return x.to("meta") if isinstance(x, torch.Tensor) else x
+
+
+def _device_of(args, kwargs) -> torch.device:
+    for x in tree_flatten((args, kwargs))[0]:
+        if isinstance(x, torch.Tensor):
+            return x.device
+    return torch.device("cpu")
+
+
+def _like_on(device):
+    def real(x):
+        if isinstance(x, torch.Tensor) and x.device.type == "meta":
+            return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=device)
+        return x
+
+    return real
 
 
 def run_forward(model, ctx: int, batch: int, ubatch: int, device, last_piece_only: bool = False) -> dict:
