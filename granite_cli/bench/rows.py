@@ -3,7 +3,10 @@
 A row: schema_version; case parameters (model, kind, dtype, device, batch, ctx, phase, gen, ubatch,
 reps); status (ok | invalid | oom | skipped | error) and error; metrics (tokens_per_s, latency_ms,
 median_s, stdev_s, min_s, max_s, samples_s, peak_bytes, peak_delta_bytes, memory_source,
-reserved_peak_bytes and nvml_used_bytes on a GPU, cache_bytes, attribution_s, prefill_from; decode_mode
+reserved_peak_bytes and nvml_used_bytes on a GPU, cache_bytes, attribution_s, prefill_from; the phase's total
+peak of record, peak_total_bytes (weights + cache + working set; peak_total_source tracked on a CPU,
+cuda_allocated on a GPU), memory-report's predicted_total_bytes, weights_bytes, and memory_s (the
+untimed seconds its measurement took); decode_mode
 cuda_graph | compiled | eager and decode_note); the correctness guards (valid, guard_max_diff: the short guard at
 load; guard_depth_diff, guard_full_diff, guard_tol, guard_s: the depth guard at the case's context); parameter counts; and
 the environment (torch, triton, python, cpu, gpu, threads, kernel_impl, commit, dirty, time).

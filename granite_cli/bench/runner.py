@@ -205,11 +205,13 @@ class Runner:
     def _tracked_step(self, model, cache, mark: dict, ids: torch.Tensor, base: dict, cache_bytes: int) -> dict:
         """One untimed decode step at the case's depth under the live-tensor tracker (CPU): the decode
         phase's tracked total. (Under --compile the timed steps run a compiled graph; this is the eager step.)"""
+        t0 = time.perf_counter()
         cache.rewind(mark)
         c = mark["pos"]
         with LiveTensorBytes() as tr:
             model(ids[:, c : c + 1], cache, logits="last")
-        return {"peak_total_bytes": base["weights_bytes"] + cache_bytes + tr.peak, "peak_total_source": "tracked"}
+        return {"peak_total_bytes": base["weights_bytes"] + cache_bytes + tr.peak, "peak_total_source": "tracked",
+                "memory_s": round(time.perf_counter() - t0, 4)}
 
     def _full_guard(self, c: int) -> bool:
         return self.spec.guard == "full" and c == max(self.spec.ctx)
@@ -262,7 +264,7 @@ class Runner:
             "peak_delta_bytes": None, "memory_source": None, "reserved_peak_bytes": None, "nvml_used_bytes": None,
             "cache_bytes": None, "attribution_s": None, "prefill_from": None, "decode_mode": None, "decode_note": None,
             "guard_depth_diff": None, "guard_full_diff": None, "guard_tol": None, "guard_s": None,
-            "peak_total_bytes": None, "peak_total_source": None, "predicted_total_bytes": None,
+            "peak_total_bytes": None, "peak_total_source": None, "predicted_total_bytes": None, "memory_s": None,
             **self.env, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         row.update(metrics)
@@ -395,7 +397,9 @@ class Runner:
                         out = self._prefill_once(model, cache, ids)
                     samples.append(sw.seconds)
             finite = finite and bool(torch.isfinite(out).all())
+        t0 = time.perf_counter()
         tracked = None if gpu else self._replayed_prefill(model, cache, ids, start, routing)
+        memory_s = None if gpu else round(time.perf_counter() - t0, 4)
         if gpu:
             self._prefill_ready(cache, start)
             attribution = self._attributed(model, cache, ids)
@@ -408,7 +412,7 @@ class Runner:
                         reserved_peak_bytes=pm.reserved, nvml_used_bytes=pm.nvml_used,
                         cache_bytes=cache_bytes, attribution_s=attribution,
                         prefill_from=None if start is None else start["ctx"],
-                        **self._totals(base, b, c, cache_bytes, pm, tracked, min(c, spec.ubatch)))
+                        **self._totals(base, b, c, cache_bytes, pm, tracked, min(c, spec.ubatch)), memory_s=memory_s)
         if not finite:
             row.update(status="invalid", error="non-finite logits")
         return row
