@@ -61,8 +61,9 @@ def _read_manifest(folder: Path) -> dict[str, str | None] | None:
 
 
 def _write_manifest(folder: Path, files: dict[str, str | None]) -> None:
-    tmp = folder / f".{MANIFEST}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps({"tool": "granite", "files": dict(sorted(files.items()))}, indent=1) + "\n")
+    fd, tmp = tempfile.mkstemp(prefix=f"{MANIFEST}.", suffix=".partial", dir=folder)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps({"tool": "granite", "files": dict(sorted(files.items()))}, indent=1) + "\n")
     os.replace(tmp, folder / MANIFEST)
 
 

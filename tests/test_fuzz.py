@@ -453,3 +453,22 @@ def test_reading_safetensors_allocates_at_most_the_file_plus_a_fixed_overhead(tm
 def _st(header: bytes, data_len: int) -> bytes:
     header += b" " * (-len(header) % 8)
     return struct.pack("<Q", len(header)) + header + b"\x01" * data_len
+
+
+# ------------------------------------------------------------------------------------ atheris findings
+
+DATA = Path(__file__).parent / "data"
+
+
+def test_atheris_finding_a_config_asking_for_8e15_layers_is_refused_before_any_table_is_built():
+    from granite_cli.config import read_json_config
+
+    with pytest.raises(InputError, match="at most"):
+        from_hf_dict(read_json_config(DATA / "atheris-config-8e15-layers.json"), "x", "config.json")
+
+
+def test_atheris_finding_gguf_tensor_shapes_that_disagree_with_the_metadata_are_refused():
+    from granite_cli.convert.sources import GGUFSource
+
+    with pytest.raises(InputError, match="has shape .* the metadata implies"):
+        GGUFSource(DATA / "atheris-gguf-shape-mismatch.bin")

@@ -120,6 +120,8 @@ def _memory_plot(plt, series: dict, analysis: dict) -> bool:
     src = lines[0][1][0].get("peak_total_source") or "measured"
     ax.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel=f"total peak ({src}), GiB",
            title="Total peak memory (dashed: predicted)")
+    ax.yaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:.3g}"))
+    ax.yaxis.set_minor_formatter(plt.FuncFormatter(lambda v, _: f"{v:.3g}"))
     ax.legend(fontsize=6)
     ax.grid(True, which="both", alpha=0.3)
     pairs = defaultdict(list)
@@ -134,6 +136,10 @@ def _memory_plot(plt, series: dict, analysis: dict) -> bool:
     ax2.axhline(0.3, color="grey", ls=":", label="0.3 (70% less)")
     ax2.set(xscale="log", xlabel="context (tokens)", ylabel="hybrid / dense total peak", ylim=(0, None),
             title="Hybrid / dense")
+    ctxs = sorted({r["ctx"] for _, rs in lines for r in rs})
+    for a in (ax, ax2):  # one tick per context of the sweep
+        a.set_xticks(ctxs, [f"{c // 1024}k" if c % 1024 == 0 else str(c) for c in ctxs], fontsize=7)
+        a.xaxis.set_minor_locator(plt.NullLocator())
     ax2.legend(fontsize=6)
     ax2.grid(True, which="both", alpha=0.3)
     return True
