@@ -44,7 +44,10 @@ def bench(
     fail_on_regression: Annotated[Optional[str], typer.Option(help="With --baseline: exit 3 if tokens/s drops by more, e.g. 10%.")] = None,
     check: Annotated[bool, typer.Option(help="Exit 3 when a scaling claim is not reproduced.")] = False,
     seed: Annotated[int, typer.Option(help="Seed for random weights and inputs.")] = 0,
-    guard: Annotated[str, typer.Option(help="Correctness at each case's depth: 'depth' compares its decode steps with a chunked continuation from the same state; 'full' also with a from-empty prefill, at each model's largest context. A failing case is marked invalid.")] = "depth",
+    guard: Annotated[str, typer.Option(
+        help="Correctness at each case's depth: 'depth' compares its decode steps with a chunked continuation from "
+             "the same state; 'full' also with a from-empty prefill, at each model's largest context. A failing "
+             "case is marked invalid.")] = "depth",
     fmt: FormatOpt = Format.table,
 ) -> None:
     """Sweep context and batch: prefill and decode throughput, latency and memory; fit the scaling.

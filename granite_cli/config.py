@@ -753,7 +753,8 @@ def read_json_config(path: Path) -> Any:
         raise InputError(f"{path}: not a JSON config (not UTF-8 text); pass a checkpoint folder, a config.json or "
                          "a profile name") from None
     except json.JSONDecodeError as e:
-        raise InputError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); fix the file or re-download it") from None
+        raise InputError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); fix the file or re-download "
+                         "it") from None
     except RecursionError:
         raise InputError(f"{path}: JSON nested too deeply to be a config") from None
 

@@ -371,8 +371,8 @@ def main() -> int:
         r = run_case(c)
         res.append(r)
         ok = r["rc"] == r["want"] and not r.get("traceback") and not r.get("lost")
-        print(f"{'ok ' if ok else 'BAD'} {r['id']:32s} rc={r['rc']} {('LOST ' + ','.join(r['lost'])) if r.get('lost') else ''}"
-              f" {r['line'][:150]}", file=sys.stderr)
+        lost = ("LOST " + ",".join(r["lost"])) if r.get("lost") else ""
+        print(f"{'ok ' if ok else 'BAD'} {r['id']:32s} rc={r['rc']} {lost} {r['line'][:150]}", file=sys.stderr)
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
         old = {r["id"]: r for r in json.loads(a.compare.read_text())} if a.compare else {}

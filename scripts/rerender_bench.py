@@ -51,7 +51,8 @@ def main(dirs: list[str]) -> int:
         spec = json.loads(m.group(1)) if m else {}
         w = re.search(r"^- wall time: (\d+) s$", text, re.M)
         if not (d / MANIFEST).exists():  # written by granite before manifests existed
-            ours = [p.name for p in d.iterdir() if p.is_file() and any(fnmatch.fnmatch(p.name, g) for g in REPORT_FILES)]
+            ours = [p.name for p in d.iterdir()
+                    if p.is_file() and any(fnmatch.fnmatch(p.name, g) for g in REPORT_FILES)]
             _write_manifest(d, {n: _sha256(d / n) for n in ours})
         write_report(d, rows, analyse(rows), spec, float(w.group(1)) if w else None)
         print(f"{d}: {len(rows)} rows re-rendered", file=sys.stderr)

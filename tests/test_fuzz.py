@@ -236,8 +236,9 @@ def test_gguf_mutations_are_read_or_refused_with_input_error(tmp_path_factory, s
         assert "\n" not in str(e)
 
 
-gguf_value = st.one_of(st.integers(-2**40, 2**40), st.floats(width=32, allow_nan=True), st.text(max_size=8), st.booleans(),
-                       st.lists(st.integers(-3, 3), max_size=6), st.lists(st.text(max_size=3), max_size=3))
+gguf_value = st.one_of(st.integers(-2**40, 2**40), st.floats(width=32, allow_nan=True), st.text(max_size=8),
+                       st.booleans(), st.lists(st.integers(-3, 3), max_size=6),
+                       st.lists(st.text(max_size=3), max_size=3))
 
 
 @FUZZ
@@ -350,7 +351,8 @@ size_text = st.one_of(st.text(max_size=12), st.from_regex(r"-?[0-9]{1,25}[kKmMgG
 
 
 @CLI
-@given(ctx=size_text, batch=size_text, budget=st.one_of(size_text, st.from_regex(r"[0-9.e]{1,8}[GMK]i?B", fullmatch=True)))
+@given(ctx=size_text, batch=size_text,
+       budget=st.one_of(size_text, st.from_regex(r"[0-9.e]{1,8}[GMK]i?B", fullmatch=True)))
 def test_cli_memory_report_values(tmp_path_factory, ctx, batch, budget):
     d = tmp_path_factory.mktemp("m")
     code, out, err = cli("memory-report", "-m", "tiny-hybrid", "--ctx", ctx, "--batch", batch, "--budget", budget,
@@ -426,8 +428,8 @@ OVERHEAD = 2 * 2**20  # the fixed part: parser state, one metadata dict, small o
                                                        + b"\x07" * 2**20])),
     ("131072 two-byte strings", lambda: _gguf_header(0, [_kstr("a") + struct.pack("<IIQ", G.ARR, G.STR, 2**17)
                                                          + _kstr("xy") * 2**17])),
-    ("tensor of 2^40 x 2^20 floats", lambda: _gguf_header(1, [_kstr("t") + struct.pack("<I2QIQ", 2, 2**20, 2**40, 0, 0)])
-     + b"\0" * 2**20),
+    ("tensor of 2^40 x 2^20 floats",
+     lambda: _gguf_header(1, [_kstr("t") + struct.pack("<I2QIQ", 2, 2**20, 2**40, 0, 0)]) + b"\0" * 2**20),
     ("tensor of 2^62 dims", lambda: _gguf_header(1, [_kstr("t") + struct.pack("<I", 2**31)]) + b"\0" * 2**20),
 ])
 def test_reading_a_gguf_allocates_at_most_the_file_plus_a_fixed_overhead(tmp_path, name, make):

@@ -174,7 +174,8 @@ def write_report(out_dir: Path, rows: list[dict], analysis: dict, spec_dict: dic
                   "stdev_s": round(r["stdev_s"], 4) if r.get("stdev_s") is not None else None,
                   **{k: human_bytes(r[k]) if r.get(k) is not None else None for k in sizes}}
                  for r in rows]
-        env = {k: rows[0].get(k) for k in ("device", "cpu", "gpu", "threads", "torch", "kernel_impl", "commit", "dirty")} if rows else {}
+        env_keys = ("device", "cpu", "gpu", "threads", "torch", "kernel_impl", "commit", "dirty")
+        env = {k: rows[0].get(k) for k in env_keys} if rows else {}
         lines = ["# granite bench report", ""]
         lines += [f"- {k}: `{v}`" for k, v in env.items()]
         lines += [f"- sweep: `{json.dumps(spec_dict)}`"]

@@ -7,9 +7,10 @@ reserved_peak_bytes and nvml_used_bytes on a GPU, cache_bytes, attribution_s, pr
 peak of record, peak_total_bytes (weights + cache + working set; peak_total_source tracked on a CPU,
 cuda_allocated on a GPU), memory-report's predicted_total_bytes, weights_bytes, and memory_s (the
 untimed seconds its measurement took); decode_mode
-cuda_graph | compiled | eager and decode_note); the correctness guards (valid, guard_max_diff: the short guard at
-load; guard_depth_diff, guard_full_diff, guard_tol, guard_s: the depth guard at the case's context); parameter counts; and
-the environment (torch, triton, python, cpu, gpu, threads, kernel_impl, commit, dirty, time).
+cuda_graph | compiled | eager and decode_note); the correctness guards (valid, guard_max_diff: the short
+guard at load; guard_depth_diff, guard_full_diff, guard_tol, guard_s: the depth guard at the case's
+context); parameter counts; and the environment (torch, triton, python, cpu, gpu, threads,
+kernel_impl, commit, dirty, time).
 """
 
 from __future__ import annotations
