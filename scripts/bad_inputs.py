@@ -209,7 +209,8 @@ CASES = [
      lambda t: ((t / "d").mkdir(), (t / "d" / "config.json").write_text("{\"mine\": 1}\n"),
                 ["profiles", "export", "tiny-hybrid", t / "d"], t)[2:], 2),
     # ---- config.json
-    *[(f"config-{k}", f"config.json {k}: {json.dumps(v)}",
+    *[(f"config-{k}" + ("-2" if (k, v) == ("time_step_limit", [1, "a"]) else ""),
+       f"config.json {k}: {json.dumps(v)}",
        (lambda k, v: lambda t: (["convert", "inspect", config_with(t, **{k: v})], None))(k, v), 2)
       for k, v in [("hidden_size", "64"), ("num_attention_heads", 0), ("rms_norm_eps", "tiny"),
                    ("time_step_limit", [0.5]), ("shared_intermediate_size", -1), ("tie_word_embeddings", "no"),
