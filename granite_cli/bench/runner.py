@@ -21,6 +21,7 @@ Failures are data: an out-of-memory case, or one the fitted curve predicts to ex
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 import time
@@ -119,7 +120,8 @@ def correctness_guard(model, device) -> tuple[bool, float]:
 PROBE_COLUMNS = 256
 
 
-def probe_columns(vocab: int, device) -> torch.Tensor:
+@functools.lru_cache(maxsize=8)
+def probe_columns(vocab: int, device: torch.device) -> torch.Tensor:
     """A fixed spread of vocabulary columns whose logits the depth guard compares: a wrong state
     moves every logit, so a few hundred find it, at the cost of a small gather in a timed step."""
     g = torch.Generator().manual_seed(7)
@@ -176,12 +178,10 @@ class Runner:
                 continue
             model = load_model(name, weights=_weights_for(name), dtype=self.dtype, device=self.device, seed=self.spec.seed)
             params = count_params(cfg)
-            self._probe = probe_columns(cfg.vocab_size, self.device)
             ok, diff = correctness_guard(model, self.device)
             base = {"model": cfg.name, "kind": "hybrid" if cfg.is_hybrid else "dense", "params_total": params.total,
                     "params_active": params.active, "guard_max_diff": diff, "valid": ok,
                     "weights_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
-            self._cfg = cfg
             fits: dict[int, list] = {}
             self._bases: dict[int, dict] = {}  # batch -> the latest shareable prefill (see the module docstring)
             self._ids: dict[int, torch.Tensor] = {}
@@ -189,11 +189,12 @@ class Runner:
                 self._case(model, base, b, c, fits)
             del model, self._bases
 
-    def _totals(self, base: dict, b: int, c: int, cache_bytes: int, pm, tracked: int | None, tokens: int) -> dict:
+    def _totals(self, cfg, base: dict, b: int, c: int, cache_bytes: int, pm, tracked: int | None,
+                tokens: int) -> dict:
         """A phase's total peak memory (weights + cache + working set) and memory-report's prediction of
         it. Of record: on a GPU the allocator's peak; on a CPU the live-tensor tracker's (the RSS peak
         counts the allocator's and the runtime's own memory too, and stays in peak_bytes beside it)."""
-        pred = predicted_total(self._cfg, self.spec.dtype, b, c + self.spec.gen, tokens, base["weights_bytes"])
+        pred = predicted_total(cfg, self.spec.dtype, b, c + self.spec.gen, tokens, base["weights_bytes"])
         if self.device.type == "cuda":
             total, source = pm.peak, "cuda_allocated"
         else:
@@ -223,14 +224,15 @@ class Runner:
         tokens; with `full`, also against a prefill of c + k tokens from an empty cache. `steps`: the
         timed decode's recorded probe logits (k = gen), or None to run k = min(gen, 4) steps here."""
         c = mark["pos"]
+        probe = probe_columns(model.cfg.vocab_size, self.device)
         if steps is None:  # a prefill-only sweep: a few untimed steps
             cache.rewind(mark)
-            steps = [model(ids[:, c + i : c + i + 1], cache, logits="last")[..., self._probe]
+            steps = [model(ids[:, c + i : c + i + 1], cache, logits="last")[..., probe]
                      for i in range(min(self.spec.gen, 4))]
         k = len(steps)
         want = torch.cat(steps, dim=1).float()  # [b, k, P]
         cache.rewind(mark)
-        chunk = model(ids[:, c : c + k], cache, logits="all")[..., self._probe].float()
+        chunk = model(ids[:, c : c + k], cache, logits="all")[..., probe].float()
         res = {"guard_depth_diff": _max_diff(chunk, want), "guard_full_diff": None,
                "guard_tol": guard_tolerance(model.dtype, want)}
         if full:
@@ -239,7 +241,7 @@ class Runner:
             for s in range(0, c + k, self.spec.ubatch):
                 h = model.hidden_states(ids[:, s : min(s + self.spec.ubatch, c + k)], cache)
                 tail = h if tail is None else torch.cat([tail, h], dim=1)[:, -k:]
-            res["guard_full_diff"] = _max_diff(model.logits(tail[:, -k:])[..., self._probe].float(), want)
+            res["guard_full_diff"] = _max_diff(model.logits(tail[:, -k:])[..., probe].float(), want)
         return res
 
     def _judge(self, rows: list[dict], g: dict) -> None:
@@ -412,7 +414,8 @@ class Runner:
                         reserved_peak_bytes=pm.reserved, nvml_used_bytes=pm.nvml_used,
                         cache_bytes=cache_bytes, attribution_s=attribution,
                         prefill_from=None if start is None else start["ctx"],
-                        **self._totals(base, b, c, cache_bytes, pm, tracked, min(c, spec.ubatch)), memory_s=memory_s)
+                        **self._totals(model.cfg, base, b, c, cache_bytes, pm, tracked, min(c, spec.ubatch)),
+                        memory_s=memory_s)
         if not finite:
             row.update(status="invalid", error="non-finite logits")
         return row
@@ -466,19 +469,17 @@ class Runner:
         row = self._row(base, b, c, "decode", **st, tokens_per_s=b / st["median_s"], latency_ms=st["median_s"] * 1e3,
                         peak_bytes=pm.peak, peak_delta_bytes=pm.delta, memory_source=pm.source, cache_bytes=cache_bytes,
                         reserved_peak_bytes=pm.reserved, nvml_used_bytes=pm.nvml_used, decode_mode=mode,
-                        decode_note=note, **self._totals(base, b, c, cache_bytes, pm, None, 1))
+                        decode_note=note, **self._totals(model.cfg, base, b, c, cache_bytes, pm, None, 1))
         if not finite:
             row.update(status="invalid", error="non-finite logits")
         return row
 
     def _eager(self, model, cache, nxt):
-        probe = self._probe
-
         def step(record: list | None = None):
             for i in range(self.spec.gen):
                 out = model(nxt[:, i : i + 1], cache, logits="last")
                 if record is not None:
-                    record.append(out[..., probe])
+                    record.append(out[..., probe_columns(out.shape[-1], out.device)])
             return out
 
         return step
@@ -528,13 +529,12 @@ class Runner:
             cache.restore(snap)
             return self._eager(model, cache, nxt), "eager", f"CUDA graph capture failed ({_reason(e)})"
 
-        probe = self._probe
-
+        
         def replay(record: list | None = None):
             for i, g in enumerate(graphs):
                 g.replay()
                 if record is not None:
-                    record.append(outs[i][..., probe])
+                    record.append(outs[i][..., probe_columns(outs[i].shape[-1], outs[i].device)])
             return outs[-1]
 
         return replay, "cuda_graph", None
