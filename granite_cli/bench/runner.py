@@ -529,7 +529,6 @@ class Runner:
             cache.restore(snap)
             return self._eager(model, cache, nxt), "eager", f"CUDA graph capture failed ({_reason(e)})"
 
-        
         def replay(record: list | None = None):
             for i, g in enumerate(graphs):
                 g.replay()
