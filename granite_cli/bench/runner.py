@@ -133,9 +133,9 @@ GUARD_RTOL = {torch.float32: 1e-5, torch.float64: 1e-9}
 
 def guard_tolerance(dtype: torch.dtype, ref: torch.Tensor) -> float:
     """What two correct code paths over the same state may differ by, relative to the logit scale
-    (the largest |logit| compared): 1e-5 in fp32, 5% in half precision. Two fp32 paths agree to about
-    1e-7 of the scale; a state or offset error of one token shows at 1e-4 and above, even in a small
-    random-weight model, so the fp32 bound sits between them (reports/reliability has the figures)."""
+    (the largest |logit| compared): 1e-5 in fp32, 5% in half precision. The fp32 bound sits two
+    orders of magnitude above how far two correct fp32 paths drift apart, and an order below what
+    an offset of one token does even to a small random-weight model."""
     scale = ref.abs().max().item() if ref.numel() else 1.0
     return GUARD_RTOL.get(dtype, 5e-2) * max(scale, 1e-6)
 
@@ -337,7 +337,7 @@ class Runner:
         if len(prev) < 2:
             return 0.0
         f = fit_scaling([x for x, _ in prev], [y for _, y in prev])
-        return f.predict(c) * prefill_runs(self.spec) if f else 0.0
+        return f.predict(c) * (self.spec.warmup + self.spec.reps) if f else 0.0
 
     def _tokens(self, model, b: int) -> torch.Tensor:
         """One token stream per model and batch size, long enough for every context of the sweep:
@@ -423,8 +423,8 @@ class Runner:
     def _replayed_prefill(self, model, cache, ids, start: dict | None, routing: list) -> int:
         """The CPU prefill's working set of record: the live-tensor tracker over an allocation replay of
         the pieces just timed, with their own routing (memory.trace.AllocationReplay: the same tensors,
-        no arithmetic; the tracker on a real run would slow it by 5-17%, too much to time, too costly to
-        run again). The replay writes no state, so the end state is put back after it."""
+        no arithmetic). The tracker slows every op it sees, so a timed run cannot carry it, and a
+        second real run would double the sweep. The replay writes no state: the end state is put back."""
         end = cache.mark()
         self._prefill_ready(cache, start)
         with AllocationReplay() as tr, replay_routing(routing):
@@ -605,11 +605,6 @@ def predicted_total(cfg, dtype: str, batch: int, cache_len: int, tokens: int, we
             + activation_bytes(cfg, tokens, batch, dtype))
 
 
-def prefill_runs(spec: SweepSpec) -> int:
-    """Prefill runs per case: warmups and timed repetitions."""
-    return spec.warmup + spec.reps
-
-
 def estimate_seconds(spec: SweepSpec, gflops: float) -> float:
     """A rough up-front estimate of the sweep's run time from FLOP counts and a measured matmul rate."""
     total = 0.0
@@ -626,8 +621,7 @@ def estimate_seconds(spec: SweepSpec, gflops: float) -> float:
                 if prefix_point(spec, c):
                     c0 = c
                 runs = spec.warmup + spec.reps
-                # 1.6: what a CPU forward reaches of the matmul rate
-                t = flops / (gflops * 1e9) * prefill_runs(spec) * 1.6
+                t = flops / (gflops * 1e9) * runs * 1.6  # 1.6: what a CPU forward reaches of the matmul rate
                 if "decode" in spec.phases:
                     t += b * runs * spec.gen * (2 * p.active * 4 / 20e9 + 4 * att * c / (gflops * 1e9))
                 total += t

@@ -242,19 +242,19 @@ class _Meta:
         return InputError(f"{self.source}: GGUF metadata {self.p + key} must be {want}, got {v!r:.40}; the file is "
                           "corrupt or was edited: re-convert it")
 
-    def int(self, key: str, default=_MISSING, lo: int = 1) -> int:
+    def integer(self, key: str, default=_MISSING, lo: int = 1) -> int:
         v = self.get(key, default)
         if not _is_int(v) or not lo <= v < 2**31:
             raise self._bad(key, f"an integer >= {lo}", v)
         return v
 
-    def num(self, key: str, default=_MISSING) -> float:
+    def number(self, key: str, default=_MISSING) -> float:
         v = self.get(key, default)
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise self._bad(key, "a number", v)
         return float(v)
 
-    def bool(self, key: str, default=_MISSING) -> bool:
+    def flag(self, key: str, default=_MISSING) -> bool:
         v = self.get(key, default)
         if not isinstance(v, bool):
             raise self._bad(key, "true or false", v)
@@ -270,53 +270,53 @@ def config_from_gguf(kv: dict, tensors: dict[str, G.TensorInfo], source: str) ->
     if arch not in ("granitehybrid", "granite"):
         raise InputError(f"{source}: GGUF architecture {arch!r} is not supported; granite reads granitehybrid and granite")
     md = _Meta(kv, arch + ".", source)
-    n_layers = md.int("block_count")
+    n_layers = md.integer("block_count")
     if n_layers > MAX_LAYERS:
         raise InputError(f"{source}: GGUF metadata {arch}.block_count {n_layers} is more layers than any model has "
                          f"(at most {MAX_LAYERS}); the file is corrupt")
     hkv = md.get("attention.head_count_kv")
-    hkv = list(hkv) if isinstance(hkv, list) else [md.int("attention.head_count_kv", lo=0)] * n_layers
+    hkv = list(hkv) if isinstance(hkv, list) else [md.integer("attention.head_count_kv", lo=0)] * n_layers
     if len(hkv) != n_layers:
         raise InputError(f"{source}: attention.head_count_kv has {len(hkv)} entries for {n_layers} layers")
     if not all(_is_int(h) and h >= 0 for h in hkv):
         raise InputError(f"{source}: GGUF metadata {arch}.attention.head_count_kv must hold integers >= 0")
     layer_types = ["mamba" if h == 0 else "attention" for h in hkv]
-    n_exp = md.int("expert_count", 0, lo=0)
-    n_ff = md.int("feed_forward_length", lo=0)
-    shexp = md.int("expert_shared_feed_forward_length", 0, lo=0)
+    n_exp = md.integer("expert_count", 0, lo=0)
+    n_ff = md.integer("feed_forward_length", lo=0)
+    shexp = md.integer("expert_shared_feed_forward_length", 0, lo=0)
     emb = tensors.get("token_embd.weight")
     if emb is None or len(emb.shape) != 2:
         raise InputError(f"{source}: GGUF has no two-dimensional token_embd.weight tensor")
-    hidden = md.int("embedding_length")
-    heads = md.int("attention.head_count")
+    hidden = md.integer("embedding_length")
+    heads = md.integer("attention.head_count")
     d = {
         "architectures": ["GraniteMoeHybridForCausalLM"], "model_type": "granitemoehybrid",
         "vocab_size": emb.shape[0], "hidden_size": hidden, "num_hidden_layers": n_layers,
         "layer_types": layer_types, "num_attention_heads": heads,
         "num_key_value_heads": max(hkv) if max(hkv) else heads,
         "intermediate_size": n_ff, "shared_intermediate_size": shexp if n_exp else n_ff,
-        "num_local_experts": n_exp, "num_experts_per_tok": md.int("expert_used_count", 0, lo=0),
-        "rms_norm_eps": md.num("attention.layer_norm_rms_epsilon"),
-        "rope_theta": md.num("rope.freq_base", 10000.0),
-        "position_embedding_type": "rope" if md.bool("rope.scaling.finetuned", True) else "nope",
-        "attention_multiplier": md.num("attention.scale", 1.0),
-        "embedding_multiplier": md.num("embedding_scale", 1.0),
-        "residual_multiplier": md.num("residual_scale", 1.0),
-        "logits_scaling": md.num("logit_scale", 1.0),
+        "num_local_experts": n_exp, "num_experts_per_tok": md.integer("expert_used_count", 0, lo=0),
+        "rms_norm_eps": md.number("attention.layer_norm_rms_epsilon"),
+        "rope_theta": md.number("rope.freq_base", 10000.0),
+        "position_embedding_type": "rope" if md.flag("rope.scaling.finetuned", True) else "nope",
+        "attention_multiplier": md.number("attention.scale", 1.0),
+        "embedding_multiplier": md.number("embedding_scale", 1.0),
+        "residual_multiplier": md.number("residual_scale", 1.0),
+        "logits_scaling": md.number("logit_scale", 1.0),
         "tie_word_embeddings": "output.weight" not in tensors,
-        "max_position_embeddings": md.int("context_length", 4096),
+        "max_position_embeddings": md.integer("context_length", 4096),
         "attention_bias": False,
     }
     if "mamba" in layer_types:
-        inner = md.int("ssm.inner_size")
-        nh = md.int("ssm.time_step_rank")
+        inner = md.integer("ssm.inner_size")
+        nh = md.integer("ssm.time_step_rank")
         d.update({
-            "mamba_n_heads": nh, "mamba_d_head": inner // nh, "mamba_n_groups": md.int("ssm.group_count"),
-            "mamba_d_state": md.int("ssm.state_size"), "mamba_d_conv": md.int("ssm.conv_kernel"),
+            "mamba_n_heads": nh, "mamba_d_head": inner // nh, "mamba_n_groups": md.integer("ssm.group_count"),
+            "mamba_d_state": md.integer("ssm.state_size"), "mamba_d_conv": md.integer("ssm.conv_kernel"),
             "mamba_expand": inner // hidden,
             "mamba_conv_bias": any(n.endswith("ssm_conv1d.bias") for n in tensors), "mamba_proj_bias": False,
         })
-    ft = _Meta(kv, "general.", source).int("file_type", 0, lo=0)
+    ft = _Meta(kv, "general.", source).integer("file_type", 0, lo=0)
     d["torch_dtype"] = {0: "float32", 1: "float16", 32: "bfloat16"}.get(ft, "bfloat16")
     derived = from_hf_dict(dict(d), name=str(kv.get("general.name", "")), source=source)
     if HF_CONFIG_KEY in kv:
