@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import statistics
 import subprocess
@@ -67,7 +66,8 @@ def main() -> None:
         tools = {
             "granite (verify)": lambda d, o=outtype: granite + ["convert", str(src), str(d), "--force"]
             + (["--quant", "q8_0"] if o == "q8_0" else ["--dtype", o]),
-            "granite (--no-verify)": lambda d, o=outtype: granite + ["convert", str(src), str(d), "--force", "--no-verify"]
+            "granite (--no-verify)": lambda d,
+            o=outtype: granite + ["convert", str(src), str(d), "--force", "--no-verify"]
             + (["--quant", "q8_0"] if o == "q8_0" else ["--dtype", o]),
             "llama.cpp convert_hf_to_gguf.py": lambda d, o=outtype: [sys.executable, str(conv), str(src), "--outfile",
                                                                      str(d), "--outtype", o],
@@ -85,7 +85,8 @@ def main() -> None:
                     sys.exit(f"{name} failed: {r['stderr_tail']}")
                 r.update(tool=name, outtype=outtype, round=rnd, out_bytes=dst.stat().st_size)
                 rows.append(r)
-                print(f"{outtype:5s} {name:34s} {r['wall_s']:7.1f} s  {r['peak_rss_bytes'] / 2**20:7.0f} MiB", file=sys.stderr)
+                print(f"{outtype:5s} {name:34s} {r['wall_s']:7.1f} s  {r['peak_rss_bytes'] / 2**20:7.0f} MiB",
+                      file=sys.stderr)
     summary = []
     for outtype in a.outtypes.split(","):
         sel = [r for r in rows if r["outtype"] == outtype]
@@ -96,8 +97,10 @@ def main() -> None:
             rs = [r for r in sel if r["tool"] == tool]
             wall = statistics.median(r["wall_s"] for r in rs)
             rss = statistics.median(r["peak_rss_bytes"] for r in rs)
-            summary.append({"outtype": outtype, "tool": tool, "wall_s": round(wall, 2), "peak_rss_mib": round(rss / 2**20),
-                            "out_mib": round(rs[0]["out_bytes"] / 2**20), "speedup_vs_llama_cpp": round(ref_wall / wall, 2),
+            summary.append({"outtype": outtype, "tool": tool, "wall_s": round(wall, 2),
+                            "peak_rss_mib": round(rss / 2**20),
+                            "out_mib": round(rs[0]["out_bytes"] / 2**20),
+                "speedup_vs_llama_cpp": round(ref_wall / wall, 2),
                             "rss_vs_llama_cpp": round(rss / ref_rss, 3)})
     res = {"profile": a.profile, "source_bytes": src_bytes, "rounds": a.rounds, "cpus": os.cpu_count(),
            "machine": platform.processor() or platform.machine(), "synthetic_checkpoint": made,

@@ -191,8 +191,8 @@ def main() -> None:
 
     from granite_cli.config import load_config
     from granite_cli.flops import decode_bytes_per_token, prefill_flops_per_token
-    from granite_cli.ops.ssd import chunk_for
     from granite_cli.model.loading import load_model, save_checkpoint
+    from granite_cli.ops.ssd import chunk_for
 
     tools = a.tools.split(",")
     try:
@@ -231,7 +231,8 @@ def main() -> None:
                 r["round"] = rnd
                 results.append(r)
                 print(f"round {rnd} {phase:7s} ctx {ctx:6d} {dtype} {tool:12s} "
-                      f"{r.get('tokens_per_s', float('nan')):9.1f} tok/s  peak +{(r.get('peak_delta_bytes') or 0) / 2**20:7.0f} MiB"
+                      f"{r.get('tokens_per_s', float('nan')):9.1f} tok/s  peak "
+                      f"+{(r.get('peak_delta_bytes') or 0) / 2**20:7.0f} MiB"
                       f"  {r.get('error') or ''}", file=sys.stderr, flush=True)
 
     # medians over rounds
@@ -247,7 +248,8 @@ def main() -> None:
         g = row.get("granite")
         if g:
             if phase == "prefill":
-                row["granite GFLOP/s"] = g * prefill_flops_per_token(cfg, ctx, chunk_for(cfg.mamba_chunk_size, "cpu")) / 1e9
+                per_token = prefill_flops_per_token(cfg, ctx, chunk_for(cfg.mamba_chunk_size, "cpu"))
+                row["granite GFLOP/s"] = g * per_token / 1e9
             else:
                 row["granite GB/s"] = g * decode_bytes_per_token(cfg, ctx) / 1e9
             for tool in tools:

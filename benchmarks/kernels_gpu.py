@@ -57,11 +57,14 @@ def cases():
     yield "ssd_chunked 16k", "ssd_chunked", (x, dt, A, B, C, 256, D, None), ssd_bytes, ssd_flops
     # decode state update, batch 8 (in place)
     st = torch.randn(8, 128, 64, 128, device=dev, generator=g)
-    yield ("ssd_step b8", "ssd_step", (st, r(8, 128, 64), torch.rand(8, 128, device=dev) * 0.1, A[:1].expand(128).contiguous(),
+    yield ("ssd_step b8", "ssd_step",
+           (st, r(8, 128, 64), torch.rand(8, 128, device=dev) * 0.1, A[:1].expand(128).contiguous(),
            r(8, 1, 128), r(8, 1, 128), None), 2 * st.numel() * 4, 4 * st.numel())
     xc = r(1, 16384, 3328)
-    yield ("causal_conv1d 16k", "causal_conv1d", (xc, r(3328, 1, 4), r(3328), None), 2 * xc.numel() * 2, 2 * 4 * xc.numel())
-    yield ("gated_rms_norm 16k", "gated_rms_norm", (r(16384, 3072, dt=torch.float32), r(16384, 3072), r(3072), 1e-5, 3072),
+    yield ("causal_conv1d 16k", "causal_conv1d", (xc, r(3328, 1, 4), r(3328), None), 2 * xc.numel() * 2,
+           2 * 4 * xc.numel())
+    yield ("gated_rms_norm 16k", "gated_rms_norm",
+           (r(16384, 3072, dt=torch.float32), r(16384, 3072), r(3072), 1e-5, 3072),
            16384 * 3072 * (4 + 2 + 4), 6 * 16384 * 3072)
     xm = r(4096, 1536)
     wi, wo = r(64, 1024, 1536) * 0.02, r(64, 1536, 512) * 0.02

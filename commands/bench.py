@@ -22,26 +22,45 @@ def _fmt_num(v):
 
 
 def bench(
-    model: Annotated[Optional[list[str]], typer.Option("--model", "-m", metavar="MODEL", help="Profile, config.json or checkpoint folder (repeatable).")] = None,
+    model: Annotated[Optional[list[str]],
+                     typer.Option("--model", "-m", metavar="MODEL",
+                                  help="Profile, config.json or checkpoint folder (repeatable).")] = None,
     ctx: Annotated[Optional[str], typer.Option(help="Contexts: 1k,4k,128k or a range 1k-128k*2 / 512-4k+512.")] = None,
     batch: Annotated[Optional[str], typer.Option(help="Batch sizes: 1,4 or a range 1-16*2.")] = None,
     phase: Annotated[str, typer.Option(help="prefill, decode, or prefill,decode.")] = "prefill,decode",
     gen: Annotated[Optional[int], typer.Option(help="Decode tokens timed per repetition (default 16).")] = None,
-    dtype: Annotated[Optional[str], typer.Option(help="fp32, bf16 or fp16 (default: fp32 on CPU, bf16 on GPU).")] = None,
+    dtype: Annotated[Optional[str],
+                     typer.Option(help="fp32, bf16 or fp16 (default: fp32 on CPU, bf16 on GPU).")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
-    reps: Annotated[Optional[int], typer.Option(help="Timed repetitions per case (default 3; on a CPU 1 for the default sweep and above 16k).")] = None,
-    warmup: Annotated[Optional[int], typer.Option(help="Untimed runs per case (default 1; on a CPU 0 for the default sweep and above 16k).")] = None,
+    reps: Annotated[Optional[int],
+                    typer.Option(help="Timed repetitions per case (default 3; on a CPU 1 for the default sweep and "
+                                 "above 16k).")] = None,
+    warmup: Annotated[Optional[int],
+                      typer.Option(help="Untimed runs per case (default 1; on a CPU 0 for the default sweep and above "
+                                   "16k).")] = None,
     ubatch: Annotated[int, typer.Option(help="Prefill tokens per forward (chunked prefill).")] = 4096,
-    share_prefill: Annotated[bool, typer.Option(help="On a CPU, a context's prefill continues from a smaller context's end state where that is a whole number of --ubatch pieces (the same pieces and tokens; its time is added, and the row says prefill_from).")] = True,
-    cuda_graph: Annotated[bool, typer.Option(help="On a GPU, replay decode steps as CUDA graphs (falls back to eager, with the reason, where capture is impossible).")] = True,
-    compile_decode: Annotated[bool, typer.Option("--compile", help="On a CPU, run decode steps under torch.compile (TorchInductor; needs a C++ compiler). Compiling takes 1-2.5 minutes per model and batch size on 2 cores, in untimed first passes.")] = False,
+    share_prefill: Annotated[bool,
+                             typer.Option(help="On a CPU, a context's prefill continues from a smaller context's end "
+                                          "state where that is a whole number of --ubatch pieces (the same pieces and "
+                                          "tokens; its time is added, and the row says prefill_from).")] = True,
+    cuda_graph: Annotated[bool,
+                          typer.Option(help="On a GPU, replay decode steps as CUDA graphs (falls back to eager, with "
+                                       "the reason, where capture is impossible).")] = True,
+    compile_decode: Annotated[bool,
+                              typer.Option("--compile",
+                                           help="On a CPU, run decode steps under torch.compile (TorchInductor; needs "
+                                                "a C++ compiler). Compiling takes 1-2.5 minutes per model and batch "
+                                                "size on 2 cores, in untimed first passes.")] = False,
     sweep: Annotated[Optional[Path], typer.Option(help="TOML sweep file (the same fields as the options).")] = None,
-    max_case_seconds: Annotated[float, typer.Option(help="Skip cases the fitted curve predicts to take longer.")] = 1800.0,
+    max_case_seconds: Annotated[float,
+                                typer.Option(help="Skip cases the fitted curve predicts to take longer.")] = 1800.0,
     out: Annotated[Optional[Path], typer.Option(help="Write report.md, rows.jsonl and plots into this folder.")] = None,
     jsonl: Annotated[Optional[Path], typer.Option(help="Append each row to this JSONL file as it finishes.")] = None,
     resume: Annotated[bool, typer.Option(help="Skip cases already finished in the JSONL file.")] = False,
-    baseline: Annotated[Optional[Path], typer.Option(help="Earlier rows (JSONL or --format json output) to compare with.")] = None,
-    fail_on_regression: Annotated[Optional[str], typer.Option(help="With --baseline: exit 3 if tokens/s drops by more, e.g. 10%.")] = None,
+    baseline: Annotated[Optional[Path],
+                        typer.Option(help="Earlier rows (JSONL or --format json output) to compare with.")] = None,
+    fail_on_regression: Annotated[Optional[str], typer.Option(
+        help="With --baseline: exit 3 if tokens/s drops by more, e.g. 10%.")] = None,
     check: Annotated[bool, typer.Option(help="Exit 3 when a scaling claim is not reproduced.")] = False,
     seed: Annotated[int, typer.Option(help="Seed for random weights and inputs.")] = 0,
     guard: Annotated[str, typer.Option(
@@ -57,6 +76,8 @@ def bench(
 
     Examples: granite bench --ctx 128k;  granite bench -m granite-4.0-h-tiny --ctx 1k-32k*2 --batch 1,8 --out rep/
     """
+    import torch
+
     from granite_cli.bench import analysis as an
     from granite_cli.bench.report import REPORT_FILES, write_report
     from granite_cli.bench.rows import JsonlStore, check_rows_file, finished_keys
@@ -66,8 +87,6 @@ def bench(
     from granite_cli.fsutil import check_report_dir, prepare_report_dir
     from granite_cli.hostmem import retain_freed_memory
     from granite_cli.model.loading import parse_dtype
-
-    import torch
 
     fields = load_sweep_file(sweep) if sweep else {}
     dev = fields.get("device", device)
@@ -79,19 +98,23 @@ def bench(
     if dev not in ("cpu",) and not gpu:
         raise InputError(f"--device must be cpu, cuda or auto, got {dev!r}")
     user_ctx = ctx is not None or "ctx" in fields
-    models = model or fields.get("models") or (["granite-4.0-h-micro", "granite-4.0-micro"] if gpu else ["cpu-hybrid", "cpu-dense"])
-    ctxs = parse_list(ctx, "context") if ctx else fields.get("ctx") or parse_list("1k-32k*2" if gpu else "512-8k*2", "context")
+    default_models = ["granite-4.0-h-micro", "granite-4.0-micro"] if gpu else ["cpu-hybrid", "cpu-dense"]
+    models = model or fields.get("models") or default_models
+    default_ctx = "1k-32k*2" if gpu else "512-8k*2"
+    ctxs = parse_list(ctx, "context") if ctx else fields.get("ctx") or parse_list(default_ctx, "context")
     batches = parse_list(batch, "batch") if batch else fields.get("batch") or ([1] if user_ctx else [1, 4])
     dflt = run_defaults(gpu, not (model or ctx or batch or sweep), max(ctxs))  # quick on a CPU; see there
     spec = SweepSpec(
         models=list(models), ctx=ctxs, batch=batches,
         phases=[p.strip() for p in (fields.get("phases") or phase.split(",")) if p.strip()],
-        gen=gen if gen is not None else fields.get("gen", 16), dtype=fields.get("dtype", dtype or ("bf16" if gpu else "fp32")), device=dev,
+        gen=gen if gen is not None else fields.get("gen", 16),
+        dtype=fields.get("dtype", dtype or ("bf16" if gpu else "fp32")), device=dev,
         reps=reps if reps is not None else fields.get("reps", dflt["reps"]),
         warmup=warmup if warmup is not None else fields.get("warmup", dflt["warmup"]),
         ubatch=fields.get("ubatch", ubatch), share_prefill=fields.get("share_prefill", share_prefill),
         cuda_graph=fields.get("cuda_graph", cuda_graph),
-        compile=fields.get("compile", compile_decode), max_case_seconds=fields.get("max_case_seconds", max_case_seconds),
+        compile=fields.get("compile", compile_decode),
+        max_case_seconds=fields.get("max_case_seconds", max_case_seconds),
         seed=fields.get("seed", seed), guard=fields.get("guard", guard),
     ).validate()
     parse_dtype(spec.dtype)
@@ -238,7 +261,8 @@ class _Progress:
             from rich.console import Console
             from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(),
+                                TextColumn("{task.completed}/{task.total}"),
                                 TimeElapsedColumn(), TimeRemainingColumn(), transient=True,
                                 console=Console(stderr=True))  # progress never touches stdout
             self.task = self.bar.add_task("bench", total=total)

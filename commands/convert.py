@@ -17,17 +17,26 @@ def _on_term(signum, frame):  # SIGTERM behaves like Ctrl-C: the temporary outpu
 
 
 def convert(
-    args: Annotated[Optional[list[str]], typer.Argument(metavar="SRC DST | inspect PATH", show_default=False,
-                                                        help="SRC: checkpoint folder or .gguf; DST: folder or .gguf path.")] = None,
-    dtype: Annotated[Optional[str], typer.Option(help="Output dtype: bf16, fp16 or fp32 (default: the source's).")] = None,
-    quant: Annotated[Optional[str], typer.Option(help="fp8 or int8 (compressed-tensors safetensors, per-channel), q8_0 (GGUF).")] = None,
+    args: Annotated[Optional[list[str]], typer.Argument(
+        metavar="SRC DST | inspect PATH", show_default=False,
+        help="SRC: checkpoint folder or .gguf; DST: folder or .gguf path.")] = None,
+    dtype: Annotated[Optional[str],
+                     typer.Option(help="Output dtype: bf16, fp16 or fp32 (default: the source's).")] = None,
+    quant: Annotated[Optional[str], typer.Option(
+        help="fp8 or int8 (compressed-tensors safetensors, per-channel), q8_0 (GGUF).")] = None,
     keep_high_precision: Annotated[Optional[list[str]], typer.Option("--keep-high-precision", metavar="GLOB",
-        help="Tensors (HF names, glob) never quantized, in addition to embeddings, lm_head, norms, router, conv1d, A_log, D, dt_bias.")] = None,
+        help="Tensors (HF names, glob) never quantized, in addition to embeddings, lm_head, norms, router, conv1d, "
+             "A_log, D, dt_bias.")] = None,
     shard_size: Annotated[str, typer.Option(help="Largest safetensors shard, e.g. 5GB or 500MB.")] = "5GB",
-    from_profile: Annotated[Optional[str], typer.Option(metavar="NAME", help="Write random weights at this profile's real shapes (no SRC).")] = None,
+    from_profile: Annotated[Optional[str],
+                            typer.Option(metavar="NAME",
+                                         help="Write random weights at this profile's real shapes (no SRC).")] = None,
     seed: Annotated[int, typer.Option(help="Seed for --from-profile weights.")] = 0,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (tensors, bytes, memory, disk) and write nothing.")] = False,
-    verify: Annotated[bool, typer.Option(help="Check inventory, metadata, every tensor and logits before renaming into place.")] = True,
+    dry_run: Annotated[bool,
+                       typer.Option("--dry-run",
+                                    help="Print the plan (tensors, bytes, memory, disk) and write nothing.")] = False,
+    verify: Annotated[bool, typer.Option(
+        help="Check inventory, metadata, every tensor and logits before renaming into place.")] = True,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing DST.")] = False,
     fmt: FormatOpt = Format.table,
 ) -> None:
@@ -121,7 +130,8 @@ def _progress(source):
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     bar = Progress(TextColumn("converting"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
-                   TimeRemainingColumn(), TextColumn("{task.description}"), console=Console(stderr=True), transient=True)
+                   TimeRemainingColumn(), TextColumn("{task.description}"), console=Console(stderr=True),
+        transient=True)
     state = {"task": None}
 
     def update(done: int, total: int, name: str) -> None:

@@ -16,7 +16,8 @@ def env(fmt: FormatOpt = Format.table) -> None:
     g = e.pop("gpu")
     rows = [{"item": k, "value": v} for k, v in e.items()]
     if g.get("available"):
-        rows += [{"item": f"gpu{x['index']}", "value": f"{x['name']} ({x['memory_bytes'] / 2**30:.1f} GiB)"} for x in g["gpus"]]
+        rows += [{"item": f"gpu{x['index']}",
+                  "value": f"{x['name']} ({x['memory_bytes'] / 2**30:.1f} GiB)"} for x in g["gpus"]]
         rows.append({"item": "nvidia_driver", "value": g.get("driver")})
     else:
         rows.append({"item": "gpu", "value": f"none ({g.get('reason')})"})

@@ -11,18 +11,28 @@ from granite_cli.commands._common import Format, FormatOpt, emit_rows, say
 
 
 def memory_report(
-    model: Annotated[Optional[list[str]], typer.Option("--model", "-m", metavar="MODEL", help="Profile, config.json or checkpoint folder (repeatable). Default: the family and the baselines.")] = None,
+    model: Annotated[Optional[list[str]],
+                     typer.Option("--model", "-m", metavar="MODEL",
+                                  help="Profile, config.json or checkpoint folder (repeatable). Default: the family "
+                                       "and the baselines.")] = None,
     ctx: Annotated[str, typer.Option(help="Contexts: 4k,32k,128k or a range 4k-128k*2.")] = "4k,32k,128k",
     batch: Annotated[str, typer.Option(help="Batch sizes (concurrent sequences): 1,8 or 1-8*2.")] = "1,8",
     weights: Annotated[str, typer.Option(help="Weight format: bf16, fp16, fp32, fp8, int8, q8_0, q4_0.")] = "bf16",
-    kv: Annotated[str, typer.Option(help="KV cache dtype (and Mamba conv state): bf16, fp16, fp32, fp8, int8.")] = "bf16",
-    state: Annotated[str, typer.Option(help="Mamba SSM state dtype: fp32 (llama.cpp, our core) or bf16 (vLLM default).")] = "fp32",
-    ubatch: Annotated[int, typer.Option(help="Prefill piece (tokens per forward) for the activation working set.")] = 4096,
-    trace: Annotated[bool, typer.Option(help="Also run the core's forward on the meta device and report its own peak.")] = False,
-    measure: Annotated[bool, typer.Option(help="Also run real forwards (CPU: what fits in RAM; CUDA: allocator peaks).")] = False,
+    kv: Annotated[str,
+                  typer.Option(help="KV cache dtype (and Mamba conv state): bf16, fp16, fp32, fp8, int8.")] = "bf16",
+    state: Annotated[str, typer.Option(
+        help="Mamba SSM state dtype: fp32 (llama.cpp, our core) or bf16 (vLLM default).")] = "fp32",
+    ubatch: Annotated[int,
+                      typer.Option(help="Prefill piece (tokens per forward) for the activation working set.")] = 4096,
+    trace: Annotated[bool, typer.Option(
+        help="Also run the core's forward on the meta device and report its own peak.")] = False,
+    measure: Annotated[bool, typer.Option(
+        help="Also run real forwards (CPU: what fits in RAM; CUDA: allocator peaks).")] = False,
     device: Annotated[str, typer.Option(help="Device for --measure: cpu or cuda.")] = "cpu",
-    budget: Annotated[Optional[str], typer.Option(help="Exit 3 if any row's total exceeds this, e.g. 10GiB or 24GB.")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Write report.md, report.json and plots into this folder.")] = None,
+    budget: Annotated[Optional[str],
+                      typer.Option(help="Exit 3 if any row's total exceeds this, e.g. 10GiB or 24GB.")] = None,
+    out: Annotated[Optional[Path],
+                   typer.Option(help="Write report.md, report.json and plots into this folder.")] = None,
     fmt: FormatOpt = Format.table,
 ) -> None:
     """Weights, KV cache, Mamba state and activations per model, context and batch; capacity; IBM's claims.

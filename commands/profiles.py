@@ -15,8 +15,8 @@ app = typer.Typer(help="List, show and export model profiles.", no_args_is_help=
 @app.command("list")
 def profiles_list(fmt: FormatOpt = Format.table) -> None:
     """Every profile: kind, layer counts, total and active parameters, context."""
-    from granite_cli.profile_info import profile_rows
     from granite_cli.params import human_count
+    from granite_cli.profile_info import profile_rows
 
     rows = profile_rows()
     hc = lambda v: human_count(v) if isinstance(v, int) else str(v)  # noqa: E731

@@ -11,7 +11,8 @@ __all__ = ["__version__", "load_model", "load_config"]
 
 
 def load_model(*args, **kwargs):
-    """Build a model from a profile name, a config.json or a checkpoint folder. See `granite_cli.model.loading.load_model`."""
+    """Build a model from a profile name, a config.json or a checkpoint folder.
+    See `granite_cli.model.loading.load_model`."""
     from granite_cli.model.loading import load_model as _load_model
 
     return _load_model(*args, **kwargs)

@@ -232,7 +232,8 @@ def validate(cfg: ModelConfig, source: str | None = None) -> ModelConfig:
     src = source or cfg.name or "config"
     if cfg.architecture not in ARCHITECTURES:
         raise _fail(src, f"unknown architecture {cfg.architecture!r}; supported: {', '.join(ARCHITECTURES)}")
-    for f in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim"):
+    for f in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+              "head_dim"):
         v = getattr(cfg, f)
         if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
             raise _fail(src, f"{f} must be a positive integer, got {v!r}")
@@ -278,9 +279,11 @@ def validate(cfg: ModelConfig, source: str | None = None) -> ModelConfig:
     if cfg.rope_scaling:
         rs = dict(cfg.rope_scaling)
         if rs.get("rope_type", rs.get("type")) not in ("default", "llama3"):
-            raise _fail(src, f"rope scaling type {rs.get('rope_type', rs.get('type'))!r} is not supported (default, llama3)")
+            raise _fail(src,
+                        f"rope scaling type {rs.get('rope_type', rs.get('type'))!r} is not supported (default, llama3)")
     if cfg.is_hybrid:
-        for f in ("mamba_n_heads", "mamba_d_head", "mamba_n_groups", "mamba_d_state", "mamba_d_conv", "mamba_chunk_size"):
+        for f in ("mamba_n_heads", "mamba_d_head", "mamba_n_groups", "mamba_d_state", "mamba_d_conv",
+                  "mamba_chunk_size"):
             v = getattr(cfg, f)
             if not isinstance(v, int) or v <= 0:
                 raise _fail(src, f"{f} must be a positive integer for a model with Mamba layers, got {v!r}")
@@ -426,7 +429,8 @@ _HF_IGNORED = {
     "tie_word_embeddings", "use_sliding_window", "sliding_window", "max_window_layers", "z_loss_coefficient",
     "model_type", "torch_dtype", "tokenizer_class", "num_logits_to_keep", "use_mamba_kernels", "task_specific_params",
     "generation_config", "quantization_config", "auto_map", "torchscript", "use_bfloat16", "tf_legacy_loss",
-    "pruned_heads", "finetuning_task", "prefix", "sep_token_id", "decoder_start_token_id", "cross_attention_hidden_size",
+    "pruned_heads", "finetuning_task", "prefix", "sep_token_id", "decoder_start_token_id",
+    "cross_attention_hidden_size",
     "add_cross_attention", "tie_encoder_decoder", "is_decoder",
 }
 
@@ -549,7 +553,8 @@ def from_hf_dict(d: dict[str, Any], name: str = "", source: str = "config.json")
         raise _fail(source, f"unsupported model_type {mt!r}; supported: {', '.join(ARCHITECTURES)}")
     unknown = sorted(k for k in d if k not in _HF_KNOWN and k not in _HF_IGNORED)
     if unknown:
-        raise _fail(source, f"unknown key {unknown[0]!r}" + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else "")
+        raise _fail(source,
+                    f"unknown key {unknown[0]!r}" + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else "")
                     + f" for model_type {mt}; remove it or check its spelling")
     _check_hf_types(d, source)
     g = {**_HF_DEFAULTS[mt], **{k: v for k, v in d.items() if v is not None or k not in _HF_DEFAULTS[mt]}}
@@ -571,7 +576,8 @@ def from_hf_dict(d: dict[str, Any], name: str = "", source: str = "config.json")
     )
     if mt in ("granitemoehybrid", "granite"):
         common.update(
-            embedding_multiplier=float(g["embedding_multiplier"]), attention_multiplier=float(g["attention_multiplier"]),
+            embedding_multiplier=float(g["embedding_multiplier"]),
+            attention_multiplier=float(g["attention_multiplier"]),
             residual_multiplier=float(g["residual_multiplier"]), logits_scaling=float(g["logits_scaling"]),
         )
     if mt == "granitemoehybrid":
@@ -604,7 +610,8 @@ def from_hf_dict(d: dict[str, Any], name: str = "", source: str = "config.json")
         extra: dict[str, Any] = {}
         if mt == "qwen3_moe":
             if g.get("mlp_only_layers") or g.get("decoder_sparse_step", 1) != 1:
-                raise _fail(source, "qwen3_moe with dense layers (mlp_only_layers / decoder_sparse_step) is not supported")
+                raise _fail(source,
+                            "qwen3_moe with dense layers (mlp_only_layers / decoder_sparse_step) is not supported")
             extra = dict(
                 moe_intermediate_size=g["moe_intermediate_size"],
                 num_local_experts=d.get("num_local_experts", d.get("num_experts", g["num_local_experts"])),
@@ -621,7 +628,8 @@ def from_hf_dict(d: dict[str, Any], name: str = "", source: str = "config.json")
 # ---------------------------------------------------------------------------------------------
 # profiles
 
-_PROFILE_KEYS = {f.name for f in dataclasses.fields(ModelConfig)} - {"name", "layer_types", "rope_scaling", "time_step_limit"}
+_PROFILE_KEYS = {f.name for f in dataclasses.fields(ModelConfig)}
+_PROFILE_KEYS -= {"name", "layer_types", "rope_scaling", "time_step_limit"}
 _PROFILE_KEYS |= {"layer_types", "attention_layers", "rope_scaling", "time_step_limit"}
 
 
@@ -636,7 +644,8 @@ def profile_names() -> list[str]:
 def from_profile_dict(d: dict[str, Any], name: str, source: str) -> ModelConfig:
     unknown = sorted(k for k in d if k not in _PROFILE_KEYS)
     if unknown:
-        raise _fail(source, f"unknown key {unknown[0]!r}; valid keys are the ModelConfig fields (see profiles/README.md)")
+        raise _fail(source,
+                    f"unknown key {unknown[0]!r}; valid keys are the ModelConfig fields (see profiles/README.md)")
     d = dict(d)
     for req in ("architecture", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "intermediate_size"):

@@ -34,7 +34,8 @@ def gpu_info() -> dict:
             h = pynvml.nvmlDeviceGetHandleByIndex(i)
             name = pynvml.nvmlDeviceGetName(h)
             mem = pynvml.nvmlDeviceGetMemoryInfo(h)
-            gpus.append({"index": i, "name": name if isinstance(name, str) else name.decode(), "memory_bytes": int(mem.total)})
+            gpus.append({"index": i, "name": name if isinstance(name, str) else name.decode(),
+                         "memory_bytes": int(mem.total)})
         return {"available": bool(gpus), "driver": _s(pynvml.nvmlSystemGetDriverVersion()), "gpus": gpus}
     finally:
         pynvml.nvmlShutdown()

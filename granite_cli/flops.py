@@ -28,12 +28,14 @@ def ssd_flops_per_token(cfg: ModelConfig, chunk: int | None = None) -> float:
 
 def prefill_flops_per_token(cfg: ModelConfig, ctx: int, chunk: int | None = None) -> float:
     n_att, n_mam = len(cfg.attention_layers), len(cfg.mamba_layers)
-    proj = n_att * attention_mixer_params(cfg) + n_mam * mamba_mixer_params(cfg) + cfg.num_hidden_layers * _ffn_active(cfg)
+    proj = (n_att * attention_mixer_params(cfg) + n_mam * mamba_mixer_params(cfg)
+            + cfg.num_hidden_layers * _ffn_active(cfg))
     core = n_att * 2 * ctx * cfg.num_attention_heads * cfg.head_dim  # QKᵀ and PV at average context ctx/2
     return 2 * proj + core + n_mam * ssd_flops_per_token(cfg, chunk) + 2 * cfg.hidden_size * cfg.vocab_size / ctx
 
 
-def decode_bytes_per_token(cfg: ModelConfig, depth: int, weight_bytes: int = 4, kv_bytes: int = 4, state_bytes: int = 4) -> float:
+def decode_bytes_per_token(cfg: ModelConfig, depth: int, weight_bytes: int = 4, kv_bytes: int = 4,
+                           state_bytes: int = 4) -> float:
     """Bytes a batch-1 decode step reads: active weights (and the lm_head), KV at `depth`, the SSM state
     read and written."""
     p = count_params(cfg)

@@ -61,7 +61,8 @@ def to_csv(rows: Sequence[dict], columns: Sequence[str] | None = None) -> str:
     return buf.getvalue()
 
 
-def to_markdown(rows: Sequence[dict], columns: Sequence[str] | None = None, headers: dict[str, str] | None = None) -> str:
+def to_markdown(rows: Sequence[dict], columns: Sequence[str] | None = None,
+                headers: dict[str, str] | None = None) -> str:
     cols = columns_of(rows, columns)
     headers = headers or {}
     lines = ["| " + " | ".join(headers.get(c, c) for c in cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]

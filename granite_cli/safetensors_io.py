@@ -40,7 +40,8 @@ class SafetensorsFile:
         size, fh = open_input(self.path, "safetensors")
         with fh:
             if size < 8:
-                raise InputError(f"{self.path}: truncated safetensors file ({size} bytes); re-download or re-convert it")
+                raise InputError(f"{self.path}: truncated safetensors file ({size} bytes); re-download or "
+                                 "re-convert it")
             (n,) = struct.unpack("<Q", fh.read(8))
             if n > size - 8 or n > 100 * 2**20:
                 raise InputError(f"{self.path}: corrupt safetensors header (length {n} in a {size}-byte file)")
@@ -112,7 +113,8 @@ class SafetensorsFile:
             return torch.empty(shape, dtype=dt)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            flat = torch.frombuffer(self._mm, dtype=dt, count=(end - start) // dt.itemsize, offset=self.data_start + start)
+            flat = torch.frombuffer(self._mm, dtype=dt, count=(end - start) // dt.itemsize,
+                                    offset=self.data_start + start)
         return flat.view(shape)
 
     def read(self, name: str) -> torch.Tensor:

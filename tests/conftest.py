@@ -62,4 +62,5 @@ def hf_load(arch: str, folder):
 
 def assert_close(a: torch.Tensor, b: torch.Tensor, atol: float, name: str = "") -> None:
     diff = (a.float() - b.float()).abs()
-    assert diff.max().item() <= atol, f"{name}: max diff {diff.max().item():.3g} (mean {diff.mean().item():.3g}) > {atol}"
+    worst, mean = diff.max().item(), diff.mean().item()
+    assert worst <= atol, f"{name}: max diff {worst:.3g} (mean {mean:.3g}) > {atol}"

@@ -85,7 +85,8 @@ def test_runner_rows_schema_and_jsonl_round_trip(tmp_path):
     assert [r["decode_mode"] for r in rows if r["phase"] == "decode"] == ["eager", "eager"]
     assert all(r["decode_note"] is None and r["nvml_used_bytes"] is None for r in rows)
     back = store.read()
-    assert [(r["ctx"], r["phase"], r["tokens_per_s"]) for r in back] == [(r["ctx"], r["phase"], r["tokens_per_s"]) for r in rows]
+    assert [(r["ctx"], r["phase"],
+             r["tokens_per_s"]) for r in back] == [(r["ctx"], r["phase"], r["tokens_per_s"]) for r in rows]
 
 
 def test_cpu_attribution_without_warmup():
@@ -167,7 +168,8 @@ def test_estimate_counts_a_shared_prefix_once():
     from granite_cli.bench.runner import estimate_seconds
 
     kw = dict(models=["cpu-hybrid"], ctx=[4096, 8192], batch=[1], reps=1, warmup=0, dtype="fp32", device="cpu")
-    shared, fresh = estimate_seconds(SweepSpec(**kw), 100.0), estimate_seconds(SweepSpec(**kw, share_prefill=False), 100.0)
+    shared, fresh = estimate_seconds(SweepSpec(**kw),
+                                     100.0), estimate_seconds(SweepSpec(**kw, share_prefill=False), 100.0)
     assert shared < fresh * 0.8  # the 8k case does not pay for its first 4k again
 
 
@@ -254,7 +256,8 @@ def test_analysis_verdicts_claims_and_regressions():
 
 
 def _cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "granite_cli", "bench", *args], capture_output=True, text=True, cwd=cwd)
+    return subprocess.run([sys.executable, "-m", "granite_cli", "bench", *args], capture_output=True, text=True,
+                          cwd=cwd)
 
 
 def test_cli_smoke_on_tiny_profiles(tmp_path):

@@ -32,7 +32,8 @@ def test_cpu_pair_geometry():
     assert d.attention_layers == tuple(range(10)) and not d.is_hybrid
     for c in (h, d):
         assert (c.vocab_size, c.hidden_size, c.num_attention_heads, c.num_key_value_heads) == (1024, 512, 8, 2)
-        assert (c.num_local_experts, c.num_experts_per_tok, c.intermediate_size, c.shared_intermediate_size) == (8, 2, 256, 1024)
+        assert (c.num_local_experts, c.num_experts_per_tok, c.intermediate_size,
+                c.shared_intermediate_size) == (8, 2, 256, 1024)
         assert c.position_embedding_type == "nope" and c.max_position_embeddings == 131072
     assert (h.mamba_n_heads, h.mamba_d_state, h.mamba_n_groups, h.mamba_d_conv, h.mamba_expand, h.mamba_chunk_size) == \
         (16, 128, 1, 4, 2, 256)
@@ -47,7 +48,8 @@ def test_uncertain_values_carry_comments():
         assert "NOT FOUND" in line
 
 
-@pytest.mark.parametrize("types", [["mamba", "attention", "mamba"], ["linear_attention", "full_attention", "linear_attention"]])
+@pytest.mark.parametrize("types",
+                         [["mamba", "attention", "mamba"], ["linear_attention", "full_attention", "linear_attention"]])
 def test_both_layer_type_vocabularies(types):
     cfg = tiny("granitemoehybrid", num_hidden_layers=3, attention_layers=[1])
     d = cfg.to_hf_dict()

@@ -168,7 +168,8 @@ def test_truncated_and_corrupt_safetensors(tmp_path):
     f = src / "model.safetensors"
     data = f.read_bytes()
     f.write_bytes(data[: len(data) // 2])
-    _one_line_exit_2(granite("convert", str(src), str(tmp_path / "o.gguf")), "truncated or corrupt", tmp_path / "o.gguf")
+    _one_line_exit_2(granite("convert", str(src), str(tmp_path / "o.gguf")), "truncated or corrupt",
+                     tmp_path / "o.gguf")
     f.write_bytes(data[:8] + b"{not json" + data[17:])
     _one_line_exit_2(granite("convert", str(src), str(tmp_path / "o")), "corrupt safetensors header", tmp_path / "o")
 
@@ -178,7 +179,8 @@ def test_missing_shard_shape_mismatch_unknown_arch(tmp_path):
     convert(None, src, from_profile="tiny-hybrid", shard_size="300KB")
     shard = sorted(src.glob("model-*.safetensors"))[1]
     shard.rename(tmp_path / "away")
-    _one_line_exit_2(granite("convert", str(src), str(tmp_path / "o")), "named in the index but missing", tmp_path / "o")
+    _one_line_exit_2(granite("convert", str(src), str(tmp_path / "o")), "named in the index but missing",
+                     tmp_path / "o")
     (tmp_path / "away").rename(shard)
     cfg = json.loads((src / "config.json").read_text())
     (src / "config.json").write_text(json.dumps({**cfg, "shared_intermediate_size": 32}))
@@ -212,14 +214,18 @@ def test_existing_dst_needs_force_and_too_little_disk(tmp_path, monkeypatch):
 
 def test_gguf_errors(tmp_path):
     (tmp_path / "bad.gguf").write_bytes(b"NOPE" + bytes(40))
-    _one_line_exit_2(granite("convert", str(tmp_path / "bad.gguf"), str(tmp_path / "o")), "not a GGUF file", tmp_path / "o")
+    _one_line_exit_2(granite("convert", str(tmp_path / "bad.gguf"), str(tmp_path / "o")), "not a GGUF file",
+                     tmp_path / "o")
     src = _checkpoint(tmp_path / "src")
     convert(src, tmp_path / "m.gguf")
     data = (tmp_path / "m.gguf").read_bytes()
     (tmp_path / "cut.gguf").write_bytes(data[: len(data) - 5000])
-    _one_line_exit_2(granite("convert", str(tmp_path / "cut.gguf"), str(tmp_path / "o")), "past the end", tmp_path / "o")
-    _one_line_exit_2(granite("convert", str(src), str(tmp_path / "o"), "--quant", "q4_k"), "unknown --quant", tmp_path / "o")
-    _one_line_exit_2(granite("convert", str(src), str(tmp_path / "o"), "--quant", "q8_0"), "GGUF format", tmp_path / "o")
+    _one_line_exit_2(granite("convert", str(tmp_path / "cut.gguf"), str(tmp_path / "o")), "past the end",
+                     tmp_path / "o")
+    _one_line_exit_2(granite("convert", str(src), str(tmp_path / "o"), "--quant", "q4_k"), "unknown --quant",
+                     tmp_path / "o")
+    _one_line_exit_2(granite("convert", str(src), str(tmp_path / "o"), "--quant", "q8_0"), "GGUF format",
+                     tmp_path / "o")
 
 
 def test_verification_catches_a_wrong_tensor(tmp_path, monkeypatch):
@@ -240,7 +246,8 @@ def test_verification_catches_a_wrong_tensor(tmp_path, monkeypatch):
     assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.*"))
 
 
-@pytest.mark.parametrize("sig,name", [(signal.SIGTERM, "big"), (signal.SIGTERM, "big.gguf"), (signal.SIGKILL, "big.gguf")])
+@pytest.mark.parametrize("sig,name",
+                         [(signal.SIGTERM, "big"), (signal.SIGTERM, "big.gguf"), (signal.SIGKILL, "big.gguf")])
 def test_interrupted_conversion_leaves_no_dst(tmp_path, sig, name):
     dst = tmp_path / name
     p = subprocess.Popen([sys.executable, "-m", "granite_cli", "convert", "--from-profile", "granite-4.0-h-350m",
@@ -290,7 +297,8 @@ def test_inspect_hf_and_gguf(tmp_path):
         d = json.loads(r.stdout)
         assert d["format"] == fmt and d["layer_pattern"] == "M A M A" and d["mamba_layers"] == 2
         assert d["params_in_tensors"] == d["params_total"]
-    assert json.loads(granite("convert", "inspect", str(tmp_path / "m.gguf"), "-f", "json").stdout)["quantization"] == "q8_0"
+    assert json.loads(granite("convert", "inspect", str(tmp_path / "m.gguf"), "-f",
+                              "json").stdout)["quantization"] == "q8_0"
 
 
 def test_open_source_rejects_non_checkpoints(tmp_path):

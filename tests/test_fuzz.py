@@ -258,8 +258,9 @@ def test_gguf_metadata_values_are_typed_and_ranged(tmp_path_factory, small_gguf,
     except InputError as e:
         assert "\n" not in str(e)
         return
-    from granite_cli.model.loading import build_empty
     import torch
+
+    from granite_cli.model.loading import build_empty
 
     build_empty(src.cfg, torch.float32, "meta")
 

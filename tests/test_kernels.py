@@ -82,7 +82,8 @@ def test_ssd_step_updates_the_state_in_place():
     gen = torch.Generator().manual_seed(1)
     state = torch.randn(b, h, p, n, generator=gen)
     x, dt = torch.randn(b, h, p, generator=gen), torch.rand(b, h, generator=gen) * 0.2
-    A, B, C, D = -torch.rand(h, generator=gen) - 0.5, torch.randn(b, g, n, generator=gen), torch.randn(b, g, n, generator=gen), torch.randn(h, generator=gen)
+    A, D = -torch.rand(h, generator=gen) - 0.5, torch.randn(h, generator=gen)
+    B, C = torch.randn(b, g, n, generator=gen), torch.randn(b, g, n, generator=gen)
     s_ref = state.clone()
     s64 = state.double()
     y64 = ssd.ssd_step(s64, x.double(), dt.double(), A.double(), B.double(), C.double(), D.double())
@@ -211,20 +212,23 @@ def test_bf16_on_cuda_within_2x_of_torch(op):
     if op == "ssd_chunked":
         x, dt, A, B, C, D, s0 = _ssd_inputs(2, 1000, 8, 64, 1, 128, dtype=bf, device=dev)
         args = (x, dt, A, B, C, 256, D, s0)
-        ref64 = ssd.ssd_naive(x.double(), dt.double(), A.double(), B.double(), C.double(), 256, D.double(), s0.double())[0]
+        ref64 = ssd.ssd_naive(x.double(), dt.double(), A.double(), B.double(), C.double(), 256, D.double(),
+                              s0.double())[0]
         pick = lambda r: r[0]  # noqa: E731
     elif op == "ssd_step":
         g = torch.Generator(device=dev).manual_seed(0)
         st = torch.randn(4, 8, 64, 128, device=dev, generator=g)
         mk = lambda *s: torch.randn(*s, device=dev, generator=g)  # noqa: E731
-        x, dt, A, B, C, D = mk(4, 8, 64).to(bf), mk(4, 8).abs() * 0.1, -mk(8).abs(), mk(4, 1, 128).to(bf), mk(4, 1, 128).to(bf), mk(8)
+        x, dt, A = mk(4, 8, 64).to(bf), mk(4, 8).abs() * 0.1, -mk(8).abs()
+        B, C, D = mk(4, 1, 128).to(bf), mk(4, 1, 128).to(bf), mk(8)
         args = (st, x, dt, A, B, C, D)
         ref64 = ssd.ssd_step(st.double(), x.double(), dt.double(), A.double(), B.double(), C.double(), D.double())
         pick = lambda r: r  # noqa: E731
     elif op == "causal_conv1d":
         g = torch.Generator(device=dev).manual_seed(0)
         x = torch.randn(2, 2048, 3328, device=dev, generator=g).to(bf)
-        w, bias = torch.randn(3328, 1, 4, device=dev, generator=g).to(bf), torch.randn(3328, device=dev, generator=g).to(bf)
+        w, bias = torch.randn(3328, 1, 4, device=dev,
+                              generator=g).to(bf), torch.randn(3328, device=dev, generator=g).to(bf)
         args = (x, w, bias, None)
         ref64 = basic.causal_conv1d(x.double(), w.double(), bias.double(), None)[0]
         pick = lambda r: r[0]  # noqa: E731

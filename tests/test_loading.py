@@ -5,7 +5,6 @@ Run: python -m pytest -q tests/test_loading.py
 
 from __future__ import annotations
 
-import json
 import time
 
 import pytest

@@ -136,7 +136,8 @@ def test_cli_json_rows_and_claims():
     d = json.loads(r.stdout)
     assert len(d["rows"]) == 8
     for row in d["rows"]:
-        for k in ("model", "ctx", "batch", "weights_bytes", "kv_bytes", "state_bytes", "activation_bytes", "total_bytes",
+        for k in ("model", "ctx", "batch", "weights_bytes", "kv_bytes", "state_bytes", "activation_bytes",
+                  "total_bytes",
                   "decode_activation_bytes"):
             assert k in row
         assert 0 < row["decode_activation_bytes"] < row["activation_bytes"]

@@ -34,7 +34,8 @@ def analyse(rows: list[dict]) -> dict:
             if not any(ts):
                 continue
             f = fit_scaling(n, ts)
-            fits.append({"model": model, "batch": batch, "phase": "prefill", "part": part, **(f.as_dict() if f else {})})
+            fits.append({"model": model, "batch": batch, "phase": "prefill", "part": part,
+                         **(f.as_dict() if f else {})})
             verdicts.append(describe(f"{model} b{batch} {label}", f))
     for (model, batch), rs in sorted(_group(rows, "decode").items()):
         rs = sorted(rs, key=lambda r: r["ctx"])

@@ -53,7 +53,8 @@ def _plots(rows: list[dict], analysis: dict, out: Path) -> list[str]:
             xs = [x[0] * (x[-1] / x[0]) ** (i / 40) for i in range(41)]
             ax.plot(xs, [f["a"] + f["b"] * n + f["c"] * n * n for n in xs], ":", color=line.get_color())
             line.set_label(f"{m} b{b} (doubling {f['doubling']:.2f}x)")
-    ax.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="prefill time (s)", title=PLOTS["prefill_time"])
+    ax.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="prefill time (s)",
+           title=PLOTS["prefill_time"])
     ax.legend(fontsize=7)
     ax.grid(True, which="both", alpha=0.3)
     save(fig, "prefill_time")

@@ -107,7 +107,8 @@ def correctness_guard(model, device) -> tuple[bool, float]:
     with torch.inference_mode():
         full = model(ids).float()
         cache = model.allocate_cache(1, GUARD_TOKENS)
-        steps = [model(ids[:, :4], cache).float()] + [model(ids[:, i : i + 1], cache).float() for i in range(4, GUARD_TOKENS)]
+        steps = [model(ids[:, :4], cache).float()]
+        steps += [model(ids[:, i : i + 1], cache).float() for i in range(4, GUARD_TOKENS)]
     got = torch.cat(steps, 1)
     if not (torch.isfinite(full).all() and torch.isfinite(got).all()):
         return False, math.inf
@@ -176,7 +177,8 @@ class Runner:
             ]
             if not pending:
                 continue
-            model = load_model(name, weights=_weights_for(name), dtype=self.dtype, device=self.device, seed=self.spec.seed)
+            model = load_model(name, weights=_weights_for(name), dtype=self.dtype, device=self.device,
+                               seed=self.spec.seed)
             params = count_params(cfg)
             ok, diff = correctness_guard(model, self.device)
             base = {"model": cfg.name, "kind": "hybrid" if cfg.is_hybrid else "dense", "params_total": params.total,
@@ -409,7 +411,8 @@ class Runner:
             samples = [x + y for x, y in zip(samples, start["samples"], strict=True)]
             attribution = {k: v + start["attribution"][k] for k, v in attribution.items()}
         st = _stats(samples)
-        row = self._row(base, b, c, "prefill", **st, tokens_per_s=b * c / st["median_s"], latency_ms=st["median_s"] * 1e3,
+        row = self._row(base, b, c, "prefill", **st, tokens_per_s=b * c / st["median_s"],
+                        latency_ms=st["median_s"] * 1e3,
                         peak_bytes=pm.peak, peak_delta_bytes=pm.delta, memory_source=pm.source,
                         reserved_peak_bytes=pm.reserved, nvml_used_bytes=pm.nvml_used,
                         cache_bytes=cache_bytes, attribution_s=attribution,
@@ -510,7 +513,8 @@ class Runner:
         spec = self.spec
         graphs, outs = [], []
         if model.cfg.num_local_experts and dispatch.kernels(self.device).name != "triton":
-            return self._eager(model, cache, nxt), "eager", "CUDA graphs need the Triton MoE kernel (the reference routes on the host)"
+            why = "CUDA graphs need the Triton MoE kernel (the reference routes on the host)"
+            return self._eager(model, cache, nxt), "eager", why
         if spec.warmup == 0:  # compile and initialise eagerly first: nothing of that may happen in a capture
             self._eager(model, cache, nxt)()
             torch.cuda.synchronize()

@@ -107,7 +107,8 @@ class GGUFWriter:
         off = 0
         for t in tensors:
             dims = tuple(reversed(t.shape)) or (1,)
-            head += [_enc_str(t.name), struct.pack(f"<I{len(dims)}Q", len(dims), *dims), struct.pack("<IQ", t.gtype, off)]
+            head += [_enc_str(t.name), struct.pack(f"<I{len(dims)}Q", len(dims), *dims),
+                     struct.pack("<IQ", t.gtype, off)]
             off += t.nbytes + _pad(t.nbytes)
         self.data_bytes = off
         h = b"".join(head)

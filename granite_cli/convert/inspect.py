@@ -55,7 +55,8 @@ def inspect(path: str | Path) -> dict:
         "layers": cfg.num_hidden_layers, "mamba_layers": len(cfg.mamba_layers),
         "attention_layers": len(cfg.attention_layers), "layer_pattern": layer_pattern(cfg.layer_types),
         "hidden_size": cfg.hidden_size, "vocab_size": cfg.vocab_size,
-        "experts": f"{cfg.num_local_experts} (top-{cfg.num_experts_per_tok}) + shared" if cfg.num_local_experts else "none",
+        "experts": (f"{cfg.num_local_experts} (top-{cfg.num_experts_per_tok}) + shared" if cfg.num_local_experts
+                    else "none"),
         "positions": cfg.position_embedding_type, "torch_dtype": cfg.torch_dtype, "quantization": quant or "none",
         "storage": storage, "tensors": len(src.names), "files": len(files),
         "bytes": sum(Path(f).stat().st_size for f in files),

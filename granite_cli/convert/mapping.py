@@ -48,7 +48,8 @@ def gguf_arch(cfg: ModelConfig) -> str:
             "Convert it between safetensors dtypes instead, or use llama.cpp's converter for it"
         )
     if cfg.attention_bias or cfg.mamba_proj_bias or cfg.qk_norm:
-        raise InputError("GGUF conversion: attention/projection biases and qk-norm have no tensor in llama.cpp's Granite graphs")
+        raise InputError("GGUF conversion: attention/projection biases and qk-norm have no tensor in llama.cpp's "
+                         "Granite graphs")
     return "granitehybrid" if cfg.mamba_layers else "granite"
 
 
@@ -58,7 +59,8 @@ def tensor_map(cfg: ModelConfig) -> list[HFTensor]:
     out = [HFTensor("model.embed_tokens.weight", (Part("token_embd.weight", "same"),), False)]
     for i, kind in enumerate(cfg.layer_types):
         c, b = f"model.layers.{i}.", f"blk.{i}."
-        out.append(HFTensor(c + "input_layernorm.weight", (Part(b + "attn_norm.weight", "same", keep_f32=True),), False))
+        out.append(HFTensor(c + "input_layernorm.weight", (Part(b + "attn_norm.weight", "same", keep_f32=True),),
+                            False))
         if kind == "mamba":
             m = c + "mamba."
             out += [
@@ -82,7 +84,8 @@ def tensor_map(cfg: ModelConfig) -> list[HFTensor]:
                 HFTensor(a + "v_proj.weight", (Part(b + "attn_v.weight", "same"),), True),
                 HFTensor(a + "o_proj.weight", (Part(b + "attn_output.weight", "same"),), True),
             ]
-        out.append(HFTensor(c + "post_attention_layernorm.weight", (Part(b + "ffn_norm.weight", "same", keep_f32=True),), False))
+        out.append(HFTensor(c + "post_attention_layernorm.weight",
+                            (Part(b + "ffn_norm.weight", "same", keep_f32=True),), False))
         if cfg.num_local_experts:
             w = cfg.expert_width
             s = c + "block_sparse_moe."
@@ -268,7 +271,8 @@ def config_from_gguf(kv: dict, tensors: dict[str, G.TensorInfo], source: str) ->
     (a disagreement is an error). Other producers' files are described from the standard keys."""
     arch = kv.get("general.architecture")
     if arch not in ("granitehybrid", "granite"):
-        raise InputError(f"{source}: GGUF architecture {arch!r} is not supported; granite reads granitehybrid and granite")
+        raise InputError(f"{source}: GGUF architecture {arch!r} is not supported; granite reads granitehybrid and "
+                         "granite")
     md = _Meta(kv, arch + ".", source)
     n_layers = md.integer("block_count")
     if n_layers > MAX_LAYERS:

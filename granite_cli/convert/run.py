@@ -27,8 +27,7 @@ import torch
 
 from granite_cli.convert import gguf_format as G
 from granite_cli.convert import mapping, quant
-from granite_cli.convert.sources import (TOKENIZER_FILES, TORCH_DTYPE_NAMES, GGUFSource, HFSource, ProfileSource,
-                                         Source)
+from granite_cli.convert.sources import TOKENIZER_FILES, TORCH_DTYPE_NAMES, GGUFSource, HFSource, ProfileSource, Source
 from granite_cli.convert.tokenizer import vocab_kvs
 from granite_cli.errors import CheckFailed, InputError
 from granite_cli.fsutil import check_destination, partial_dir, replace_checkpoint, temp_file_beside
@@ -125,7 +124,8 @@ def plan(source: Source, dst: str | Path, *, dtype: str | None = None, quant_met
     if qm not in (None, "fp8", "int8", "q8_0"):
         raise InputError(f"unknown --quant {quant_method!r}; use fp8, int8 (safetensors) or q8_0 (GGUF)")
     if qm == "q8_0" and fmt != "gguf":
-        raise InputError("--quant q8_0 is a GGUF format; give DST a .gguf name, or use --quant fp8/int8 for safetensors")
+        raise InputError("--quant q8_0 is a GGUF format; give DST a .gguf name, or use --quant fp8/int8 for "
+                         "safetensors")
     if qm in ("fp8", "int8") and fmt == "gguf":
         raise InputError(f"--quant {qm} writes compressed-tensors safetensors; for GGUF use --quant q8_0")
     want = parse_dtype(dtype) if dtype else None
@@ -160,8 +160,8 @@ def plan(source: Source, dst: str | Path, *, dtype: str | None = None, quant_met
                     outs += [Out(n, n, shape, "fp8"), Out(base + ".weight_scale", n, (*shape[:-1], 1), "scale")]
                 else:
                     if shape[-1] % 4:
-                        raise InputError(f"{n}: input width {shape[-1]} is not a multiple of 4, which int8 packing needs; "
-                                         f"add --keep-high-precision '{n}' or use --quant fp8")
+                        raise InputError(f"{n}: input width {shape[-1]} is not a multiple of 4, which int8 packing "
+                                         f"needs; add --keep-high-precision '{n}' or use --quant fp8")
                     outs += [Out(base + ".weight_packed", n, (*shape[:-1], shape[-1] // 4), "int8"),
                              Out(base + ".weight_shape", n, (len(shape),), "shape"),
                              Out(base + ".weight_scale", n, (*shape[:-1], 1), "scale")]
@@ -223,7 +223,8 @@ def _products(p: Plan, src_name: str, x: torch.Tensor) -> dict[str, torch.Tensor
     return {base + ".weight_packed": packed, base + ".weight_shape": shape, base + ".weight_scale": s}
 
 
-_ST_STORE = {"f32": "F32", "f16": "F16", "bf16": "BF16", "fp8": "F8_E4M3", "int8": "I32", "scale": "F32", "shape": "I64"}
+_ST_STORE = {"f32": "F32", "f16": "F16", "bf16": "BF16", "fp8": "F8_E4M3", "int8": "I32", "scale": "F32",
+             "shape": "I64"}
 
 
 def _stream(p: Plan, progress: Callable[[int, int, str], None] | None):
@@ -415,7 +416,8 @@ PROMPT_LEN = 12
 
 
 @torch.no_grad()
-def streamed_logits(cfg, fetch: Callable[[str], list[torch.Tensor]], ids: torch.Tensor, n: int = 1) -> list[torch.Tensor]:
+def streamed_logits(cfg, fetch: Callable[[str], list[torch.Tensor]], ids: torch.Tensor,
+                    n: int = 1) -> list[torch.Tensor]:
     """Our core's float32 logits for `ids` under n weight sets, one decoder layer at a time.
 
     fetch(name) returns that checkpoint tensor from each of the n sources (and may check them);

@@ -71,7 +71,8 @@ class Source:
         if extra:
             raise InputError(f"{where}: checkpoint has {len(extra)} tensor(s) the config does not explain, "
                              f"e.g. {', '.join(extra[:3])} (wrong config.json?)")
-        bad = [f"{n} {list(self._shapes[n])} (config says {list(s)})" for n, s in want.items() if tuple(self._shapes[n]) != s]
+        bad = [f"{n} {list(self._shapes[n])} (config says {list(s)})"
+               for n, s in want.items() if tuple(self._shapes[n]) != s]
         if bad:
             raise InputError(f"{where}: {len(bad)} tensor(s) do not match config.json, e.g. {'; '.join(bad[:2])}")
         self.names = list(want)
@@ -84,7 +85,8 @@ class HFSource(Source):
         self.path = Path(folder)
         cfg_path = self.path / "config.json"
         if not cfg_path.is_file():
-            raise InputError(f"{self.path}: no config.json; SRC must be a Hugging Face checkpoint folder or a .gguf file")
+            raise InputError(f"{self.path}: no config.json; SRC must be a Hugging Face checkpoint folder or a .gguf "
+                             "file")
         self.hf_config = read_json_config(cfg_path)
         self.cfg = load_config(self.path)
         self.quant = quant.compressed_layout(self.hf_config)
@@ -141,9 +143,11 @@ class GGUFSource(Source):
         extra = [n for n in self.f.tensors if n not in want and not n.startswith("rope_freqs")]
         missing = [n for n in want if n not in self.f.tensors]
         if missing:
-            raise InputError(f"{self.path}: GGUF is missing {len(missing)} tensor(s), e.g. {', '.join(sorted(missing)[:3])}")
+            raise InputError(f"{self.path}: GGUF is missing {len(missing)} tensor(s), e.g. "
+                             f"{', '.join(sorted(missing)[:3])}")
         if extra:
-            raise InputError(f"{self.path}: GGUF has {len(extra)} tensor(s) granite does not know, e.g. {', '.join(extra[:3])}")
+            raise InputError(f"{self.path}: GGUF has {len(extra)} tensor(s) granite does not know, e.g. "
+                             f"{', '.join(extra[:3])}")
         try:
             recorded = json.loads(self.f.kv.get(mapping.HF_DTYPES_KEY, "{}"))
         except (TypeError, ValueError, RecursionError):
@@ -157,7 +161,8 @@ class GGUFSource(Source):
         self._shapes, self._dtypes = {}, {}
         for name, t in self.tmap.items():
             parts = [self._part(p.gguf) for p in t.parts]
-            self._shapes[name] = tuple(mapping.from_gguf(t, parts).shape) if t.parts[0].kind != "a" else (parts[0].shape[0],)
+            a = t.parts[0].kind == "a"
+            self._shapes[name] = (parts[0].shape[0],) if a else tuple(mapping.from_gguf(t, parts).shape)
             if name in recorded:
                 self._dtypes[name] = parse_dtype(recorded[name])
             elif t.parts[0].keep_f32:
@@ -230,4 +235,5 @@ def open_source(src: str | Path) -> Source:
         return GGUFSource(p)
     if p.is_file():
         raise InputError(f"{src}: SRC must be a Hugging Face checkpoint folder or a .gguf file")
-    raise InputError(f"{src}: no such file or folder (for random weights at a profile's shapes use --from-profile NAME)")
+    raise InputError(f"{src}: no such file or folder (for random weights at a profile's shapes use --from-profile "
+                     "NAME)")

@@ -44,11 +44,13 @@ def vocab_kvs(tokenizer_dir: Path | None, vocab_size: int, hf_config: dict) -> t
     try:
         tj = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        raise InputError(f"{path}: not a readable tokenizer.json; fix or remove it (without one the GGUF has no vocabulary)") from None
+        raise InputError(f"{path}: not a readable tokenizer.json; fix or remove it (without one the GGUF has no "
+                         "vocabulary)") from None
     model = tj.get("model") or {}
     if model.get("type") != "BPE":
         return ([G.KV("tokenizer.ggml.model", G.STR, "none")],
-                [f"tokenizer type {model.get('type')!r} is not carried (only byte-level BPE); the GGUF declares no vocabulary"])
+                [f"tokenizer type {model.get('type')!r} is not carried (only byte-level BPE); the GGUF declares no "
+                 "vocabulary"])
     tokens: list[str | None] = [None] * vocab_size
     types = [UNUSED] * vocab_size
     for tok, i in (model.get("vocab") or {}).items():

@@ -118,7 +118,8 @@ def claim_micro_10gb() -> list[dict]:
     else:
         verdict, ratio = "not reproduced", None
     return [{"claim": "Micro needs about 10 GB where comparable models need 4-6x (IBM video E6)",
-             "conditions": "bf16 weights and KV, fp32 state; ctx 8k-128k x batch 1-16; comparables llama-3.2-3b, qwen3-4b; 'about 10 GB' = 8-12 GB, '4-6x' = 3.5-6.5x",
+             "conditions": "bf16 weights and KV, fp32 state; ctx 8k-128k x batch 1-16; comparables llama-3.2-3b, "
+                           "qwen3-4b; 'about 10 GB' = 8-12 GB, '4-6x' = 3.5-6.5x",
              "ratio": ratio, "verdict": verdict}]
 
 

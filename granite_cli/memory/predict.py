@@ -34,7 +34,8 @@ def _mamba_f32_params(cfg: ModelConfig) -> int:
     """Mamba parameters llama.cpp keeps in F32 whatever the file type: conv, SSM scalars, gated norm."""
     if not cfg.is_hybrid:
         return 0
-    per = cfg.conv_dim * cfg.mamba_d_conv + (cfg.conv_dim if cfg.mamba_conv_bias else 0) + 3 * cfg.mamba_n_heads + cfg.d_inner
+    per = (cfg.conv_dim * cfg.mamba_d_conv + (cfg.conv_dim if cfg.mamba_conv_bias else 0) + 3 * cfg.mamba_n_heads
+           + cfg.d_inner)
     return len(cfg.mamba_layers) * per
 
 
@@ -78,7 +79,8 @@ def kv_bytes(cfg: ModelConfig, ctx: int, batch: int = 1, kv_dtype: str = "bf16")
     return per_tok * ctx * batch
 
 
-def state_bytes(cfg: ModelConfig, batch: int = 1, state_dtype: str = "fp32", conv_dtype: str = "bf16") -> dict[str, float]:
+def state_bytes(cfg: ModelConfig, batch: int = 1, state_dtype: str = "fp32",
+                conv_dtype: str = "bf16") -> dict[str, float]:
     n = len(cfg.mamba_layers)
     conv = n * cfg.conv_dim * (cfg.mamba_d_conv - 1) * BYTES[norm_dtype(conv_dtype)] * batch
     ssm = n * cfg.mamba_n_heads * cfg.mamba_d_head * cfg.mamba_d_state * BYTES[norm_dtype(state_dtype)] * batch

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 from granite_cli.config import load_config
-from granite_cli.errors import InputError
 from granite_cli.fsutil import report_dir
 from granite_cli.memory.claims import all_claims, max_batch, max_context
 from granite_cli.memory.predict import activation_bytes, kv_state_crossover, norm_dtype, predict, weight_bytes
@@ -170,7 +169,8 @@ def _plots(report: dict, out: Path) -> list[str]:
     fig, ax = plt.subplots(figsize=(8, 5))
     for m in dict.fromkeys(r["model"] for r in rows):
         rs = sorted((r for r in rows if r["model"] == m and r["batch"] == b1), key=lambda r: r["ctx"])
-        ax.plot([r["ctx"] for r in rs], [r["total_bytes"] / 1e9 for r in rs], "o-" if rs[0]["kind"] == "hybrid" else "s--",
+        ax.plot([r["ctx"] for r in rs], [r["total_bytes"] / 1e9 for r in rs],
+                "o-" if rs[0]["kind"] == "hybrid" else "s--",
                 label=m, lw=1.2, ms=3)
     ax.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel=f"total memory (GB), batch {b1}",
            title="Predicted memory vs context (hybrids solid, Transformers dashed)")
@@ -216,12 +216,13 @@ def write_report_dir(out_dir: Path, report: dict) -> Path:
                  "state per sequence, constant in context; the working set of a 4096-token prefill piece). "
                  "Sizes in binary units.", "",
                  "## IBM's claims", "",
-                 "ratio: ours / IBM's figure (E1b); the smallest memory reduction over the grid, hybrid vs dense (70%); "
-                 "the smallest comparable/Micro memory ratio where the conditions hold (E6).", "",
+                 "ratio: ours / IBM's figure (E1b); the smallest memory reduction over the grid, hybrid vs dense "
+                 "(70%); the smallest comparable/Micro memory ratio where the conditions hold (E6).", "",
                  to_markdown(report["claims"], ["claim", "conditions", "ratio", "reduction_range", "verdict"]),
                  "## Where a hybrid's KV cache overtakes its Mamba state", "", to_markdown(report["crossover"]),
                  "## Capacity: most concurrent sequences that fit (bf16 weights and KV, fp32 state)", "",
-                 to_markdown(report["capacity"]), "## Memory by model, context and batch", "", to_markdown(fmt, cols + extra)]
+                 to_markdown(report["capacity"]), "## Memory by model, context and batch", "",
+                 to_markdown(fmt, cols + extra)]
         for p in plots:
             lines += [f"![{p}]({p}.png)", ""]
         (tmp / "report.md").write_text("\n".join(lines) + "\n")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import shutil
 import time
+
 import torch
 
 from granite_cli.errors import InputError

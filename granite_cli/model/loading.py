@@ -181,7 +181,8 @@ def load_weights(model: GraniteModel, folder: Path) -> None:
             continue
         dst.copy_(f.tensor(e.ckpt))
     if bad:
-        raise InputError(f"{folder}: {len(bad)} tensor(s) have the wrong shape for config.json, e.g. {'; '.join(bad[:3])}")
+        raise InputError(f"{folder}: {len(bad)} tensor(s) have the wrong shape for config.json, e.g. "
+                         f"{'; '.join(bad[:3])}")
 
 
 def load_model(

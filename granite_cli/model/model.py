@@ -37,7 +37,8 @@ class Mamba2Mixer(nn.Module):
         self.cfg = cfg
         h = cfg.mamba_n_heads
         self.in_proj = nn.Linear(cfg.hidden_size, cfg.in_proj_dim, bias=cfg.mamba_proj_bias)
-        self.conv1d = nn.Conv1d(cfg.conv_dim, cfg.conv_dim, cfg.mamba_d_conv, groups=cfg.conv_dim, bias=cfg.mamba_conv_bias)
+        self.conv1d = nn.Conv1d(cfg.conv_dim, cfg.conv_dim, cfg.mamba_d_conv, groups=cfg.conv_dim,
+                                bias=cfg.mamba_conv_bias)
         self.dt_bias = nn.Parameter(torch.ones(h))
         self.A_log = nn.Parameter(torch.zeros(h))
         self.D = nn.Parameter(torch.ones(h))
@@ -48,7 +49,7 @@ class Mamba2Mixer(nn.Module):
     def forward(self, u: torch.Tensor, state: MambaCache | None, fresh: bool) -> torch.Tensor:
         cfg = self.cfg
         b, t, _ = u.shape
-        d_in, h, p, g, n = cfg.d_inner, cfg.mamba_n_heads, cfg.mamba_d_head, cfg.mamba_n_groups, cfg.mamba_d_state
+        d_in, h, g = cfg.d_inner, cfg.mamba_n_heads, cfg.mamba_n_groups
         zxbcdt = basic.linear(u, self.in_proj.weight, self.in_proj.bias)  # [b, t, 2·d_in + 2·g·n + h]
         z, xbc, dt = zxbcdt.split([d_in, cfg.conv_dim, h], dim=-1)
         A = -torch.exp(self.A_log.float())  # [h]
@@ -209,7 +210,8 @@ class GraniteModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, t) for t in cfg.layer_types)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self._inv_freq = basic.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_dict) if cfg.uses_rope else None
+        rope = cfg.uses_rope
+        self._inv_freq = basic.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_dict) if rope else None
 
     @property
     def dtype(self) -> torch.dtype:

@@ -9,7 +9,6 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-
 _NATIVE_BF16: bool | None = None
 
 
@@ -162,7 +161,8 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> t
     return torch.where(medium, blended, scaled)
 
 
-def rope_cos_sin(inv_freq: torch.Tensor, start: int, length: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(inv_freq: torch.Tensor, start: int, length: int, dtype: torch.dtype,
+                 device) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin [length, head_dim] for positions start..start+length-1 (half-split layout)."""
     pos = torch.arange(start, start + length, device=device, dtype=torch.float32)
     freqs = pos[:, None] * inv_freq.to(device)[None, :]

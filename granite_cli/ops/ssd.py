@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import torch
 
-
 # The chunked form is exact for any chunk length; the length only moves rounding and speed. On a CPU
 # the intra-chunk [Q, Q] decay block costs Q² exp/mask/cumsum work per chunk (Q per token), which at
 # the configs' Q = 256 outweighs the GEMM efficiency a long chunk buys: benchmarks/ssd_chunk.py
@@ -79,7 +78,8 @@ def ssd_chunked(
     A = A.to(f32)
     y = torch.empty(b, t, h, p, dtype=f32, device=x.device)
     state = (
-        initial_state.to(f32).clone() if initial_state is not None else torch.zeros(b, h, p, n, dtype=f32, device=x.device)
+        initial_state.to(f32).clone() if initial_state is not None
+        else torch.zeros(b, h, p, n, dtype=f32, device=x.device)
     )
     per_block = max(1, (block_tokens or chunk_size) // chunk_size)
     # the entry states of one block, allocated once per call and reused by every block (a fresh
@@ -148,7 +148,8 @@ def ssd_naive(
     idx = torch.arange(h, device=x.device) // (h // g)
     Bh = B.to(wide)[:, :, idx]  # [b, t, h, n]
     Ch = C.to(wide)[:, :, idx]
-    S = initial_state.to(wide).clone() if initial_state is not None else torch.zeros(b, h, p, n, dtype=wide, device=x.device)
+    S = (initial_state.to(wide).clone() if initial_state is not None
+         else torch.zeros(b, h, p, n, dtype=wide, device=x.device))
     ys = []
     for i in range(t):
         dti = dt[:, i].to(wide)  # [b, h]

@@ -160,8 +160,9 @@ def ssd_chunked(x, dt, A, B, C, chunk_size, D=None, initial_state=None, block_to
                                      P=p, N=n, Q=q, BP=bp, BN=bn, PREC=prec)
     init = initial_state.contiguous() if initial_state is not None else final
     block = min(1024, bp * bn)
+    has_init = initial_state is not None
     _state_pass_kernel[(b, h, triton.cdiv(bp * bn, block))](states, acs, init, prev, final, h, nc, Q=q, P=p, N=n,
-                                                            BP=bp, BN=bn, BLOCK=block, HAS_INIT=initial_state is not None)
+                                                            BP=bp, BN=bn, BLOCK=block, HAS_INIT=has_init)
     _chunk_scan_kernel[(b * nc, h, q // bm)](x, dt, B, C, D if D is not None else A, prev, acs, y, t, h, nc, h // g,
                                              *x.stride(), *dt.stride(), *B.stride(), *C.stride(),
                                              P=p, N=n, Q=q, BM=bm, BP=bp, BN=bn, HAS_D=D is not None, PREC=prec)
@@ -204,9 +205,9 @@ def ssd_step(state, x, dt, A, B, C, D=None):
         raise ValueError("the decode update works in place on a contiguous state")
     y = torch.empty(b, h, p, device=state.device, dtype=torch.float32)
     bp = min(_P2(p), 16)
-    _ssd_step_kernel[(b, h, triton.cdiv(p, bp))](state, x.contiguous(), dt.contiguous(), A, B.contiguous(), C.contiguous(),
-                                                 D if D is not None else A, y, h, h // g, P=p, N=n, BP=bp, BN=_P2(n),
-                                                 HAS_D=D is not None)
+    _ssd_step_kernel[(b, h, triton.cdiv(p, bp))](state, x.contiguous(), dt.contiguous(), A, B.contiguous(),
+                                                 C.contiguous(), D if D is not None else A, y, h, h // g, P=p, N=n,
+                                                 BP=bp, BN=_P2(n), HAS_D=D is not None)
     return y
 
 
@@ -261,7 +262,8 @@ def causal_conv1d(xbc, weight, bias, conv_state):
 
 
 @triton.jit
-def _conv_step_kernel(x_ptr, w_ptr, b_ptr, st_ptr, o_ptr, Cn, K: tl.constexpr, BC: tl.constexpr, HAS_BIAS: tl.constexpr):
+def _conv_step_kernel(x_ptr, w_ptr, b_ptr, st_ptr, o_ptr, Cn, K: tl.constexpr, BC: tl.constexpr,
+                      HAS_BIAS: tl.constexpr):
     bi = tl.program_id(0)
     cc = tl.program_id(1) * BC + tl.arange(0, BC)
     mc = cc < Cn
@@ -289,7 +291,8 @@ def causal_conv1d_step(x, weight, bias, conv_state):
     out_dtype = torch.promote_types(conv_state.dtype, weight.dtype)
     out = torch.empty(b, c, device=x.device, dtype=out_dtype)
     bc = min(256, _P2(c))
-    _conv_step_kernel[(b, triton.cdiv(c, bc))](x.contiguous(), weight.contiguous(), bias if bias is not None else weight,
+    _conv_step_kernel[(b, triton.cdiv(c, bc))](x.contiguous(), weight.contiguous(),
+                                               bias if bias is not None else weight,
                                                conv_state, out, c, K=k, BC=bc, HAS_BIAS=bias is not None)
     return out
 
@@ -414,7 +417,8 @@ def self_test(device) -> list[str]:
         "causal_conv1d": lambda: ((r(2, 20, 48), r(48, 1, 4), r(48), r(2, 48, 3)), None),
         "causal_conv1d_step": lambda: ((r(2, 48), r(48, 1, 4), r(48), r(2, 48, 3)), 3),
         "gated_rms_norm": lambda: ((r(6, 64), r(6, 64), r(64), 1e-5, 32), None),
-        "moe_experts": lambda: ((r(10, 32), r(4, 48, 32) * 0.2, r(4, 32, 24) * 0.2, torch.rand(10, 2, generator=g).to(device),
+        "moe_experts": lambda: ((r(10, 32), r(4, 48, 32) * 0.2, r(4, 32, 24) * 0.2,
+                                 torch.rand(10, 2, generator=g).to(device),
                                  torch.randint(0, 3, (10, 2), generator=g).to(device)), None),
     }
     failed = []
