@@ -254,6 +254,22 @@ class GGUFFile:
             raise InputError(f"{self.path}: GGUF version {version} is not supported (only 2 and 3)")
         if nt > min(self.size, MAX_TENSORS) or nkv > min(self.size, MAX_KEYS):
             raise InputError(f"{self.path}: corrupt GGUF header (counts {nt}/{nkv})")
+        self._read_metadata(nkv)
+        align = self.kv.get("general.alignment", ALIGN)
+        if not isinstance(align, int) or isinstance(align, bool) or align < 1 or align & (align - 1):
+            raise self._corrupt(f"general.alignment {align!r:.20} is not a power of two")
+        infos = [self._read_info() for _ in range(nt)]
+        start = self._pos + (-self._pos % align)
+        self.tensors: dict[str, TensorInfo] = {}
+        self.offsets: dict[str, int] = {}
+        for ti, off in infos:
+            self._place(ti, off, start, align)
+        spans = sorted((self.offsets[n], self.offsets[n] + t.nbytes, n) for n, t in self.tensors.items())
+        for (_, end, a), (begin, _, b) in zip(spans, spans[1:]):
+            if begin < end:
+                raise self._corrupt(f"tensors {a!r:.60} and {b!r:.60} overlap")
+
+    def _read_metadata(self, nkv: int) -> None:
         self._budget = _EAGER_BUDGET
         self.kv: dict[str, Any] = {}
         for _ in range(nkv):
@@ -262,47 +278,40 @@ class GGUFFile:
             if key in self.kv:
                 raise self._corrupt(f"metadata key {key!r} twice")
             self.kv[key] = self._value(vt)
-        align = self.kv.get("general.alignment", ALIGN)
-        if not isinstance(align, int) or isinstance(align, bool) or align < 1 or align & (align - 1):
-            raise self._corrupt(f"general.alignment {align!r:.20} is not a power of two")
-        infos = []
-        for _ in range(nt):
-            name = self._str()
-            (nd,) = self._take("<I")
-            if nd > MAX_DIMS:
-                raise self._corrupt(f"tensor {name!r:.60} has {nd} dimensions; GGUF allows {MAX_DIMS}")
-            dims = self._take(f"<{nd}Q")
-            gt, off = self._take("<IQ")
-            infos.append((name, tuple(reversed(dims)), gt, off))
-        start = self._pos + (-self._pos % align)
-        self.tensors: dict[str, TensorInfo] = {}
-        self.offsets: dict[str, int] = {}
-        for name, shape, gt, off in infos:
-            if gt not in GGML_TYPES:
-                raise InputError(
-                    f"{self.path}: tensor {name} is {type_name(gt)}, which granite cannot read (F32, F16, BF16, Q8_0); "
-                    "convert from the original safetensors checkpoint instead"
-                )
-            if name in self.tensors:
-                raise self._corrupt(f"tensor {name!r:.60} twice")
-            numel = 1
-            for d in shape:
-                numel *= d
-            blk = GGML_TYPES[gt][1]
-            if numel > self.size * blk or (shape and shape[-1] % blk):
-                raise self._corrupt(f"tensor {name!r:.60} has impossible dimensions {list(shape)} for "
-                                    f"{type_name(gt)}")
-            if off % align:
-                raise self._corrupt(f"tensor {name!r:.60} is not aligned to {align} bytes")
-            ti = TensorInfo(name, shape, gt)
-            if start + off + ti.nbytes > self.size:
-                raise InputError(f"{self.path}: tensor {name} lies past the end of the file (truncated download?)")
-            self.tensors[name] = ti
-            self.offsets[name] = start + off
-        spans = sorted((self.offsets[n], self.offsets[n] + t.nbytes, n) for n, t in self.tensors.items())
-        for (_, end, a), (begin, _, b) in zip(spans, spans[1:]):
-            if begin < end:
-                raise self._corrupt(f"tensors {a!r:.60} and {b!r:.60} overlap")
+
+    def _read_info(self) -> tuple[TensorInfo, int]:
+        """One tensor-info record: (the tensor, its offset in the data section)."""
+        name = self._str()
+        (nd,) = self._take("<I")
+        if nd > MAX_DIMS:
+            raise self._corrupt(f"tensor {name!r:.60} has {nd} dimensions; GGUF allows {MAX_DIMS}")
+        dims = self._take(f"<{nd}Q")
+        gt, off = self._take("<IQ")
+        if gt not in GGML_TYPES:
+            raise InputError(
+                f"{self.path}: tensor {name} is {type_name(gt)}, which granite cannot read (F32, F16, BF16, Q8_0); "
+                "convert from the original safetensors checkpoint instead"
+            )
+        return TensorInfo(name, tuple(reversed(dims)), gt), off
+
+    def _place(self, ti: TensorInfo, off: int, start: int, align: int) -> None:
+        """Record a tensor at data offset `off`, once its dimensions, alignment and extent are possible."""
+        name, shape = ti.name, ti.shape
+        if name in self.tensors:
+            raise self._corrupt(f"tensor {name!r:.60} twice")
+        numel = 1
+        for d in shape:
+            numel *= d
+        blk = GGML_TYPES[ti.gtype][1]
+        if numel > self.size * blk or (shape and shape[-1] % blk):
+            raise self._corrupt(f"tensor {name!r:.60} has impossible dimensions {list(shape)} for "
+                                f"{type_name(ti.gtype)}")
+        if off % align:
+            raise self._corrupt(f"tensor {name!r:.60} is not aligned to {align} bytes")
+        if start + off + ti.nbytes > self.size:
+            raise InputError(f"{self.path}: tensor {name} lies past the end of the file (truncated download?)")
+        self.tensors[name] = ti
+        self.offsets[name] = start + off
 
     def raw(self, name: str) -> torch.Tensor:
         """The tensor's bytes as a zero-copy uint8 view."""

@@ -120,64 +120,18 @@ def plan(source: Source, dst: str | Path, *, dtype: str | None = None, quant_met
     dst = Path(os.path.abspath(dst))  # "." and ".." get a name, and a parent to write the temporary beside
     fmt = "gguf" if dst.suffix == ".gguf" else "hf"
     check_destination(dst, None if source.kind == "profile" else Path(source.path), fmt, force)
-    qm = (quant_method or "").lower() or None
-    if qm not in (None, "fp8", "int8", "q8_0"):
-        raise InputError(f"unknown --quant {quant_method!r}; use fp8, int8 (safetensors) or q8_0 (GGUF)")
-    if qm == "q8_0" and fmt != "gguf":
-        raise InputError("--quant q8_0 is a GGUF format; give DST a .gguf name, or use --quant fp8/int8 for "
-                         "safetensors")
-    if qm in ("fp8", "int8") and fmt == "gguf":
-        raise InputError(f"--quant {qm} writes compressed-tensors safetensors; for GGUF use --quant q8_0")
+    qm = _quant_method(quant_method, fmt)
     want = parse_dtype(dtype) if dtype else None
-    cfg = source.cfg
     hf_dtype = {n: want or source.dtype(n) for n in source.names}
     method = {n: "exact" for n in source.names}
-    outs: list[Out] = []
     notes: list[str] = []
     if fmt == "gguf":
-        for t in mapping.tensor_map(cfg):
-            hi = _STORE_OF[hf_dtype[t.hf]]
-            q = qm == "q8_0" and t.quantizable and quant.quantizable(t.hf, source.shape(t.hf), keep)
-            for p in t.parts:
-                shape = tuple(mapping.to_gguf(p, torch.empty(source.shape(t.hf), device="meta")).shape)
-                if p.keep_f32:
-                    store = "f32"
-                elif q and shape[-1] % 32 == 0:
-                    store = "q8_0"
-                    method[t.hf] = "q8_0"
-                else:
-                    store = hi
-                    if q:
-                        notes.append(f"{p.gguf}: width {shape[-1]} is not a multiple of 32, kept {hi}")
-                outs.append(Out(p.gguf, t.hf, shape, store, p))
+        outs = _gguf_outs(source, hf_dtype, method, qm, keep, notes)
     else:
-        for n in source.names:
-            shape = source.shape(n)
-            if qm and quant.quantizable(n, shape, keep):
-                method[n] = qm
-                base = n[: -len(".weight")]
-                if qm == "fp8":
-                    outs += [Out(n, n, shape, "fp8"), Out(base + ".weight_scale", n, (*shape[:-1], 1), "scale")]
-                else:
-                    if shape[-1] % 4:
-                        raise InputError(f"{n}: input width {shape[-1]} is not a multiple of 4, which int8 packing "
-                                         f"needs; add --keep-high-precision '{n}' or use --quant fp8")
-                    outs += [Out(base + ".weight_packed", n, (*shape[:-1], shape[-1] // 4), "int8"),
-                             Out(base + ".weight_shape", n, (len(shape),), "shape"),
-                             Out(base + ".weight_scale", n, (*shape[:-1], 1), "scale")]
-            else:
-                outs.append(Out(n, n, shape, _STORE_OF[hf_dtype[n]]))
+        outs = _hf_outs(source, hf_dtype, method, qm, keep)
     p = Plan(source, dst, fmt, outs, hf_dtype, method, notes=notes, quant=qm)
     if fmt == "hf":
-        limit = int(parse_bytes(shard_size))
-        size = 0
-        p.shards = [[]]
-        for o in outs:
-            if p.shards[-1] and size + o.nbytes > limit and o.src != p.shards[-1][-1].src:
-                p.shards.append([])
-                size = 0
-            p.shards[-1].append(o)
-            size += o.nbytes
+        p.shards = _shards(outs, int(parse_bytes(shard_size)))
         p.bytes_out = sum(o.nbytes for o in outs) + 4096 * len(p.shards) + 64 * len(outs)
     else:
         p.bytes_out = sum(o.nbytes + 32 for o in outs) + 64 * len(outs) + 2**16
@@ -186,6 +140,75 @@ def plan(source: Source, dst: str | Path, *, dtype: str | None = None, quant_met
     if check_disk and (short := disk_shortfall(p)):
         raise InputError(short)
     return p
+
+
+def _quant_method(quant_method: str | None, fmt: str) -> str | None:
+    qm = (quant_method or "").lower() or None
+    if qm not in (None, "fp8", "int8", "q8_0"):
+        raise InputError(f"unknown --quant {quant_method!r}; use fp8, int8 (safetensors) or q8_0 (GGUF)")
+    if qm == "q8_0" and fmt != "gguf":
+        raise InputError("--quant q8_0 is a GGUF format; give DST a .gguf name, or use --quant fp8/int8 for "
+                         "safetensors")
+    if qm in ("fp8", "int8") and fmt == "gguf":
+        raise InputError(f"--quant {qm} writes compressed-tensors safetensors; for GGUF use --quant q8_0")
+    return qm
+
+
+def _gguf_outs(source: Source, hf_dtype: dict, method: dict, qm: str | None, keep: tuple[str, ...],
+               notes: list[str]) -> list[Out]:
+    """The GGUF tensors, each canonical tensor's parts in llama.cpp's layout; Q8_0 where asked and possible."""
+    outs = []
+    for t in mapping.tensor_map(source.cfg):
+        hi = _STORE_OF[hf_dtype[t.hf]]
+        q = qm == "q8_0" and t.quantizable and quant.quantizable(t.hf, source.shape(t.hf), keep)
+        for p in t.parts:
+            shape = tuple(mapping.to_gguf(p, torch.empty(source.shape(t.hf), device="meta")).shape)
+            if p.keep_f32:
+                store = "f32"
+            elif q and shape[-1] % 32 == 0:
+                store = "q8_0"
+                method[t.hf] = "q8_0"
+            else:
+                store = hi
+                if q:
+                    notes.append(f"{p.gguf}: width {shape[-1]} is not a multiple of 32, kept {hi}")
+            outs.append(Out(p.gguf, t.hf, shape, store, p))
+    return outs
+
+
+def _hf_outs(source: Source, hf_dtype: dict, method: dict, qm: str | None, keep: tuple[str, ...]) -> list[Out]:
+    """The safetensors tensors: each canonical tensor as is, or its compressed-tensors fp8/int8 parts."""
+    outs = []
+    for n in source.names:
+        shape = source.shape(n)
+        if not (qm and quant.quantizable(n, shape, keep)):
+            outs.append(Out(n, n, shape, _STORE_OF[hf_dtype[n]]))
+            continue
+        method[n] = qm
+        base = n[: -len(".weight")]
+        if qm == "fp8":
+            outs += [Out(n, n, shape, "fp8"), Out(base + ".weight_scale", n, (*shape[:-1], 1), "scale")]
+            continue
+        if shape[-1] % 4:
+            raise InputError(f"{n}: input width {shape[-1]} is not a multiple of 4, which int8 packing "
+                             f"needs; add --keep-high-precision '{n}' or use --quant fp8")
+        outs += [Out(base + ".weight_packed", n, (*shape[:-1], shape[-1] // 4), "int8"),
+                 Out(base + ".weight_shape", n, (len(shape),), "shape"),
+                 Out(base + ".weight_scale", n, (*shape[:-1], 1), "scale")]
+    return outs
+
+
+def _shards(outs: list[Out], limit: int) -> list[list[Out]]:
+    """Consecutive shards of at most `limit` bytes; a canonical tensor's parts never straddle two."""
+    shards: list[list[Out]] = [[]]
+    size = 0
+    for o in outs:
+        if shards[-1] and size + o.nbytes > limit and o.src != shards[-1][-1].src:
+            shards.append([])
+            size = 0
+        shards[-1].append(o)
+        size += o.nbytes
+    return shards
 
 
 def disk_shortfall(p: Plan) -> str | None:
