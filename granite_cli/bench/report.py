@@ -23,29 +23,44 @@ PLOTS = {
 REPORT_FILES = ("report.md", "rows.jsonl", "analysis.json", "*.png")
 
 def _plots(rows: list[dict], analysis: dict, out: Path) -> list[str]:
+    """Each plot the rows allow, as name.png in `out`; returns the names made."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     ok = [r for r in rows if r["status"] == "ok"]
-    made = []
     series = defaultdict(list)
     for r in ok:
         series[(r["model"], r["batch"], r["phase"])].append(r)
-    fits = {(f["model"], f["batch"]): f for f in analysis["fits"] if f.get("part") == "total" and "a" in f}
-
-    def save(fig, name):
+    for rs in series.values():
+        rs.sort(key=lambda r: r["ctx"])
+    made = []
+    for name, fig in (("prefill_time", _prefill_plot(plt, series, analysis)), ("decode_tps", _decode_plot(plt, series)),
+                      ("memory", _memory_plot(plt, series, analysis)), ("batch", _batch_plot(plt, ok)),
+                      ("attribution", _attribution_plot(plt, ok))):
+        if fig is None:
+            continue
         fig.tight_layout()
         fig.savefig(out / f"{name}.png", dpi=110)
         plt.close(fig)
         made.append(name)
+    return made
 
+
+def _finish(ax, **kw) -> None:
+    ax.set(**kw)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    ax.grid(True, which="both", alpha=0.3)
+
+
+def _prefill_plot(plt, series: dict, analysis: dict):
+    fits = {(f["model"], f["batch"]): f for f in analysis["fits"] if f.get("part") == "total" and "a" in f}
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for (m, b, p), rs in sorted(series.items()):
         if p != "prefill":
             continue
-        rs.sort(key=lambda r: r["ctx"])
         x, y = [r["ctx"] for r in rs], [r["median_s"] for r in rs]
         line = ax.plot(x, y, "o-", label=f"{m} b{b}")[0]
         f = fits.get((m, b))
@@ -53,25 +68,21 @@ def _plots(rows: list[dict], analysis: dict, out: Path) -> list[str]:
             xs = [x[0] * (x[-1] / x[0]) ** (i / 40) for i in range(41)]
             ax.plot(xs, [f["a"] + f["b"] * n + f["c"] * n * n for n in xs], ":", color=line.get_color())
             line.set_label(f"{m} b{b} (doubling {f['doubling']:.2f}x)")
-    ax.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="prefill time (s)",
-           title=PLOTS["prefill_time"])
-    ax.legend(fontsize=7)
-    ax.grid(True, which="both", alpha=0.3)
-    save(fig, "prefill_time")
+    _finish(ax, xscale="log", yscale="log", xlabel="context (tokens)", ylabel="prefill time (s)",
+            title=PLOTS["prefill_time"])
+    return fig
 
+
+def _decode_plot(plt, series: dict):
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for (m, b, p), rs in sorted(series.items()):
         if p == "decode":
-            rs.sort(key=lambda r: r["ctx"])
             ax.plot([r["ctx"] for r in rs], [r["tokens_per_s"] for r in rs], "o-", label=f"{m} b{b}")
-    ax.set(xscale="log", xlabel="depth (tokens in cache)", ylabel="decode tokens/s", title=PLOTS["decode_tps"])
-    ax.legend(fontsize=7)
-    ax.grid(True, which="both", alpha=0.3)
-    save(fig, "decode_tps")
+    _finish(ax, xscale="log", xlabel="depth (tokens in cache)", ylabel="decode tokens/s", title=PLOTS["decode_tps"])
+    return fig
 
-    if _memory_plot(plt, series, analysis):
-        save(plt.gcf(), "memory")
 
+def _batch_plot(plt, ok: list[dict]):
     fig, ax = plt.subplots(figsize=(7, 4.5))
     byb = defaultdict(list)
     for r in ok:
@@ -81,36 +92,35 @@ def _plots(rows: list[dict], analysis: dict, out: Path) -> list[str]:
         if len(rs) > 1:
             rs.sort(key=lambda r: r["batch"])
             ax.plot([r["batch"] for r in rs], [r["tokens_per_s"] for r in rs], "o-", label=f"{m} ctx {c}")
-    ax.set(xscale="log", xlabel="batch", ylabel="prefill tokens/s", title=PLOTS["batch"])
-    if ax.lines:
-        ax.legend(fontsize=6, ncol=2)
-    ax.grid(True, which="both", alpha=0.3)
-    save(fig, "batch")
+    _finish(ax, xscale="log", xlabel="batch", ylabel="prefill tokens/s", title=PLOTS["batch"])
+    return fig
 
+
+def _attribution_plot(plt, ok: list[dict]):
     att = [r for r in ok if r["phase"] == "prefill" and r.get("attribution_s")]
-    if att:
-        b0 = min(r["batch"] for r in att)
-        att = sorted([r for r in att if r["batch"] == b0], key=lambda r: (r["model"], r["ctx"]))
-        fig, ax = plt.subplots(figsize=(max(7, 0.5 * len(att)), 4.5))
-        bottom = [0.0] * len(att)
-        for part in ("mamba", "attention", "moe_mlp", "rest"):
-            vals = [r["attribution_s"].get(part, 0.0) for r in att]
-            ax.bar(range(len(att)), vals, bottom=bottom, label=part)
-            bottom = [a + v for a, v in zip(bottom, vals)]
-        ax.set_xticks(range(len(att)), [f"{r['model']}\n{r['ctx']}" for r in att], fontsize=6, rotation=60)
-        ax.set(ylabel="seconds (one prefill, hooks on)", yscale="log", title=PLOTS["attribution"] + f" (batch {b0})")
-        ax.legend(fontsize=7)
-        save(fig, "attribution")
-    return made
+    if not att:
+        return None
+    b0 = min(r["batch"] for r in att)
+    att = sorted([r for r in att if r["batch"] == b0], key=lambda r: (r["model"], r["ctx"]))
+    fig, ax = plt.subplots(figsize=(max(7, 0.5 * len(att)), 4.5))
+    bottom = [0.0] * len(att)
+    for part in ("mamba", "attention", "moe_mlp", "rest"):
+        vals = [r["attribution_s"].get(part, 0.0) for r in att]
+        ax.bar(range(len(att)), vals, bottom=bottom, label=part)
+        bottom = [a + v for a, v in zip(bottom, vals)]
+    ax.set_xticks(range(len(att)), [f"{r['model']}\n{r['ctx']}" for r in att], fontsize=6, rotation=60)
+    ax.set(ylabel="seconds (one prefill, hooks on)", yscale="log", title=PLOTS["attribution"] + f" (batch {b0})")
+    ax.legend(fontsize=7)
+    return fig
 
 
-def _memory_plot(plt, series: dict, analysis: dict) -> bool:
+def _memory_plot(plt, series: dict, analysis: dict):
     """Left: each model's total peak memory per phase vs context (measured, solid; predicted, dashed).
-    Right: the hybrid/dense ratio of the measured totals, with the 0.3 line of IBM's 70% claim."""
-    lines = [(k, sorted(rs, key=lambda r: r["ctx"])) for k, rs in sorted(series.items())
-             if any(r.get("peak_total_bytes") for r in rs)]
+    Right: the hybrid/dense ratio of the measured totals, with the 0.3 line of IBM's 70% claim.
+    None when no row has a measured total."""
+    lines = [(k, rs) for k, rs in sorted(series.items()) if any(r.get("peak_total_bytes") for r in rs)]
     if not lines:
-        return False
+        return None
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.5))
     for (m, b, p), rs in lines:
         rs = [r for r in rs if r.get("peak_total_bytes")]
@@ -143,7 +153,7 @@ def _memory_plot(plt, series: dict, analysis: dict) -> bool:
         a.xaxis.set_minor_locator(plt.NullLocator())
     ax2.legend(fontsize=6)
     ax2.grid(True, which="both", alpha=0.3)
-    return True
+    return fig
 
 
 def memory_claims(ratios: list[dict]) -> list[str]:
