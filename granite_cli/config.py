@@ -232,78 +232,79 @@ def validate(cfg: ModelConfig, source: str | None = None) -> ModelConfig:
     src = source or cfg.name or "config"
     if cfg.architecture not in ARCHITECTURES:
         raise _fail(src, f"unknown architecture {cfg.architecture!r}; supported: {', '.join(ARCHITECTURES)}")
+    _check_layers(cfg, src)
+    _check_experts(cfg, src)
+    _check_positions(cfg, src)
+    if cfg.is_hybrid:
+        _check_mamba(cfg, src)
+    _check_values(cfg, src)
+    return cfg
+
+
+def _check_layers(cfg: ModelConfig, src: str) -> None:
     for f in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
               "head_dim"):
         v = getattr(cfg, f)
         if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
             raise _fail(src, f"{f} must be a positive integer, got {v!r}")
     if len(cfg.layer_types) != cfg.num_hidden_layers:
-        raise _fail(
-            src,
-            f"layer_types has {len(cfg.layer_types)} entries but num_hidden_layers is {cfg.num_hidden_layers}; "
-            "give one type per layer",
-        )
+        raise _fail(src, f"layer_types has {len(cfg.layer_types)} entries but num_hidden_layers is "
+                         f"{cfg.num_hidden_layers}; give one type per layer")
     bad = [t for t in cfg.layer_types if t not in ("mamba", "attention")]
     if bad:
         raise _fail(src, f"unknown layer type {bad[0]!r}; use mamba/attention or linear_attention/full_attention")
-    if cfg.num_attention_heads % cfg.num_key_value_heads:
-        raise _fail(
-            src,
-            f"num_attention_heads {cfg.num_attention_heads} is not a multiple of num_key_value_heads "
-            f"{cfg.num_key_value_heads}",
-        )
-    if cfg.num_local_experts < 0 or cfg.num_experts_per_tok < 0:
-        raise _fail(src, "expert counts must not be negative")
-    if cfg.num_experts_per_tok > cfg.num_local_experts:
-        raise _fail(
-            src,
-            f"num_experts_per_tok {cfg.num_experts_per_tok} is above num_local_experts {cfg.num_local_experts}; "
-            "top-k must not exceed the expert count",
-        )
-    if cfg.num_local_experts and cfg.num_experts_per_tok == 0:
-        raise _fail(src, "num_local_experts > 0 needs num_experts_per_tok >= 1")
-    if cfg.num_local_experts and cfg.expert_width <= 0:
-        raise _fail(src, "routed experts need a positive expert width")
     if cfg.architecture != "granitemoehybrid" and "mamba" in cfg.layer_types:
         raise _fail(src, f"architecture {cfg.architecture} has no Mamba layers; use granitemoehybrid")
-    if cfg.architecture in ("llama", "qwen3", "granite") and cfg.num_local_experts:
+    if cfg.num_attention_heads % cfg.num_key_value_heads:
+        raise _fail(src, f"num_attention_heads {cfg.num_attention_heads} is not a multiple of num_key_value_heads "
+                         f"{cfg.num_key_value_heads}")
+
+
+def _check_experts(cfg: ModelConfig, src: str) -> None:
+    e, k = cfg.num_local_experts, cfg.num_experts_per_tok
+    if e < 0 or k < 0:
+        raise _fail(src, "expert counts must not be negative")
+    if k > e:
+        raise _fail(src, f"num_experts_per_tok {k} is above num_local_experts {e}; top-k must not exceed the expert "
+                         "count")
+    if e and k == 0:
+        raise _fail(src, "num_local_experts > 0 needs num_experts_per_tok >= 1")
+    if e and cfg.expert_width <= 0:
+        raise _fail(src, "routed experts need a positive expert width")
+    if cfg.architecture in ("llama", "qwen3", "granite") and e:
         raise _fail(src, f"architecture {cfg.architecture} has no experts; use qwen3_moe or granitemoehybrid")
-    if cfg.architecture == "qwen3_moe" and not cfg.num_local_experts:
+    if cfg.architecture == "qwen3_moe" and not e:
         raise _fail(src, "qwen3_moe needs num_local_experts > 0")
-    if cfg.mlp_width <= 0 and not cfg.num_local_experts:
+    if cfg.mlp_width <= 0 and not e:
         raise _fail(src, "the model has neither experts nor an MLP; set intermediate_size/shared_intermediate_size")
+
+
+def _check_positions(cfg: ModelConfig, src: str) -> None:
     if cfg.position_embedding_type not in ("nope", "rope"):
         raise _fail(src, f"position_embedding_type must be 'nope' or 'rope', got {cfg.position_embedding_type!r}")
     if cfg.uses_rope and cfg.head_dim % 2:
         raise _fail(src, f"RoPE needs an even head_dim, got {cfg.head_dim}")
     if cfg.rope_scaling:
         rs = dict(cfg.rope_scaling)
-        if rs.get("rope_type", rs.get("type")) not in ("default", "llama3"):
-            raise _fail(src,
-                        f"rope scaling type {rs.get('rope_type', rs.get('type'))!r} is not supported (default, llama3)")
-    if cfg.is_hybrid:
-        for f in ("mamba_n_heads", "mamba_d_head", "mamba_n_groups", "mamba_d_state", "mamba_d_conv",
-                  "mamba_chunk_size"):
-            v = getattr(cfg, f)
-            if not isinstance(v, int) or v <= 0:
-                raise _fail(src, f"{f} must be a positive integer for a model with Mamba layers, got {v!r}")
-        inner = cfg.mamba_expand * cfg.hidden_size
-        if inner % cfg.mamba_n_heads:
-            raise _fail(
-                src,
-                f"mamba_n_heads {cfg.mamba_n_heads} does not divide the inner size {inner} "
-                f"(mamba_expand {cfg.mamba_expand} x hidden_size {cfg.hidden_size})",
-            )
-        if cfg.d_inner != inner:
-            raise _fail(
-                src,
-                f"mamba_n_heads x mamba_d_head = {cfg.d_inner} but mamba_expand x hidden_size = {inner}; "
-                "they must match",
-            )
-        if cfg.mamba_n_heads % cfg.mamba_n_groups:
-            raise _fail(src, f"mamba_n_groups {cfg.mamba_n_groups} does not divide mamba_n_heads {cfg.mamba_n_heads}")
-    _check_values(cfg, src)
-    return cfg
+        kind = rs.get("rope_type", rs.get("type"))
+        if kind not in ("default", "llama3"):
+            raise _fail(src, f"rope scaling type {kind!r} is not supported (default, llama3)")
+
+
+def _check_mamba(cfg: ModelConfig, src: str) -> None:
+    for f in ("mamba_n_heads", "mamba_d_head", "mamba_n_groups", "mamba_d_state", "mamba_d_conv", "mamba_chunk_size"):
+        v = getattr(cfg, f)
+        if not isinstance(v, int) or v <= 0:
+            raise _fail(src, f"{f} must be a positive integer for a model with Mamba layers, got {v!r}")
+    inner = cfg.mamba_expand * cfg.hidden_size
+    if inner % cfg.mamba_n_heads:
+        raise _fail(src, f"mamba_n_heads {cfg.mamba_n_heads} does not divide the inner size {inner} "
+                         f"(mamba_expand {cfg.mamba_expand} x hidden_size {cfg.hidden_size})")
+    if cfg.d_inner != inner:
+        raise _fail(src, f"mamba_n_heads x mamba_d_head = {cfg.d_inner} but mamba_expand x hidden_size = {inner}; "
+                         "they must match")
+    if cfg.mamba_n_heads % cfg.mamba_n_groups:
+        raise _fail(src, f"mamba_n_groups {cfg.mamba_n_groups} does not divide mamba_n_heads {cfg.mamba_n_heads}")
 
 
 _MAX_DIM = 2**31 - 1  # beyond any model, and past it torch's index arithmetic would overflow
