@@ -40,7 +40,8 @@ def convert(
     force: Annotated[bool, typer.Option("--force", help="Replace an existing DST.")] = False,
     fmt: FormatOpt = Format.table,
 ) -> None:
-    """Convert a checkpoint: HF folder <-> HF folder or .gguf, a .gguf -> HF folder; or inspect one.
+    """Convert a checkpoint: HF folder <-> HF folder or .gguf, a .gguf -> HF folder (`convert inspect PATH`
+    is `granite inspect PATH`).
 
     Output goes to a temporary name and is renamed into place only when written and verified.
 
@@ -115,11 +116,22 @@ def _emit(rep: dict, fmt: Format, hb) -> None:
     emit_rows(rows, fmt, columns=["field", "value"])
 
 
+def inspect(
+    path: Annotated[str, typer.Argument(help="A Hugging Face checkpoint folder or a .gguf file.")],
+    fmt: FormatOpt = Format.table,
+) -> None:
+    """What a checkpoint is: format, architecture, layer pattern, dtypes, sizes, parameters, tokenizer.
+
+    Also spelled `granite convert inspect PATH`.
+    """
+    _inspect(path, fmt)
+
+
 def _inspect(path: str, fmt: Format) -> None:
-    from granite_cli.convert.inspect import inspect
+    from granite_cli.convert.inspect import inspect as describe
     from granite_cli.render import human_bytes
 
-    _emit(inspect(path), fmt, human_bytes)
+    _emit(describe(path), fmt, human_bytes)
 
 
 def _progress(source):

@@ -27,6 +27,7 @@ app = typer.Typer(
 app.command("bench")(bench.bench)
 app.command("memory-report")(memory.memory_report)
 app.command("convert")(convert.convert)
+app.command("inspect")(convert.inspect)
 app.add_typer(profiles.app, name="profiles")
 app.command("env")(env.env)
 

@@ -328,3 +328,24 @@ def test_memory_headline_never_uses_the_increase_over_the_baseline():
     assert "peak memory (tracked: weights + cache + working set) prefill 0.50x, decode 0.50x" in v
     assert "3.00x" not in v and "increase" not in v
     assert res["ratios"][0]["prefill_increase_memory"] == pytest.approx(3.0)  # kept, as a secondary figure
+
+
+def test_one_precedence_rule_flag_over_sweep_file_over_default(tmp_path):
+    from granite_cli.bench.spec import FLAG_FIELDS, resolve_spec
+
+    f = tmp_path / "s.toml"
+    f.write_text('models = ["tiny-hybrid"]\nctx = "32,64"\ndevice = "cuda"\ndtype = "bf16"\nreps = 5\n'
+                 'share_prefill = false\nmax_case_seconds = 60\nphases = ["prefill"]\n')
+    none = dict.fromkeys(FLAG_FIELDS)
+    # every field the file can set loses to its flag: --device cpu is no longer ignored
+    s = resolve_spec({**none, "device": "cpu", "reps": 2, "share_prefill": True, "phases": "decode"}, f, False)
+    assert (s.device, s.reps, s.share_prefill, s.phases) == ("cpu", 2, True, ["decode"])
+    assert (s.models, s.ctx, s.dtype, s.max_case_seconds) == (["tiny-hybrid"], [32, 64], "bf16", 60)
+    # the file over the defaults; defaults where neither speaks
+    s = resolve_spec({**none, "device": "cpu"}, f, False)
+    assert (s.reps, s.share_prefill, s.batch, s.gen, s.guard) == (5, False, [1], 16, "depth")
+    s = resolve_spec(none, None, False)
+    assert (s.models, s.batch, s.reps, s.warmup, s.max_case_seconds) == (["cpu-hybrid", "cpu-dense"], [1, 4], 1, 0,
+                                                                         1800.0)
+    with pytest.raises(InputError, match="no CUDA device"):
+        resolve_spec(none, f, False)  # the file's cuda, with no flag to overrule it

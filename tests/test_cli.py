@@ -97,3 +97,13 @@ def test_every_subpackage_ships_in_the_wheel():
     found = {"granite_cli." + p.parent.name for p in (root / "granite_cli").glob("*/__init__.py")}
     found |= {"granite_cli", "granite_cli.commands", "granite_cli.profiles"}
     assert found <= listed, f"not packaged: {sorted(found - listed)}"
+
+
+def test_inspect_is_a_command_and_the_old_spelling_still_works(tmp_path):
+    r = granite("convert", "--from-profile", "tiny-hybrid", str(tmp_path / "m.gguf"), "--no-verify")
+    assert r.returncode == 0, r.stderr
+    new = granite("inspect", str(tmp_path / "m.gguf"), "-f", "json")
+    old = granite("convert", "inspect", str(tmp_path / "m.gguf"), "-f", "json")
+    assert new.returncode == old.returncode == 0
+    assert json.loads(new.stdout) == json.loads(old.stdout)
+    assert json.loads(new.stdout)["architecture"] == "granitehybrid"

@@ -135,3 +135,28 @@ class JsonlStore:
 
 def finished_keys(rows: list[dict]) -> set:
     return {row_key(r) for r in rows if r.get("status") in FINISHED}
+
+
+def read_rows(path: Path) -> list[dict]:
+    """Earlier rows to compare with: JSONL, or `granite bench --format json` output."""
+    from granite_cli.errors import InputError
+
+    bad = InputError(f"{path}: not bench rows (expected JSONL or granite bench --format json output)")
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except OSError as e:
+        raise InputError(f"{path}: cannot read baseline ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise bad from None
+    try:
+        d = json.loads(text)
+        rows = d["rows"] if isinstance(d, dict) else d
+    except (ValueError, KeyError, TypeError, RecursionError):
+        try:
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except (ValueError, RecursionError):
+            raise bad from None
+    keys = ("model", "dtype", "device", "batch", "ctx", "phase", "status")
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and all(k in r for k in keys) for r in rows):
+        raise bad
+    return rows

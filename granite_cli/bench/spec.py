@@ -99,7 +99,7 @@ class SweepSpec:
     compile: bool = False
     share_prefill: bool = True
     ubatch: int = 4096
-    max_case_seconds: float = 600.0
+    max_case_seconds: float = 1800.0
     seed: int = 0
     guard: str = "depth"
 
@@ -118,17 +118,15 @@ class SweepSpec:
             raise InputError(f"unknown --guard {self.guard!r}; use depth or full")
         if not self.max_case_seconds > 0:
             raise InputError("--max-case-seconds must be positive")
-        from granite_cli.model.loading import check_seed
+        from granite_cli.model.loading import check_seed, parse_dtype
 
         check_seed(self.seed)
+        parse_dtype(self.dtype)
         return self
 
-    def cases(self):
-        """(model, batch, ctx) in build order: each model once, then batch, then context."""
-        for m in self.models:
-            for b in self.batch:
-                for c in self.ctx:
-                    yield m, b, c
+    def as_dict(self) -> dict:
+        """The sweep as the report records it."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 _FILE_TYPES = {"models": (list, str), "ctx": (list, str, int), "batch": (list, str, int), "phases": (list, str),
@@ -175,3 +173,48 @@ def load_sweep_file(path: str | Path) -> dict:
     if "phases" in d and isinstance(d["phases"], str):
         d["phases"] = [p.strip() for p in d["phases"].split(",")]
     return d
+
+
+# ---------------------------------------------------------------------------------------------
+# one precedence rule for every field: an option on the command line, else the sweep file, else the default
+
+FLAG_FIELDS = ("models", "ctx", "batch", "phases", "gen", "dtype", "device", "reps", "warmup", "ubatch",
+               "share_prefill", "cuda_graph", "compile", "max_case_seconds", "seed", "guard")
+GPU_MODELS, CPU_MODELS = ["granite-4.0-h-micro", "granite-4.0-micro"], ["cpu-hybrid", "cpu-dense"]
+
+
+def resolve_spec(flags: dict, sweep_file: str | Path | None, cuda_available: bool) -> SweepSpec:
+    """The sweep from command-line options (None where not given; ctx, batch and phases as the strings
+    typed), an optional TOML sweep file, and the defaults, in that order of precedence. Validated."""
+    unknown = set(flags) - set(FLAG_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown sweep fields {sorted(unknown)}")
+    given = {k: v for k, v in flags.items() if v is not None}
+    for k in ("ctx", "batch"):
+        if k in given:
+            given[k] = parse_list(given[k], "context" if k == "ctx" else k)
+    if "phases" in given:
+        given["phases"] = [p.strip() for p in given["phases"].split(",") if p.strip()]
+    file = load_sweep_file(sweep_file) if sweep_file else {}
+    chosen = {**file, **given}
+    device = chosen.get("device", "auto")
+    if device == "auto":
+        device = "cuda" if cuda_available else "cpu"
+    gpu = device.startswith("cuda")
+    if gpu and not cuda_available:
+        raise InputError("--device cuda but no CUDA device is available; use --device cpu")
+    if device != "cpu" and not gpu:
+        raise InputError(f"--device must be cpu, cuda or auto, got {device!r}")
+    ctx = chosen.get("ctx") or parse_list("1k-32k*2" if gpu else "512-8k*2", "context")
+    quick = run_defaults(gpu, not chosen.keys() & {"models", "ctx", "batch"} and not sweep_file, max(ctx))
+    spec = SweepSpec(**{**quick, "models": GPU_MODELS if gpu else CPU_MODELS, "dtype": "bf16" if gpu else "fp32",
+                        "batch": [1] if "ctx" in chosen else [1, 4], **chosen, "ctx": ctx, "device": device})
+    spec.models = list(spec.models)
+    if spec.compile and gpu:
+        raise InputError("--compile is for CPU decode; on a GPU decode steps replay as CUDA graphs (--cuda-graph)")
+    if spec.compile:
+        from granite_cli.model.compiled import compile_available
+
+        if why := compile_available():
+            raise InputError(f"--compile: {why}; run without --compile")
+    return spec.validate()

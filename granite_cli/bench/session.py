@@ -1,0 +1,140 @@
+"""One `granite bench` run as a library call: the output checks, the stored rows (fresh or resumed),
+the up-front refusal and estimate, the sweep, the analysis and report, and the gates.
+
+run_sweep() returns an Outcome; its raise_for_gates() raises CheckFailed (exit 3) for a failed
+--check or regression gate, and GraniteError (exit 1) when a case errored, after the caller has
+printed the rows.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from granite_cli.bench import analysis as an
+from granite_cli.bench.report import REPORT_FILES, write_report
+from granite_cli.bench.rows import FINISHED, JsonlStore, check_rows_file, finished_keys, read_rows
+from granite_cli.bench.runner import Runner, check_fits, estimate_seconds, matmul_gflops
+from granite_cli.bench.spec import SweepSpec
+from granite_cli.errors import CheckFailed, GraniteError, InputError
+from granite_cli.fsutil import check_report_dir, prepare_report_dir
+from granite_cli.hostmem import retain_freed_memory
+from granite_cli.model.loading import parse_dtype
+
+
+class Progress:
+    """What the caller is told as the sweep goes: the number of cases and the estimate, each case as it
+    starts, each row as it ends, and the end. The default says nothing."""
+
+    def start(self, cases: int, estimate_s: float) -> None: ...
+
+    def case(self, info: dict) -> None: ...
+
+    def row(self, row: dict) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+@dataclass
+class Outcome:
+    rows: list[dict]
+    analysis: dict
+    wall_s: float
+    gates: list[str] = field(default_factory=list)  # failed --check / --fail-on-regression gates
+
+    def raise_for_gates(self) -> None:
+        if self.gates:
+            raise CheckFailed(f"{len(self.gates)} check(s) failed: " + "; ".join(self.gates))
+        errored = [r for r in self.rows if r["status"] == "error"]
+        if errored:
+            e = errored[0]
+            raise GraniteError(f"{len(errored)} case(s) errored, e.g. {e['model']} ctx {e['ctx']}: {e['error']}")
+
+
+def parse_threshold(text: str | None, baseline: Path | None) -> float | None:
+    """`--fail-on-regression 10%` (or 0.1) as a fraction; it needs a baseline."""
+    if text is None:
+        return None
+    if baseline is None:
+        raise InputError("--fail-on-regression needs --baseline FILE")
+    try:
+        return float(text.rstrip("%")) / (100 if text.endswith("%") else 1)
+    except ValueError:
+        raise InputError(f"bad --fail-on-regression {text!r}: use a percentage such as 10%") from None
+
+
+def run_sweep(spec: SweepSpec, *, out: Path | None = None, jsonl: Path | None = None, resume: bool = False,
+              baseline: Path | None = None, fail_on_regression: str | None = None, check: bool = False,
+              say: Callable[[str], None] = lambda msg: None, progress: Progress | None = None) -> Outcome:
+    """Run the sweep, streaming rows to `jsonl` or `out`/rows.jsonl; write the report into `out`."""
+    progress = progress or Progress()
+    threshold = parse_threshold(fail_on_regression, baseline)
+    base_rows = read_rows(baseline) if baseline else None
+    store, kept = _open_store(out, jsonl, resume)
+    rows = [r for r in kept if r.get("status") in FINISHED]
+    check_fits(spec)
+    device = torch.device(spec.device)
+    est = estimate_seconds(spec, matmul_gflops(device, parse_dtype(spec.dtype)))
+    say(f"granite bench: {len(spec.models)} model(s) x {len(spec.batch)} batch x {len(spec.ctx)} context(s) on "
+        f"{spec.device} ({spec.dtype}, {spec.reps} rep(s) + {spec.warmup} warmup); expected about {duration(est)}")
+    if device.type == "cpu":
+        say("note: CPU timings share this machine with whatever else runs; compare ratios, not absolute times")
+        if retain_freed_memory() == "glibc-retain":  # the runner would apply it too; here, to say so
+            say("note: freed heap memory is kept for reuse during the sweep (GRANITE_HOST_MALLOC=system turns it off)")
+    if kept:
+        say(f"resuming: {len(finished_keys(kept))} finished row(s) kept from {store.path}")
+
+    def on_row(r: dict) -> None:
+        rows.append(r)
+        if store:
+            store.append(r)
+        progress.row(r)
+
+    progress.start(len(spec.models) * len(spec.ctx) * len(spec.batch), est)
+    t0 = time.perf_counter()
+    try:
+        Runner(spec, on_row, on_case=progress.case, done=finished_keys(kept)).run()
+    except KeyboardInterrupt:
+        progress.stop()
+        say("interrupted" + (f"; {len(rows)} row(s) kept in {store.path} (rerun with --resume)" if store else ""))
+        raise
+    progress.stop()
+    wall = time.perf_counter() - t0
+    order = {m: i for i, m in enumerate(spec.models)}
+    rows.sort(key=lambda r: (order.get(r["model"], len(order)), r["batch"], r["ctx"], r["phase"]))
+    result = an.analyse(rows)
+    if out:
+        write_report(out, rows, result, spec.as_dict(), wall)
+        say(f"report written to {Path(out) / 'report.md'}")
+    gates = an.check_claims(rows, result) if check else []
+    if base_rows is not None and threshold is not None:
+        gates += an.regressions(rows, base_rows, threshold)
+    return Outcome(rows, result, wall, gates)
+
+
+def _open_store(out: Path | None, jsonl: Path | None, resume: bool) -> tuple[JsonlStore | None, list[dict]]:
+    """Where rows stream to (refused up front if it holds anything granite did not write), and the
+    finished rows kept from it with --resume."""
+    if resume and not (jsonl or out):
+        raise InputError("--resume needs --jsonl FILE or --out DIR to find finished rows")
+    if out:
+        check_report_dir(out, REPORT_FILES)
+    if jsonl:
+        check_rows_file(jsonl)
+    if out and not jsonl:
+        prepare_report_dir(out, REPORT_FILES, appended=("rows.jsonl",))
+    if not (jsonl or out):
+        return None, []
+    store = JsonlStore(jsonl or (Path(out) / "rows.jsonl"))
+    kept = store.read() if resume else []
+    if not resume and store.path.exists():
+        store.path.unlink()  # proven granite's rows by the checks above
+    return store, kept
+
+
+def duration(s: float) -> str:
+    return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min"
