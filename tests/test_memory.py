@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from granite_cli.config import load_config
+from granite_cli.errors import InputError
 from granite_cli.memory.claims import all_claims, max_batch, max_context
 from granite_cli.memory.predict import kv_bytes, kv_state_crossover, predict, state_bytes, weight_bytes
 from granite_cli.memory.report import parse_bytes
@@ -122,7 +123,7 @@ def test_claims_table_shape_and_e1b():
 def test_parse_bytes():
     assert parse_bytes("10GiB") == 10 * 2**30 and parse_bytes("24GB") == 24e9 and parse_bytes("512MiB") == 2**29
     for bad in ("ten", "-1GB", "10XB", ""):
-        with pytest.raises(Exception):
+        with pytest.raises(InputError, match="bad size"):
             parse_bytes(bad)
 
 
