@@ -450,8 +450,8 @@ _HF_KNOWN = {
     "moe_intermediate_size", "num_experts", "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers",
 }
 
-# transformers class defaults (5.24.0) for keys a config.json may omit. They are not Granite's values
-# (forward-spec.md section 1): a config.json without them means what transformers would build.
+# transformers class defaults (5.24.0) for keys a config.json may omit. They are not Granite's values:
+# a config.json without them means what transformers would build.
 _HF_DEFAULTS: dict[str, dict[str, Any]] = {
     "granitemoehybrid": dict(
         vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,

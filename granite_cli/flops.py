@@ -1,4 +1,4 @@
-"""FLOP and byte counts per token (forward-spec.md §15), for achieved-rate figures.
+"""FLOP and byte counts per token, for achieved-rate figures.
 
 One multiply-accumulate = 2 FLOPs. Prefill counts the average causal context (ctx/2) for the
 attention core, the chunked SSD at its full Q² intra-chunk cost, and the lm_head for the last token

@@ -96,7 +96,7 @@ def test_hf_config_rejects_unknown_keys_and_architectures():
 
 
 def test_missing_hf_keys_take_transformers_class_defaults():
-    # tie_word_embeddings defaults to False in GraniteMoeHybridConfig (forward-spec.md section 9)
+    # tie_word_embeddings defaults to False in GraniteMoeHybridConfig (transformers' GraniteMoeHybridConfig)
     d = tiny("granitemoehybrid").to_hf_dict()
     del d["tie_word_embeddings"], d["rms_norm_eps"]
     cfg = from_hf_dict(d)

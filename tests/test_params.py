@@ -1,5 +1,5 @@
 """Parameter accounting: exact against transformers and our own model; the real profiles against
-the published/derived figures of granite-4.0-family.md (within 0.5%).
+the published and derived figures (docs/sources.md), within 0.5%.
 
 Run: python -m pytest -q tests/test_params.py
 """
@@ -46,7 +46,7 @@ def test_groups_add_up_and_active_counts_top_k():
         cfg.hidden_size == p.total
 
 
-# granite-4.0-family.md section 1d (derived from the configs; cards round them) and section 3.
+# derived from the configs (the model cards round them; docs/sources.md).
 PUBLISHED = {
     "granite-4.0-h-small": (32.2e9, 8.8e9), "granite-4.0-h-tiny": (6.94e9, None), "granite-4.0-h-micro": (3.19e9, None),
     "granite-4.0-micro": (3.40e9, None), "granite-4.0-h-1b": (1.46e9, None), "granite-4.0-h-350m": (0.340e9, None),
@@ -68,4 +68,4 @@ def test_real_profiles_match_published_counts(name):
 
 def test_exact_figures_quoted_by_sources():
     assert count_params(load_config("granite-3.3-8b")).total == 8_170_864_640  # C7, "HF safetensors confirmed"
-    assert count_params(load_config("granite-4.0-h-1b")).total == 1_461_538_368  # cpu-baselines.md, h-1b shape
+    assert count_params(load_config("granite-4.0-h-1b")).total == 1_461_538_368  # the h-1b shape

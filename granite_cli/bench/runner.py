@@ -630,17 +630,15 @@ def estimate_seconds(spec: SweepSpec, gflops: float) -> float:
                     t += b * runs * spec.gen * (2 * p.active * 4 / 20e9 + 4 * att * c / (gflops * 1e9))
                 total += t
         if spec.compile and "decode" in spec.phases and spec.device == "cpu":
-            # compilation per model and batch size: two or three variants of 20-75 s each on our
-            # 2-core CPU (reports/bench/cpu-compiled-decode: 133 and 143 s a model over 1k-8k)
+            # compilation per model and batch size: two or three variants (docs/decisions.md)
             total += 120.0 * len(spec.batch)
     return total
 
 
 def matmul_gflops(device: torch.device, dtype: torch.dtype) -> float:
     """The machine's matmul rate (GFLOP/s) for the up-front estimate: the best of 8 timed 1024³
-    products after 2 untimed ones. The best, not the mean: a single timing at start-up swung the
-    default sweep's estimate between 3.2 and 5.0 minutes on our 2-core VM (thread pools waking,
-    other work on the machine); the fastest product is what the machine can do."""
+    products after 2 untimed ones. The best, not the mean: a single timing at start-up swings with
+    thread pools waking and other work on the machine; the fastest product is what the machine can do."""
     n = 1024
     a = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(2):

@@ -169,7 +169,8 @@ FILE_TYPE = {"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32}
 
 def metadata(cfg: ModelConfig, file_type: str, hf_config: dict, hf_dtypes: dict[str, str],
              a_logs: dict[int, list[float]], vocab_kvs: list[G.KV]) -> list[G.KV]:
-    """The GGUF key/value pairs llama.cpp reads for this config (peers.md C1), plus our side keys."""
+    """The GGUF key/value pairs llama.cpp reads for this config (as its convert_hf_to_gguf.py writes them), plus our
+    side keys."""
     arch = gguf_arch(cfg)
     p = arch + "."
     kv = [

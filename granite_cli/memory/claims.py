@@ -1,6 +1,6 @@
 """Capacity planning and IBM's memory claims, checked against our predictions.
 
-Each claim comes with the conditions IBM stated (granite-4.0-family.md §2), our figures under those
+Each claim comes with the conditions IBM stated (docs/sources.md), our figures under those
 conditions, the ratio, and a verdict: reproduced / holds only when … / not reproduced.
 """
 

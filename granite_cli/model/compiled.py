@@ -1,20 +1,19 @@
 """Decode steps under torch.compile (TorchInductor): the CPU's answer to a CUDA graph.
 
-An eager decode step of the cpu-hybrid shape is ~1,900 torch calls around ~95 small GEMVs; on our
-2-core CPU the calls cost about as much as the GEMVs, and MKL's sgemv streams weights at only ~11.5
-GB/s. Under torch.compile the core takes graph-friendly forms of three ops (each checks
-torch.compiler.is_compiling()): single-row projections and the routed experts become multiply-reduces
-(the experts' weights indexed in place by the chosen ids, never gathered into a copy), and decode
-attention likewise. Inductor turns these and every elementwise op into a few vectorised, threaded
-C++ loops that stream the weights at ~23 GB/s. cpu-hybrid at depth 4k: ~12 ms a token against ~25
-eager (benchmarks/core_cpu.py measures it beside transformers and llama.cpp).
+An eager CPU decode step is a couple of thousand small torch calls around the GEMVs, and on a small
+CPU the calls cost about as much as the GEMVs. Under torch.compile the core takes graph-friendly forms
+of three ops (each checks torch.compiler.is_compiling()): single-row projections and the routed
+experts become multiply-reduces (the experts' weights indexed in place by the chosen ids, never
+gathered into a copy), and decode attention likewise. Inductor turns these and every elementwise op
+into a few vectorised, threaded C++ loops that stream the weights faster than MKL's sgemv
+(docs/decisions.md has the figures; benchmarks/core_cpu.py measures it beside transformers and
+llama.cpp).
 
-The price is compile time and a C++ compiler on the machine. Compiling takes about 20-75 s per
-variant on our 2 cores (inductor's cache on disk makes later processes faster), and a model and
-batch size need up to three variants: the general step; the step that fills the cache's last slot
-(the KV prefix's contiguity enters the guards); and, once, positions past 4,095 (a range guard
-that the compiled code carries); shapes are compiled dynamic, so each variant serves every position
-in its range. reports/bench/cpu-compiled-decode has the times. So it is opt-in:
+The price is compile time and a C++ compiler on the machine. A model and batch size need up to three
+compiled variants: the general step; the step that fills the cache's last slot (the KV prefix's
+contiguity enters the guards); and, once, positions past 4,095 (a range guard that the compiled code
+carries); shapes are compiled dynamic, so each variant serves every position in its range.
+Inductor's cache on disk makes later processes faster. So it is opt-in:
 `compiled_forward(model)` here, `granite bench --compile` in the CLI. The eager model stays the
 reference; the compiled step agrees with it to float rounding (tests/test_compiled.py).
 """

@@ -22,13 +22,13 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> t
     if t == 1:  # decode: the one query sees every key
         if q.device.type == "cpu":
             # Two batched matmuls with the queries of each KV head stacked: K and V are read once, in
-            # place. (The CPU flash kernel takes ~2x longer for a single query here.)
+            # place. (The CPU flash kernel is slower for a single query.)
             b, hq, _, d = q.shape
             hkv = k.shape[1]
             qg = q.reshape(b, hkv, hq // hkv, d).float()
             if torch.compiler.is_compiling():
                 # under torch.compile: multiply-reduces, which inductor fuses into loops that read
-                # K and V once (the extern bmm calls streamed them at ~6 GB/s)
+                # K and V once (faster than its extern bmm calls)
                 scores = (qg[:, :, :, None, :] * k[:, :, None].float()).sum(-1)  # [b, hkv, rep, s]
                 p = torch.softmax(scores * scale, dim=-1)
                 return (p[..., None] * v[:, :, None].float()).sum(-2).to(q.dtype).reshape(b, hq, 1, d)

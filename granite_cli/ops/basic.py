@@ -1,4 +1,4 @@
-"""Small functional ops with the numerics of the reference implementation (forward-spec.md §10)."""
+"""Small functional ops with the numerics of the reference implementation (transformers' modeling code)."""
 
 from __future__ import annotations
 
@@ -34,25 +34,16 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     """x @ wᵀ (+ b): the one place the model's projections go through.
 
     bf16 on a CPU without bf16 dot-product instructions: torch's bf16 GEMM falls to a scalar path
-    (16 GFLOP/s against 130 for fp32 on our AVX2 machine), so the operands are widened to fp32 and the
-    result rounded back to bf16. A product of two bf16 numbers is exact in fp32, so this computes what
-    a native bf16 GEMM with fp32 accumulation computes, up to summation order.
-
-    Measured and rejected: oneDNN's linear (torch.ops.mkldnn._linear_pointwise) for decode rows. It
-    streams 1-4.75 MB weights from DRAM at 14-18 GB/s where MKL's sgemv reads 10-14 on our AMD
-    machine, but it costs about 40 us per call, and in an interleaved A/B of cpu-hybrid decode at depth
-    4k the two were level (40.4 against 40.2 tok/s, 6 rounds). Decode there is bound by the ~1,900
-    torch calls per token, not by the GEMVs.
-    Also measured and rejected: sending single-row (decode) products to numpy's OpenBLAS GEMV streams
-    weights 1.8x faster in isolation, but its threads and torch's spinning OpenMP threads fight over
-    the cores (decode 4x slower) unless OMP_WAIT_POLICY=PASSIVE, which costs prefill 25%.
+    an order of magnitude slower than fp32, so the operands are widened to fp32 and the result rounded
+    back to bf16. A product of two bf16 numbers is exact in fp32, so this computes what a native bf16
+    GEMM with fp32 accumulation computes, up to summation order. (docs/decisions.md: the figures, and
+    the alternatives measured for decode rows and rejected.)
     """
     if widen_bf16(x):
         return F.linear(x.float(), w.float(), None if b is None else b.float()).to(torch.bfloat16)
     if x.device.type == "cpu" and torch.compiler.is_compiling() and x.numel() == x.shape[-1]:
         # one row (a decode step) under torch.compile: a multiply-reduce that inductor turns into a
-        # vectorised, threaded GEMV loop. It streams the weights at ~23 GB/s on our 2-core CPU where
-        # MKL's sgemv reads ~11.5 (130 MB of decode-shaped weights: 6.0 against 11.9 ms).
+        # vectorised, threaded GEMV loop, which streams the weights faster than MKL's sgemv
         out = (w * x.reshape(1, -1)).sum(-1).view(*x.shape[:-1], w.shape[0])
         return out if b is None else out + b
     return F.linear(x, w, b)
@@ -94,8 +85,8 @@ def causal_conv1d(
 
     Computed as k shifted multiply-adds in the [b, t, c] layout the projection produces: each tap is
     one pass over contiguous rows. torch's grouped conv1d wants [b, c, t] (a transposed copy in, and
-    a strided result out) and runs a depthwise kernel at about 0.3 GFLOP/s on our CPU: 77 ms against
-    22 ms for this at 4k tokens × 1,280 channels. Half-precision inputs accumulate in fp32 and are
+    a strided result out) and its depthwise CPU kernel is several times slower than this
+    (docs/decisions.md). Half-precision inputs accumulate in fp32 and are
     rounded once, as a conv with an fp32 accumulator does; SiLU then runs on the rounded value.
     """
     b, t, c = xbc.shape

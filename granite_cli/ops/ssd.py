@@ -21,9 +21,9 @@ import torch
 
 # The chunked form is exact for any chunk length; the length only moves rounding and speed. On a CPU
 # the intra-chunk [Q, Q] decay block costs Q² exp/mask/cumsum work per chunk (Q per token), which at
-# the configs' Q = 256 outweighs the GEMM efficiency a long chunk buys: benchmarks/ssd_chunk.py
-# measured 64 about 2x faster than 256 at the cpu-hybrid shape. GPUs (the Triton kernel) and the
-# meta device (memory tracing) keep the config's chunk.
+# the configs' Q = 256 outweighs the GEMM efficiency a long chunk buys (benchmarks/ssd_chunk.py,
+# docs/decisions.md). GPUs (the Triton kernel) and the meta device (memory tracing) keep the config's
+# chunk.
 CPU_CHUNK = 64
 
 
@@ -37,13 +37,12 @@ def segsum_exp(dA: torch.Tensor, cs: torch.Tensor | None = None) -> torch.Tensor
 
     out[..., i, j] = exp(Σ_{k=j+1..i} dA_k) for i ≥ j, as exp(cs_i − cs_j) where cs is the inclusive
     cumsum of dA in float64 (callers that have it pass it in), the difference rounded once to dA's
-    precision (at least fp32). forward-spec.md §5.2 warns against the difference of cumsums because
-    in fp32 its error is an ulp of the running sum, not of the segment. In float64 the running sums'
-    error (about q·|cs|·1e-16) is far below one fp32 rounding of the exponent unless the chunk's total
-    decay exceeds ~1e5, where every entry off the diagonal underflows anyway; so this is at least as
-    accurate as the masked fp32 cumsum (one rounding per term) and takes three passes over [q, q]
-    instead of five (128 blocks of a 4k cpu-hybrid prefill: 48 against 168-215 ms with the product
-    by C·Bᵀ, benchmarked in one process). Above the diagonal the exponent is ≥ 0 and may overflow to
+    precision (at least fp32). The difference of cumsums is usually avoided because in fp32 its error
+    is an ulp of the running sum, not of the segment. In float64 the running sums' error (about
+    q·|cs|·1e-16) is far below one fp32 rounding of the exponent unless the chunk's total decay
+    exceeds ~1e5, where every entry off the diagonal underflows anyway; so this is at least as accurate
+    as the masked fp32 cumsum (one rounding per term) and takes three passes over [q, q] instead of
+    five (docs/decisions.md has the timing). Above the diagonal the exponent is ≥ 0 and may overflow to
     inf; tril_ overwrites those entries with zeros (it writes, it does not multiply: no inf·0).
     """
     if cs is None:
@@ -82,8 +81,8 @@ def ssd_chunked(
         else torch.zeros(b, h, p, n, dtype=f32, device=x.device)
     )
     per_block = max(1, (block_tokens or chunk_size) // chunk_size)
-    # the entry states of one block, allocated once per call and reused by every block (a fresh
-    # buffer per block is faulted in again each time; its copies took 17 of 146 ms in a 4k profile)
+    # the entry states of one block, allocated once per call and reused by every block: a fresh
+    # buffer per block would be faulted in again each time
     entries = torch.empty(b, g, min(per_block, max(1, t // chunk_size)), hg, p, n, dtype=f32, device=x.device)
     s = 0
     while s < t:

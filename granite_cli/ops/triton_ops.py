@@ -9,7 +9,7 @@
 | gated_rms_norm        | granite_cli.ops.basic.gated_rms_norm                    |
 | moe_experts           | granite_cli.ops.basic.moe_experts                       |
 
-Designs (forward-spec.md §13): the SSD scan is three launches, chunk state (decay-weighted xᵀB per
+Designs: the SSD scan is three launches, chunk state (decay-weighted xᵀB per
 chunk, with the in-chunk cumsum of dt·A), state passing (sequential over chunks, fp32), and chunk scan
 (C·S_prev plus the causal (C Bᵀ ∘ L)·(dt x) term in BLOCK_M × BLOCK_M tiles, stopping at the diagonal);
 the decode update changes the state in place; the conv reads its K−1 history columns from the
@@ -392,7 +392,7 @@ def moe_experts(x, w_in, w_out, weights, ids):
     return torch.zeros_like(x).index_add_(0, tok.long(), o)
 
 
-# The references, under the names the issue asks for, and their docstrings on the kernels.
+# The references as `*_ref` twins of the kernels, with the kernels' docstrings.
 ssd_chunked_ref, ssd_step_ref = ssd.ssd_chunked, ssd.ssd_step
 causal_conv1d_ref, causal_conv1d_step_ref = basic.causal_conv1d, basic.causal_conv1d_step
 gated_rms_norm_ref, moe_experts_ref = basic.gated_rms_norm, basic.moe_experts
