@@ -12,8 +12,6 @@ from dataclasses import dataclass
 
 from granite_cli.config import ModelConfig
 
-GROUPS = ("embedding", "head", "attention", "mamba", "router", "routed_experts", "shared_expert", "dense_mlp", "norms")
-
 
 def attention_mixer_params(cfg: ModelConfig) -> int:
     q = cfg.num_attention_heads * cfg.head_dim
