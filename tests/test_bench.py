@@ -111,14 +111,21 @@ def test_resume_skips_finished_cases(tmp_path):
 
 def test_shared_prefix_prefill_continues_the_smaller_case_on_the_same_tokens(monkeypatch):
     real = runner_mod.Runner._prefill_once
+    real_ready = runner_mod.Runner._prefill_ready
     runs = []  # (context, position the pieces start from, the first tokens)
+    starts = []  # the shared prefix each prefill was readied from
+
+    def ready(self, cache, start):
+        starts.append(start)
+        return real_ready(self, cache, start)
 
     def spy(self, model, cache, ids):
         if replaying:  # the allocation replay of the pieces just timed: its tensors hold no values to check
             return real(self, model, cache, ids)
         runs.append((ids.shape[1], cache.pos, ids[0, :8].tolist()))
         if cache.pos:  # a continuation starts exactly where the smaller case ended
-            snap = self._bases[ids.shape[0]]["snap"]
+            snap = starts[-1]["snap"]
+            assert starts[-1]["ctx"] == cache.pos
             for k, layer in enumerate(cache.layers):
                 a = snap["layers"][k][0]
                 got = layer.k[:, :, : cache.pos] if hasattr(layer, "k") else layer.conv
@@ -136,6 +143,7 @@ def test_shared_prefix_prefill_continues_the_smaller_case_on_the_same_tokens(mon
             replaying.clear()
 
     monkeypatch.setattr(runner_mod.Runner, "_prefill_once", spy)
+    monkeypatch.setattr(runner_mod.Runner, "_prefill_ready", ready)
     monkeypatch.setattr(runner_mod.Runner, "_replayed_prefill", replay)
     rows = []
     Runner(_spec(ctx=[32, 64, 80, 96], ubatch=32, reps=2, warmup=1, phases=["prefill"]), rows.append).run()
@@ -165,7 +173,7 @@ def test_a_shared_case_is_skipped_only_for_its_own_time(share):
 
 
 def test_estimate_counts_a_shared_prefix_once():
-    from granite_cli.bench.runner import estimate_seconds
+    from granite_cli.bench.estimate import estimate_seconds
 
     kw = dict(models=["cpu-hybrid"], ctx=[4096, 8192], batch=[1], reps=1, warmup=0, dtype="fp32", device="cpu")
     shared, fresh = estimate_seconds(SweepSpec(**kw),

@@ -72,8 +72,7 @@ def test_bench_decode_rows_use_cuda_graphs_and_stay_valid():
 
 def test_graph_replay_gives_the_eager_logits():
     """The captured steps, replayed after a restore, give the same logits as eager steps."""
-    from granite_cli.bench.runner import Runner
-    from granite_cli.bench.spec import SweepSpec
+    from granite_cli.bench.steps import graph_steps
 
     cfg = tiny("granitemoehybrid", **HYBRID)
     m = load_model(cfg, weights="random", dtype="bf16", device="cuda", seed=5, std=0.1)
@@ -83,11 +82,8 @@ def test_graph_replay_gives_the_eager_logits():
         m(ids[:, :32], cache)
         snap = cache.snapshot()
         eager = [m(ids[:, i : i + 1], cache, logits="last").float().clone() for i in range(32, 40)]
-        spec = SweepSpec(models=["x"], ctx=[32], batch=[2], gen=8, dtype="bf16", device="cuda")
-        runner = Runner.__new__(Runner)
-        runner.spec, runner.device = spec, torch.device("cuda")
         cache.restore(snap)
-        replay, mode, note = runner._graph_decode(m, cache, ids[:, 32:], snap)
+        replay, mode, note = graph_steps(m, cache, ids[:, 32:], 8, snap, warmed=False)
         assert mode == "cuda_graph", note
         cache.restore(snap)
         last = replay().float()

@@ -14,7 +14,8 @@ from __future__ import annotations
 import pytest
 
 from granite_cli.bench import analysis
-from granite_cli.bench.runner import GUARD_TOKENS, Runner
+from granite_cli.bench.guard import GUARD_TOKENS
+from granite_cli.bench.runner import Runner
 from granite_cli.bench.spec import SweepSpec
 from granite_cli.model import model as M
 

@@ -10,40 +10,40 @@ case restores c0's cache (untimed) and times only the pieces after it; its sampl
 plus those, its attribution the sum, and its row says `prefill_from: c0`. Memory is measured from
 before the restore, so the restored KV counts as it would in a prefill from empty.
 Decode: the cache is prefilled to depth `ctx` once, snapshotted, and restored before each
-repetition; then `gen` tokens are decoded one step at a time. On a GPU each step is captured as a
-CUDA graph after the warmups (row field `decode_mode`; `eager`, with `decode_note` saying why, where
-capture is impossible), and every time is taken with CUDA events; on a CPU, with perf_counter, and
-with `compile` the steps run under torch.compile (`decode_mode` compiled; one untimed pass first
-compiles them, and `decode_note` gives its time).
+repetition; then `gen` tokens are decoded one step at a time (bench.steps: eager, compiled on a CPU
+with `compile`, CUDA graphs on a GPU). Every case then passes the depth guard (bench.guard).
+Memory of record: on a GPU the allocator's peaks; on a CPU the live-tensor tracker, over an
+allocation replay of the pieces just timed and over one decode step.
 Failures are data: an out-of-memory case, or one the fitted curve predicts to exceed
 `max_case_seconds`, becomes a row with that status and the sweep goes on.
 """
 
 from __future__ import annotations
 
-import functools
-import math
 import statistics
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from granite_cli.bench.estimate import predicted_total, prefix_point
 from granite_cli.bench.fit import fit_scaling
+from granite_cli.bench.guard import GUARD_TOKENS, correctness_guard, depth_guard, judge
 from granite_cli.bench.rows import SCHEMA_VERSION, case_key, environment_fields
 from granite_cli.bench.spec import SweepSpec
+from granite_cli.bench.steps import compiled_steps, eager_steps, graph_steps
 from granite_cli.config import load_config
 from granite_cli.errors import InputError
 from granite_cli.hostmem import retain_freed_memory
 from granite_cli.measure import PeakMemory, Stopwatch, sync
 from granite_cli.memory.trace import AllocationReplay, LiveTensorBytes
 from granite_cli.model.loading import load_model, parse_dtype
-from granite_cli.ops import dispatch
 from granite_cli.ops.basic import record_routing, replay_routing
 from granite_cli.params import count_params
 
-GUARD_TOKENS = 16
+__all__ = ["GUARD_TOKENS", "Runner"]
 
 
 def _is_oom(e: BaseException) -> bool:
@@ -58,11 +58,12 @@ def _weights_for(spec_model: str) -> str:
 
 
 class _Attribution:
-    """Forward hooks timing each layer type; synchronises on CUDA (used in a warmup run only)."""
+    """Forward hooks timing each layer type; synchronises on CUDA (used in one run of a case only)."""
 
     def __init__(self, model, device) -> None:
         self.device = device
         self.times = {"mamba": 0.0, "attention": 0.0, "moe_mlp": 0.0}
+        self.started: dict[int, float] = {}
         self.handles = []
         for layer in model.layers:
             self._hook(layer.mixer, "mamba" if layer.kind == "mamba" else "attention")
@@ -73,11 +74,11 @@ class _Attribution:
     def _hook(self, mod, key) -> None:
         def pre(_m, _a):
             sync(self.device)
-            _m._t0 = time.perf_counter()
+            self.started[id(_m)] = time.perf_counter()
 
         def post(_m, _a, _o):
             sync(self.device)
-            self.times[key] += time.perf_counter() - _m._t0
+            self.times[key] += time.perf_counter() - self.started.pop(id(_m))
 
         self.handles += [mod.register_forward_pre_hook(pre), mod.register_forward_hook(post)]
 
@@ -99,52 +100,25 @@ def _stats(samples: list[float]) -> dict:
     }
 
 
-def correctness_guard(model, device) -> tuple[bool, float]:
-    """Decode logits must equal prefill logits on a short prefix (fp32: 1e-3 of the logit scale;
-    half precision: 5%)."""
-    g = torch.Generator().manual_seed(1234)
-    ids = torch.randint(0, model.cfg.vocab_size, (1, GUARD_TOKENS), generator=g).to(device)
-    with torch.inference_mode():
-        full = model(ids).float()
-        cache = model.allocate_cache(1, GUARD_TOKENS)
-        steps = [model(ids[:, :4], cache).float()]
-        steps += [model(ids[:, i : i + 1], cache).float() for i in range(4, GUARD_TOKENS)]
-    got = torch.cat(steps, 1)
-    if not (torch.isfinite(full).all() and torch.isfinite(got).all()):
-        return False, math.inf
-    diff = (got - full).abs().max().item()
-    scale = full.abs().max().item() or 1.0
-    tol = 1e-3 if model.dtype == torch.float32 else 5e-2
-    return diff <= tol * max(scale, 1.0), diff
+@dataclass
+class _ModelRun:
+    """What the cases of one model share."""
+
+    model: torch.nn.Module
+    base: dict                                               # the model's fields in every row
+    fits: dict[int, list] = field(default_factory=dict)      # batch -> [(ctx, prefill s)] for the skip rule
+    prefix: dict[int, dict] = field(default_factory=dict)    # batch -> the latest shareable prefill's end
+    streams: dict[int, torch.Tensor] = field(default_factory=dict)  # batch -> the token stream its cases read
 
 
-PROBE_COLUMNS = 256
-
-
-@functools.lru_cache(maxsize=8)
-def probe_columns(vocab: int, device: torch.device) -> torch.Tensor:
-    """A fixed spread of vocabulary columns whose logits the depth guard compares: a wrong state
-    moves every logit, so a few hundred find it, at the cost of a small gather in a timed step."""
-    g = torch.Generator().manual_seed(7)
-    return torch.randperm(vocab, generator=g)[:PROBE_COLUMNS].sort().values.to(device)
-
-
-GUARD_RTOL = {torch.float32: 1e-5, torch.float64: 1e-9}
-
-
-def guard_tolerance(dtype: torch.dtype, ref: torch.Tensor) -> float:
-    """What two correct code paths over the same state may differ by, relative to the logit scale
-    (the largest |logit| compared): 1e-5 in fp32, 5% in half precision. The fp32 bound sits two
-    orders of magnitude above how far two correct fp32 paths drift apart, and an order below what
-    an offset of one token does even to a small random-weight model."""
-    scale = ref.abs().max().item() if ref.numel() else 1.0
-    return GUARD_RTOL.get(dtype, 5e-2) * max(scale, 1e-6)
-
-
-def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-        return math.inf
-    return (a - b).abs().max().item()
+@dataclass
+class _Case:
+    b: int
+    c: int
+    cache: object                 # model.cache.Cache for c + gen tokens
+    cache_bytes: int
+    ids: torch.Tensor             # [b, c + gen]: the prompt, then the decode tokens
+    start: dict | None            # the shared prefix this prefill continues from, if any
 
 
 class Runner:
@@ -184,79 +158,10 @@ class Runner:
             base = {"model": cfg.name, "kind": "hybrid" if cfg.is_hybrid else "dense", "params_total": params.total,
                     "params_active": params.active, "guard_max_diff": diff, "valid": ok,
                     "weights_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
-            fits: dict[int, list] = {}
-            self._bases: dict[int, dict] = {}  # batch -> the latest shareable prefill (see the module docstring)
-            self._ids: dict[int, torch.Tensor] = {}
+            run = _ModelRun(model, base)
             for b, c in pending:
-                self._case(model, base, b, c, fits)
-            del model, self._bases
-
-    def _totals(self, cfg, base: dict, b: int, c: int, cache_bytes: int, pm, tracked: int | None,
-                tokens: int) -> dict:
-        """A phase's total peak memory (weights + cache + working set) and memory-report's prediction of
-        it. Of record: on a GPU the allocator's peak; on a CPU the live-tensor tracker's (the RSS peak
-        counts the allocator's and the runtime's own memory too, and stays in peak_bytes beside it)."""
-        pred = predicted_total(cfg, self.spec.dtype, b, c + self.spec.gen, tokens, base["weights_bytes"])
-        if self.device.type == "cuda":
-            total, source = pm.peak, "cuda_allocated"
-        else:
-            total = None if tracked is None else base["weights_bytes"] + cache_bytes + tracked
-            source = "tracked" if tracked is not None else None
-        return {"peak_total_bytes": total, "peak_total_source": source, "predicted_total_bytes": int(pred)}
-
-    @torch.no_grad()
-    def _tracked_step(self, model, cache, mark: dict, ids: torch.Tensor, base: dict, cache_bytes: int) -> dict:
-        """One untimed decode step at the case's depth under the live-tensor tracker (CPU): the decode
-        phase's tracked total. (Under --compile the timed steps run a compiled graph; this is the eager step.)"""
-        t0 = time.perf_counter()
-        cache.rewind(mark)
-        c = mark["pos"]
-        with LiveTensorBytes() as tr:
-            model(ids[:, c : c + 1], cache, logits="last")
-        return {"peak_total_bytes": base["weights_bytes"] + cache_bytes + tr.peak, "peak_total_source": "tracked",
-                "memory_s": round(time.perf_counter() - t0, 4)}
-
-    def _full_guard(self, c: int) -> bool:
-        return self.spec.guard == "full" and c == max(self.spec.ctx)
-
-    @torch.no_grad()
-    def _depth_guard(self, model, cache, mark: dict, ids: torch.Tensor, steps: list | None, full: bool) -> dict:
-        """The case's correctness at its real depth c, from the state its prefill left (`mark`): k
-        single-token decode steps against one k-token continuation (the chunked path) over the same
-        tokens; with `full`, also against a prefill of c + k tokens from an empty cache. `steps`: the
-        timed decode's recorded probe logits (k = gen), or None to run k = min(gen, 4) steps here."""
-        c = mark["pos"]
-        probe = probe_columns(model.cfg.vocab_size, self.device)
-        if steps is None:  # a prefill-only sweep: a few untimed steps
-            cache.rewind(mark)
-            steps = [model(ids[:, c + i : c + i + 1], cache, logits="last")[..., probe]
-                     for i in range(min(self.spec.gen, 4))]
-        k = len(steps)
-        want = torch.cat(steps, dim=1).float()  # [b, k, P]
-        cache.rewind(mark)
-        chunk = model(ids[:, c : c + k], cache, logits="all")[..., probe].float()
-        res = {"guard_depth_diff": _max_diff(chunk, want), "guard_full_diff": None,
-               "guard_tol": guard_tolerance(model.dtype, want)}
-        if full:
-            cache.reset()
-            tail = None
-            for s in range(0, c + k, self.spec.ubatch):
-                h = model.hidden_states(ids[:, s : min(s + self.spec.ubatch, c + k)], cache)
-                tail = h if tail is None else torch.cat([tail, h], dim=1)[:, -k:]
-            res["guard_full_diff"] = _max_diff(model.logits(tail[:, -k:])[..., probe].float(), want)
-        return res
-
-    def _judge(self, rows: list[dict], g: dict) -> None:
-        """Put the depth guard's figures in the case's rows; a failure makes them invalid (never fast)."""
-        bad = [f"{name} differ from the decode steps by {g[key]:.3g} (tolerance {g['guard_tol']:.3g})"
-               for key, name in (("guard_depth_diff", "a chunked continuation's logits"),
-                                 ("guard_full_diff", "a from-empty prefill's logits"))
-               if g[key] is not None and not g[key] <= g["guard_tol"]]
-        for row in rows:
-            row.update(g)
-            if bad and row["status"] in ("ok", "invalid"):
-                row.update(status="invalid", valid=False,
-                           error=f"depth guard at ctx {row['ctx']}: " + "; ".join(bad))
+                self._case(run, b, c)
+            del model, run
 
     def _row(self, base: dict, b: int, c: int, phase: str, **metrics) -> dict:
         row = {
@@ -280,12 +185,12 @@ class Runner:
         self.done.add(case_key(row["model"], self.spec, row["batch"], row["ctx"], row["phase"]))
         self.on_row(row)
 
-    def _case(self, model, base: dict, b: int, c: int, fits: dict) -> None:
-        spec = self.spec
+    def _case(self, run: _ModelRun, b: int, c: int) -> None:
+        spec, base = self.spec, run.base
         phases = [p for p in spec.phases if case_key(base["model"], spec, b, c, p) not in self.done]
-        prev = fits.setdefault(b, [])
-        self._bases = {k: v for k, v in self._bases.items() if k == b}  # other batches are done
-        start = self._bases.get(b)
+        prev = run.fits.setdefault(b, [])
+        run.prefix = {k: v for k, v in run.prefix.items() if k == b}  # other batches are done
+        start = run.prefix.get(b)
         if start is not None and not start["ctx"] < c:
             start = None
         # this case's own run time: a shared prefix is not run again
@@ -299,29 +204,9 @@ class Runner:
         cache = None
         try:
             with torch.inference_mode():
-                cache = model.allocate_cache(b, c + spec.gen)
-                cache_bytes = cache.nbytes()["total"]
-                ids = self._tokens(model, b)[:, : c + spec.gen]
-                prefill_row = self._prefill(model, cache, ids[:, :c], base, b, c, cache_bytes, start)
-                # depth c: where each decode repetition starts, and where a larger context may continue
-                snap = cache.snapshot() if ("decode" in phases or self._shareable(b, c)) else None
-                mark = cache.mark()
-                if prefill_row["status"] in ("ok", "invalid"):
-                    prev.append((c, prefill_row["median_s"]))
-                if self._shareable(b, c) and prefill_row["status"] == "ok":
-                    self._bases[b] = {"ctx": c, "snap": snap, "samples": prefill_row["samples_s"],
-                                      "attribution": prefill_row["attribution_s"]}
-                steps = None
-                rows = [prefill_row] if "prefill" in phases else []
-                if "decode" in phases:
-                    steps = []
-                    rows.append(self._decode(model, cache, ids[:, c:], base, b, c, cache_bytes, snap, steps))
-                t0 = time.perf_counter()
-                g = self._depth_guard(model, cache, mark, ids, steps, full=self._full_guard(c))
-                self._judge(rows, {**g, "guard_s": round(time.perf_counter() - t0, 4)})
-                if "decode" in phases and self.device.type == "cpu":
-                    rows[-1].update(self._tracked_step(model, cache, mark, ids, base, cache_bytes))
-                for row in rows:
+                cache = run.model.allocate_cache(b, c + spec.gen)
+                case = _Case(b, c, cache, cache.nbytes()["total"], self._tokens(run, b)[:, : c + spec.gen], start)
+                for row in self._measure(run, case, phases, prev):
                     self._emit(row)
         except Exception as e:  # noqa: BLE001 - a failed case is a row, the sweep goes on
             status = "oom" if _is_oom(e) else "error"
@@ -333,6 +218,33 @@ class Runner:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
 
+    def _measure(self, run: _ModelRun, case: _Case, phases: list[str], prev: list) -> list[dict]:
+        """The case's rows: its prefill (always run: decode starts from it), its decode, then the depth
+        guard and, on a CPU, the tracked decode step."""
+        spec, cache = self.spec, case.cache
+        prefill_row = self._prefill(run, case)
+        # depth c: where each decode repetition starts, and where a larger context may continue
+        shareable = self._shareable(case.c)
+        snap = cache.snapshot() if ("decode" in phases or shareable) else None
+        mark = cache.mark()
+        if prefill_row["status"] in ("ok", "invalid"):
+            prev.append((case.c, prefill_row["median_s"]))
+        if shareable and prefill_row["status"] == "ok":
+            run.prefix[case.b] = {"ctx": case.c, "snap": snap, "samples": prefill_row["samples_s"],
+                                  "attribution": prefill_row["attribution_s"]}
+        steps = None
+        rows = [prefill_row] if "prefill" in phases else []
+        if "decode" in phases:
+            steps = []
+            rows.append(self._decode(run, case, snap, steps))
+        t0 = time.perf_counter()
+        g = depth_guard(run.model, cache, mark, case.ids, steps, gen=spec.gen, ubatch=spec.ubatch,
+                        full=spec.guard == "full" and case.c == max(spec.ctx))
+        judge(rows, {**g, "guard_s": round(time.perf_counter() - t0, 4)})
+        if "decode" in phases and self.device.type == "cpu":
+            rows[-1].update(self._tracked_step(run, case, mark))
+        return rows
+
     def predicted_seconds(self, prev: list[tuple[int, float]], c: int) -> float:
         """This case's predicted run time, from the fit of this model's earlier prefill times at the same
         batch (0 until two points exist)."""
@@ -341,20 +253,21 @@ class Runner:
         f = fit_scaling([x for x, _ in prev], [y for _, y in prev])
         return f.predict(c) * (self.spec.warmup + self.spec.reps) if f else 0.0
 
-    def _tokens(self, model, b: int) -> torch.Tensor:
+    def _tokens(self, run: _ModelRun, b: int) -> torch.Tensor:
         """One token stream per model and batch size, long enough for every context of the sweep:
         each case reads a prefix of it, so a larger context's prefill extends a smaller one's."""
-        if b not in self._ids:
+        if b not in run.streams:
             g = torch.Generator().manual_seed(self.spec.seed + b)
             n = max(self.spec.ctx) + self.spec.gen
-            self._ids[b] = torch.randint(0, model.cfg.vocab_size, (b, n), generator=g).to(self.device)
-        return self._ids[b]
+            run.streams[b] = torch.randint(0, run.model.cfg.vocab_size, (b, n), generator=g).to(self.device)
+        return run.streams[b]
 
-    def _shareable(self, b: int, c: int) -> bool:
-        """Whether case (b, c)'s end state is where a later, larger case's prefill passes: c is a whole
-        number of ubatch pieces and a larger context of this batch is still to come."""
+    def _shareable(self, c: int) -> bool:
+        """Whether a case's end state at c is where a later, larger case's prefill passes: c is a whole
+        number of ubatch pieces and a larger context of the sweep is still to come."""
         return prefix_point(self.spec, c) and any(x > c for x in self.spec.ctx)
 
+    # ------------------------------------------------------------------------------------------ prefill
     def _prefill_ready(self, cache, start: dict | None) -> None:
         """Untimed: an empty cache, or the shared prefix's state restored."""
         if start is None:
@@ -369,8 +282,8 @@ class Runner:
             out = model(ids[:, s : s + self.spec.ubatch], cache, logits="last")
         return out
 
-    def _prefill(self, model, cache, ids, base, b, c, cache_bytes, start: dict | None = None) -> dict:
-        spec = self.spec
+    def _prefill(self, run: _ModelRun, case: _Case) -> dict:
+        spec, model, cache, ids, start = self.spec, run.model, case.cache, case.ids[:, : case.c], case.start
         # Layer-type attribution. CPU: hooks in the first warmup run, or with no warmup in the first
         # timed run (there they only read a timer). GPU: one extra untimed run after the timed ones,
         # since the hooks synchronise and the first run also compiles the Triton kernels.
@@ -380,22 +293,20 @@ class Runner:
         for w in range(spec.warmup):
             self._prefill_ready(cache, start)
             if w == 0 and hook_warm:
-                attribution = self._attributed(model, cache, ids)
+                attribution, _ = self._attributed(model, cache, ids)
             else:
                 self._prefill_once(model, cache, ids)
-        samples, routing = [], []
-        finite = True
+        samples, routing, finite = [], [], True
         pm = PeakMemory(self.device)
         for r in range(spec.reps):
             # from before the restore: restored KV counts as prefill memory; the first repetition's
             # MoE routing is kept for the allocation replay below
             with (pm if r == 0 else _null()), (record_routing(routing) if r == 0 else _null()):
                 self._prefill_ready(cache, start)
-                if r == 0 and not hook_warm and self.device.type == "cpu":
+                if r == 0 and not hook_warm and not gpu:
                     t0 = time.perf_counter()
-                    attribution = self._attributed(model, cache, ids)
+                    attribution, out = self._attributed(model, cache, ids)
                     samples.append(time.perf_counter() - t0)
-                    out = self._last_out
                 else:
                     with Stopwatch(self.device) as sw:
                         out = self._prefill_once(model, cache, ids)
@@ -406,19 +317,18 @@ class Runner:
         memory_s = None if gpu else round(time.perf_counter() - t0, 4)
         if gpu:
             self._prefill_ready(cache, start)
-            attribution = self._attributed(model, cache, ids)
+            attribution, _ = self._attributed(model, cache, ids)
         if start is not None:  # the shared prefix's own time, sample by sample (same reps), and its attribution
             samples = [x + y for x, y in zip(samples, start["samples"], strict=True)]
             attribution = {k: v + start["attribution"][k] for k, v in attribution.items()}
         st = _stats(samples)
-        row = self._row(base, b, c, "prefill", **st, tokens_per_s=b * c / st["median_s"],
-                        latency_ms=st["median_s"] * 1e3,
-                        peak_bytes=pm.peak, peak_delta_bytes=pm.delta, memory_source=pm.source,
-                        reserved_peak_bytes=pm.reserved, nvml_used_bytes=pm.nvml_used,
-                        cache_bytes=cache_bytes, attribution_s=attribution,
+        b, c = case.b, case.c
+        row = self._row(run.base, b, c, "prefill", **st, tokens_per_s=b * c / st["median_s"],
+                        latency_ms=st["median_s"] * 1e3, peak_bytes=pm.peak, peak_delta_bytes=pm.delta,
+                        memory_source=pm.source, reserved_peak_bytes=pm.reserved, nvml_used_bytes=pm.nvml_used,
+                        cache_bytes=case.cache_bytes, attribution_s=attribution,
                         prefill_from=None if start is None else start["ctx"],
-                        **self._totals(model.cfg, base, b, c, cache_bytes, pm, tracked, min(c, spec.ubatch)),
-                        memory_s=memory_s)
+                        **self._totals(run, case, pm, tracked, min(c, spec.ubatch)), memory_s=memory_s)
         if not finite:
             row.update(status="invalid", error="non-finite logits")
         return row
@@ -435,32 +345,33 @@ class Runner:
         cache.rewind(end)
         return tr.peak
 
-    def _attributed(self, model, cache, ids) -> dict:
+    def _attributed(self, model, cache, ids) -> tuple[dict, torch.Tensor]:
+        """(attribution by layer type, last logits) of one prefill run with the timing hooks on."""
         att = _Attribution(model, self.device)
         sync(self.device)
         t0 = time.perf_counter()
         try:
-            self._last_out = self._prefill_once(model, cache, ids)
+            out = self._prefill_once(model, cache, ids)
             sync(self.device)
         finally:
             result = att.close(time.perf_counter() - t0)
-        return result
+        return result, out
 
-    def _decode(self, model, cache, nxt, base, b, c, cache_bytes, snap: dict, record: list) -> dict:
+    # ------------------------------------------------------------------------------------------ decode
+    def _decode(self, run: _ModelRun, case: _Case, snap: dict, record: list) -> dict:
         """Timed decode repetitions from the snapshot; the last one also records each step's probe
         logits into `record` (a gather of a few hundred values a step), for the depth guard."""
-        spec = self.spec
+        spec, model, cache, nxt = self.spec, run.model, case.cache, case.ids[:, case.c :]
         samples, finite = [], True
         pm = PeakMemory(self.device)
-
-        step, mode, note = self._eager(model, cache, nxt), "eager", None
+        step, mode, note = eager_steps(model, cache, nxt, spec.gen), "eager", None
         if spec.compile and self.device.type == "cpu":
-            step, mode, note = self._compiled_decode(model, cache, nxt, snap)
+            step, mode, note = compiled_steps(model, cache, nxt, spec.gen, snap)
         for r in range(spec.warmup + spec.reps):
             cache.restore(snap)
             if r == spec.warmup and self.device.type == "cuda" and spec.cuda_graph:
                 # After the eager warmups (Triton kernels compiled, cuBLAS initialised): capture.
-                step, mode, note = self._graph_decode(model, cache, nxt, snap)
+                step, mode, note = graph_steps(model, cache, nxt, spec.gen, snap, warmed=spec.warmup > 0)
                 cache.restore(snap)
             timed_rep = r >= spec.warmup
             with (pm if r == spec.warmup else _null()), Stopwatch(self.device) as sw:
@@ -469,84 +380,38 @@ class Runner:
                 samples.append(sw.seconds / spec.gen)
                 finite = finite and bool(torch.isfinite(out).all())
         st = _stats(samples)
-        row = self._row(base, b, c, "decode", **st, tokens_per_s=b / st["median_s"], latency_ms=st["median_s"] * 1e3,
-                        peak_bytes=pm.peak, peak_delta_bytes=pm.delta, memory_source=pm.source, cache_bytes=cache_bytes,
-                        reserved_peak_bytes=pm.reserved, nvml_used_bytes=pm.nvml_used, decode_mode=mode,
-                        decode_note=note, **self._totals(model.cfg, base, b, c, cache_bytes, pm, None, 1))
+        row = self._row(run.base, case.b, case.c, "decode", **st, tokens_per_s=case.b / st["median_s"],
+                        latency_ms=st["median_s"] * 1e3, peak_bytes=pm.peak, peak_delta_bytes=pm.delta,
+                        memory_source=pm.source, cache_bytes=case.cache_bytes, reserved_peak_bytes=pm.reserved,
+                        nvml_used_bytes=pm.nvml_used, decode_mode=mode, decode_note=note,
+                        **self._totals(run, case, pm, None, 1))
         if not finite:
             row.update(status="invalid", error="non-finite logits")
         return row
 
-    def _eager(self, model, cache, nxt):
-        def step(record: list | None = None):
-            for i in range(self.spec.gen):
-                out = model(nxt[:, i : i + 1], cache, logits="last")
-                if record is not None:
-                    record.append(out[..., probe_columns(out.shape[-1], out.device)])
-            return out
-
-        return step
-
-    def _compiled_decode(self, model, cache, nxt, snap):
-        """torch.compile'd decode: the eager loop over granite_cli.model.compiled's forward. One
-        untimed pass over the `gen` steps compiles them (and the variant for the step that fills the
-        cache), then the cache is restored. Returns (step, "compiled", note with the compile time), or
-        the eager loop with the reason when compilation fails."""
-        from granite_cli.model.compiled import compiled_forward
-
+    @torch.no_grad()
+    def _tracked_step(self, run: _ModelRun, case: _Case, mark: dict) -> dict:
+        """One untimed decode step at the case's depth under the live-tensor tracker (CPU): the decode
+        phase's tracked total. (Under --compile the timed steps run a compiled graph; this is the eager step.)"""
         t0 = time.perf_counter()
-        try:
-            step = self._eager(compiled_forward(model), cache, nxt)
-            step()
-        except Exception as e:  # noqa: BLE001 - compilation is an optimisation; eager always works
-            cache.restore(snap)
-            return self._eager(model, cache, nxt), "eager", f"torch.compile failed ({_reason(e)})"
-        cache.restore(snap)
-        return step, "compiled", f"torch.compile: first pass {time.perf_counter() - t0:.1f} s (compilation; not timed)"
+        case.cache.rewind(mark)
+        with LiveTensorBytes() as tr:
+            run.model(case.ids[:, case.c : case.c + 1], case.cache, logits="last")
+        return {"peak_total_bytes": run.base["weights_bytes"] + case.cache_bytes + tr.peak,
+                "peak_total_source": "tracked", "memory_s": round(time.perf_counter() - t0, 4)}
 
-    def _graph_decode(self, model, cache, nxt, snap):
-        """CUDA-graph decode: one graph per step (each bakes its cache position), captured in order
-        into one memory pool and replayed in that order, so the host launches `gen` graphs instead
-        of thousands of kernels. Returns (replay, "cuda_graph", None), or the eager loop with the
-        reason when capture is impossible (an op that syncs with the host, e.g. MoE routing on the
-        reference ops)."""
-        spec = self.spec
-        graphs, outs = [], []
-        if model.cfg.num_local_experts and dispatch.kernels(self.device).name != "triton":
-            why = "CUDA graphs need the Triton MoE kernel (the reference routes on the host)"
-            return self._eager(model, cache, nxt), "eager", why
-        if spec.warmup == 0:  # compile and initialise eagerly first: nothing of that may happen in a capture
-            self._eager(model, cache, nxt)()
-            torch.cuda.synchronize()
-            cache.restore(snap)
-        try:
-            pool = None
-            for i in range(spec.gen):
-                g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g, pool=pool):
-                    outs.append(model(nxt[:, i : i + 1], cache, logits="last"))
-                pool = g.pool()  # one pool, replayed in capture order: the steps share memory
-                graphs.append(g)
-            torch.cuda.synchronize()
-        except Exception as e:  # noqa: BLE001 - capture is an optimisation; the eager loop always works
-            torch.cuda.synchronize()
-            cache.restore(snap)
-            return self._eager(model, cache, nxt), "eager", f"CUDA graph capture failed ({_reason(e)})"
-
-        def replay(record: list | None = None):
-            for i, g in enumerate(graphs):
-                g.replay()
-                if record is not None:
-                    record.append(outs[i][..., probe_columns(outs[i].shape[-1], outs[i].device)])
-            return outs[-1]
-
-        return replay, "cuda_graph", None
-
-
-def _reason(e: BaseException) -> str:
-    """An exception as one short line for a row's note: its type and the first line of its message."""
-    msg = str(e).splitlines()
-    return f"{type(e).__name__}: {msg[0][:160]}" if msg else type(e).__name__
+    def _totals(self, run: _ModelRun, case: _Case, pm, tracked: int | None, tokens: int) -> dict:
+        """A phase's total peak memory (weights + cache + working set) and memory-report's prediction of
+        it. Of record: on a GPU the allocator's peak; on a CPU the live-tensor tracker's (the RSS peak
+        counts the allocator's and the runtime's own memory too, and stays in peak_bytes beside it)."""
+        weights = run.base["weights_bytes"]
+        pred = predicted_total(run.model.cfg, self.spec.dtype, case.b, case.c + self.spec.gen, tokens, weights)
+        if self.device.type == "cuda":
+            total, source = pm.peak, "cuda_allocated"
+        else:
+            total = None if tracked is None else weights + case.cache_bytes + tracked
+            source = "tracked" if tracked is not None else None
+        return {"peak_total_bytes": total, "peak_total_source": source, "predicted_total_bytes": int(pred)}
 
 
 class _null:
@@ -555,99 +420,3 @@ class _null:
 
     def __exit__(self, *exc):
         return None
-
-
-def prefix_point(spec: SweepSpec, c: int) -> bool:
-    """Whether a prefill of c tokens ends where a longer one of the same sweep passes: prefixes are
-    shared (CPU only) and c is a whole number of ubatch pieces."""
-    return spec.share_prefill and torch.device(spec.device).type == "cpu" and c % spec.ubatch == 0
-
-
-def device_memory(device: torch.device) -> tuple[int, str]:
-    """(bytes, what they are) of the memory a sweep on `device` can use."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory, f"{torch.cuda.get_device_name(device)}'s memory"
-    import psutil
-
-    return psutil.virtual_memory().total, "this machine's memory"
-
-
-def check_fits(spec: SweepSpec, have: int | None = None, where: str = "") -> None:
-    """Refuse (InputError) a sweep whose largest case, by memory-report's model (weights, KV cache,
-    Mamba state, working set), needs more than the device has: such a case could only fail, after
-    minutes of smaller ones or an attempt to allocate terabytes."""
-    from granite_cli.memory.predict import predict
-    from granite_cli.render import human_bytes
-
-    if have is None:
-        have, where = device_memory(torch.device(spec.device))
-    b, c = max(spec.batch), max(spec.ctx)
-    for name in spec.models:
-        cfg = load_config(name)
-
-        def need(ctx: int) -> float:
-            return predict(cfg, ctx + spec.gen, b, spec.dtype, spec.dtype, "fp32", spec.ubatch).total_bytes
-
-        if need(c) <= have:
-            continue
-        lo, hi = 0, c  # the largest context that fits at this batch, by bisection
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            lo, hi = (mid, hi) if need(mid) <= have else (lo, mid - 1)
-        hint = f"at batch {b} up to about {lo} tokens fit" if lo else f"not even one token fits at batch {b}"
-        raise InputError(f"{cfg.name} at ctx {c} x batch {b} needs about {human_bytes(need(c))} (predicted: weights, "
-                         f"KV cache, Mamba state, working set), more than the {human_bytes(have)} of {where}; "
-                         f"lower --ctx or --batch ({hint})")
-
-
-def predicted_total(cfg, dtype: str, batch: int, cache_len: int, tokens: int, weights: int) -> float:
-    """memory-report's model of a phase's total peak: the weights, a cache of cache_len tokens (KV, conv
-    state; fp32 SSM state) and the working set of a forward of `tokens` new tokens per sequence."""
-    from granite_cli.memory.predict import activation_bytes, kv_bytes, state_bytes
-
-    return (weights + kv_bytes(cfg, cache_len, batch, dtype) + state_bytes(cfg, batch, "fp32", dtype)["total"]
-            + activation_bytes(cfg, tokens, batch, dtype))
-
-
-def estimate_seconds(spec: SweepSpec, gflops: float) -> float:
-    """A rough up-front estimate of the sweep's run time from FLOP counts and a measured matmul rate."""
-    total = 0.0
-    for name in spec.models:
-        cfg = load_config(name)
-        p = count_params(cfg)
-        per_tok = 2 * (p.active - p.groups["embedding"]) + 2 * cfg.hidden_size * cfg.vocab_size / max(1, spec.ubatch)
-        att = len(cfg.attention_layers) * cfg.num_attention_heads * cfg.head_dim
-        for b in spec.batch:
-            c0 = 0  # the shared prefix a case continues from (0: none)
-            for c in sorted(spec.ctx):
-                # causal QK and PV: 2·2·(c²/2)·heads·hd; a shared prefix's part is not run again
-                flops = b * (per_tok * (c - c0) + 2 * att * (c * c - c0 * c0))
-                if prefix_point(spec, c):
-                    c0 = c
-                runs = spec.warmup + spec.reps
-                t = flops / (gflops * 1e9) * runs * 1.6  # 1.6: what a CPU forward reaches of the matmul rate
-                if "decode" in spec.phases:
-                    t += b * runs * spec.gen * (2 * p.active * 4 / 20e9 + 4 * att * c / (gflops * 1e9))
-                total += t
-        if spec.compile and "decode" in spec.phases and spec.device == "cpu":
-            # compilation per model and batch size: two or three variants (docs/decisions.md)
-            total += 120.0 * len(spec.batch)
-    return total
-
-
-def matmul_gflops(device: torch.device, dtype: torch.dtype) -> float:
-    """The machine's matmul rate (GFLOP/s) for the up-front estimate: the best of 8 timed 1024³
-    products after 2 untimed ones. The best, not the mean: a single timing at start-up swings with
-    thread pools waking and other work on the machine; the fastest product is what the machine can do."""
-    n = 1024
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(2):
-        a @ a
-    sync(device)
-    best = math.inf
-    for _ in range(8):
-        t0 = time.perf_counter()
-        a @ a
-        sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e9

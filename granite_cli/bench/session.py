@@ -16,9 +16,10 @@ from typing import Callable
 import torch
 
 from granite_cli.bench import analysis as an
+from granite_cli.bench.estimate import check_fits, estimate_seconds, matmul_gflops
 from granite_cli.bench.report import REPORT_FILES, write_report
 from granite_cli.bench.rows import FINISHED, JsonlStore, check_rows_file, finished_keys, read_rows
-from granite_cli.bench.runner import Runner, check_fits, estimate_seconds, matmul_gflops
+from granite_cli.bench.runner import Runner
 from granite_cli.bench.spec import SweepSpec
 from granite_cli.errors import CheckFailed, GraniteError, InputError
 from granite_cli.fsutil import check_report_dir, prepare_report_dir
