@@ -77,7 +77,7 @@ def config_with(tmp: Path, **changes) -> Path:
 def rewrite_gguf(src: Path, dst: Path, kv_change=None, shape_change=None) -> Path:
     """Copy a GGUF, re-encoding its metadata with changes (value types inferred from Python types)."""
     sys.path.insert(0, str(ROOT))
-    from granite_cli.convert import gguf_format as G
+    from granite_cli.checkpoint import gguf as G
 
     f = G.GGUFFile(src)
     kv = dict(f.kv)
@@ -322,7 +322,7 @@ CASES = [
 
 def gguf_file_kv(t: Path) -> str:
     sys.path.insert(0, str(ROOT))
-    from granite_cli.convert import gguf_format as G
+    from granite_cli.checkpoint import gguf as G
 
     return G.GGUFFile(gguf_file(t, "kv.gguf")).kv["granite.hf_config"]
 

@@ -65,11 +65,11 @@ def main() -> int:
     import atheris
 
     with atheris.instrument_imports(include=["granite_cli"]):
+        import granite_cli.checkpoint.gguf  # noqa: F401
+        import granite_cli.checkpoint.gguf_map  # noqa: F401
+        import granite_cli.checkpoint.safetensors as sio
+        import granite_cli.checkpoint.sources as sources
         import granite_cli.config as config
-        import granite_cli.convert.gguf_format  # noqa: F401
-        import granite_cli.convert.mapping  # noqa: F401
-        import granite_cli.convert.sources as sources
-        import granite_cli.safetensors_io as sio
     import torch
 
     from granite_cli.errors import InputError

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from granite_cli.convert import quant
+from granite_cli.checkpoint import quant
+from granite_cli.checkpoint.sources import HFSource, open_source
 from granite_cli.convert.run import convert
-from granite_cli.convert.sources import HFSource, open_source
 from granite_cli.errors import CheckFailed, InputError
 from granite_cli.model.loading import load_model, save_checkpoint
 from tests.conftest import tiny
@@ -66,7 +66,7 @@ def test_dense_rope_model_round_trips_through_granite_gguf(tmp_path):
     src = _checkpoint(tmp_path / "src", arch_over=dict(attention_layers=[0, 1, 2, 3], position_embedding_type="rope",
                                                      num_local_experts=0, num_experts_per_tok=0))
     convert(src, tmp_path / "d.gguf")
-    from granite_cli.convert.gguf_format import GGUFFile
+    from granite_cli.checkpoint.gguf import GGUFFile
 
     f = GGUFFile(tmp_path / "d.gguf")
     assert f.kv["general.architecture"] == "granite" and f.kv["granite.rope.scaling.finetuned"] is True
@@ -145,7 +145,7 @@ def test_transformers_saved_checkpoint_converts(tmp_path):
     saved = json.loads((tmp_path / "hf" / "config.json").read_text())["layer_types"]
     assert "linear_attention" in saved  # transformers 5 writes its own vocabulary
     convert(tmp_path / "hf", tmp_path / "m.gguf")
-    from granite_cli.convert.gguf_format import GGUFFile
+    from granite_cli.checkpoint.gguf import GGUFFile
 
     assert GGUFFile(tmp_path / "m.gguf").kv["granitehybrid.attention.head_count_kv"] == [0, 2, 0, 2]
     convert(tmp_path / "m.gguf", tmp_path / "back")

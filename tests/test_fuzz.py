@@ -25,8 +25,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from granite_cli.checkpoint import gguf as G
 from granite_cli.config import from_hf_dict, load_config
-from granite_cli.convert import gguf_format as G
 from granite_cli.errors import InputError
 
 # CI runs a fixed sample (derandomized: the same cases every run, about a minute in all);
@@ -165,7 +165,7 @@ def test_safetensors_reader_never_more_lenient_than_the_reference(tmp_path_facto
     same file and reports the same tensors with the same dtypes and shapes."""
     from safetensors import safe_open
 
-    from granite_cli.safetensors_io import SafetensorsFile
+    from granite_cli.checkpoint.safetensors import SafetensorsFile
 
     f = tmp_path_factory.mktemp("st") / "x.safetensors"
     _write_st(f, header, data)
@@ -184,7 +184,7 @@ def test_safetensors_reader_never_more_lenient_than_the_reference(tmp_path_facto
 @FUZZ
 @given(n=st.integers(0, 2**64 - 1), body=st.binary(max_size=40))
 def test_safetensors_header_length_is_checked_against_the_file(tmp_path_factory, n, body):
-    from granite_cli.safetensors_io import SafetensorsFile
+    from granite_cli.checkpoint.safetensors import SafetensorsFile
 
     f = tmp_path_factory.mktemp("st") / "x.safetensors"
     _write_st(f, body, b"", raw_len=n)
@@ -210,7 +210,7 @@ def small_gguf(tmp_path_factory) -> Path:
 def test_gguf_mutations_are_read_or_refused_with_input_error(tmp_path_factory, small_gguf, data):
     """Bytes of the header overwritten, inserted or cut: the GGUF source opens (and then reads every
     tensor) or raises InputError; never another exception."""
-    from granite_cli.convert.sources import GGUFSource
+    from granite_cli.checkpoint.sources import GGUFSource
 
     raw = bytearray(small_gguf.read_bytes())
     for _ in range(data.draw(st.integers(1, 4))):
@@ -246,7 +246,7 @@ gguf_value = st.one_of(st.integers(-2**40, 2**40), st.floats(width=32, allow_nan
 def test_gguf_metadata_values_are_typed_and_ranged(tmp_path_factory, small_gguf, data):
     """Any metadata key of the file re-encoded with any value of any GGUF type: InputError or a
     source whose config the core can build."""
-    from granite_cli.convert.sources import GGUFSource
+    from granite_cli.checkpoint.sources import GGUFSource
 
     d = tmp_path_factory.mktemp("g")
     f = G.GGUFFile(small_gguf)
@@ -407,7 +407,7 @@ def _gguf_read_all(f: Path) -> None:
 
 
 def _st_read_all(f: Path) -> None:
-    from granite_cli.safetensors_io import SafetensorsFile
+    from granite_cli.checkpoint.safetensors import SafetensorsFile
 
     s = SafetensorsFile(f)
     for n in s.keys():
@@ -471,7 +471,7 @@ def test_atheris_finding_a_config_asking_for_8e15_layers_is_refused_before_any_t
 
 
 def test_atheris_finding_gguf_tensor_shapes_that_disagree_with_the_metadata_are_refused():
-    from granite_cli.convert.sources import GGUFSource
+    from granite_cli.checkpoint.sources import GGUFSource
 
     with pytest.raises(InputError, match="has shape .* the metadata implies"):
         GGUFSource(DATA / "atheris-gguf-shape-mismatch.bin")

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from granite_cli.convert.gguf_format import GGUFFile, dequantize_q8_0, quantize_q8_0
+from granite_cli.checkpoint.gguf import GGUFFile, dequantize_q8_0, quantize_q8_0
 from granite_cli.convert.run import convert
 from granite_cli.model.loading import load_model, save_checkpoint
 from tests.conftest import tiny
@@ -82,7 +82,7 @@ def test_q8_0_file_read_back(tmp_path):
 
 def test_foreign_gguf_without_our_side_keys_still_converts(tmp_path):
     """A file from another producer has only the standard keys: the config is rebuilt from them."""
-    from granite_cli.convert import mapping
+    from granite_cli.checkpoint import gguf_map as mapping
 
     _ckpt(tmp_path / "src")
     convert(tmp_path / "src", tmp_path / "m.gguf")

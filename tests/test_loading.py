@@ -10,9 +10,9 @@ import time
 import pytest
 import torch
 
+from granite_cli.checkpoint.safetensors import SafetensorsFile, write_safetensors
 from granite_cli.errors import InputError
 from granite_cli.model.loading import load_model, save_checkpoint
-from granite_cli.safetensors_io import SafetensorsFile, write_safetensors
 from tests.conftest import tiny
 
 
@@ -108,8 +108,8 @@ def test_profile_has_no_checkpoint():
 
 @pytest.mark.parametrize("arch", ["granitemoehybrid", "granite", "llama", "qwen3", "qwen3_moe"])
 def test_name_map_covers_every_parameter_element_once(arch):
+    from granite_cli.checkpoint.names import checkpoint_entries
     from granite_cli.model.loading import build_empty
-    from granite_cli.model.names import checkpoint_entries
 
     cfg = tiny(arch, tie_word_embeddings=False)
     m = build_empty(cfg, torch.float32, "cpu")

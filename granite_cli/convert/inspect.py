@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from granite_cli.convert import gguf_format as G
-from granite_cli.convert.sources import GGUFSource, HFSource, open_source
+from granite_cli.checkpoint import gguf as G
+from granite_cli.checkpoint.sources import GGUFSource, HFSource, open_source
 from granite_cli.params import count_params
 
 

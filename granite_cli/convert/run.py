@@ -25,9 +25,17 @@ from typing import Callable
 
 import torch
 
-from granite_cli.convert import gguf_format as G
-from granite_cli.convert import mapping, quant
-from granite_cli.convert.sources import TOKENIZER_FILES, TORCH_DTYPE_NAMES, GGUFSource, HFSource, ProfileSource, Source
+from granite_cli.checkpoint import gguf as G
+from granite_cli.checkpoint import gguf_map as mapping
+from granite_cli.checkpoint import quant
+from granite_cli.checkpoint.sources import (
+    TOKENIZER_FILES,
+    TORCH_DTYPE_NAMES,
+    GGUFSource,
+    HFSource,
+    ProfileSource,
+    Source,
+)
 from granite_cli.convert.tokenizer import vocab_kvs
 from granite_cli.errors import CheckFailed, InputError
 from granite_cli.fsutil import check_destination, partial_dir, replace_checkpoint, temp_file_beside
@@ -445,8 +453,8 @@ def streamed_logits(cfg, fetch: Callable[[str], list[torch.Tensor]], ids: torch.
 
     fetch(name) returns that checkpoint tensor from each of the n sources (and may check them);
     each name is fetched exactly once, so verification reads every tensor once per source."""
+    from granite_cli.checkpoint.names import checkpoint_entries
     from granite_cli.model.loading import build_empty
-    from granite_cli.model.names import checkpoint_entries
     from granite_cli.ops import basic
 
     models = [build_empty(cfg, torch.float32, "meta") for _ in range(n)]
@@ -548,7 +556,7 @@ def execute(p: Plan, *, verify_output: bool = True, progress: Callable[[int, int
 
 
 def open_any(src: str | None, from_profile: str | None, dtype: str | None, seed: int = 0) -> Source:
-    from granite_cli.convert.sources import open_source
+    from granite_cli.checkpoint.sources import open_source
 
     if from_profile:
         if src:

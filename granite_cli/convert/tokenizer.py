@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from granite_cli.convert import gguf_format as G
+from granite_cli.checkpoint import gguf as G
 from granite_cli.errors import InputError
 
 NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5

@@ -14,11 +14,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from granite_cli.checkpoint.names import IGNORED_CKPT_SUFFIXES, checkpoint_entries
+from granite_cli.checkpoint.safetensors import SafetensorsFile, write_safetensors
 from granite_cli.config import ModelConfig, export_hf_config, load_config, read_json_config
 from granite_cli.errors import InputError
 from granite_cli.model.model import GraniteModel
-from granite_cli.model.names import IGNORED_CKPT_SUFFIXES, checkpoint_entries
-from granite_cli.safetensors_io import SafetensorsFile, write_safetensors
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "f32": torch.float32,
@@ -153,7 +153,7 @@ def load_weights(model: GraniteModel, folder: Path) -> None:
     cfg = model.cfg
     raw = read_json_config(folder / "config.json") if (folder / "config.json").is_file() else {}
     if raw.get("quantization_config"):  # compressed-tensors FP8/INT8: dequantised by the converter's reader
-        from granite_cli.convert.sources import HFSource
+        from granite_cli.checkpoint.sources import HFSource
 
         src = HFSource(folder)
         params = dict(model.named_parameters())

@@ -36,7 +36,7 @@ def _amax(w: torch.Tensor) -> torch.Tensor:
 
 def _per_row(w: torch.Tensor, fn) -> tuple[torch.Tensor, torch.Tensor]:
     """Apply fn(rows f32) -> (q rows, scale [rows, 1]) over row pieces of w; peak temporaries stay piece-sized."""
-    from granite_cli.convert.gguf_format import row_chunks
+    from granite_cli.checkpoint.gguf import row_chunks
 
     qs, ss = [], []
     for c in row_chunks(w):

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from granite_cli.checkpoint import gguf as G
 from granite_cli.config import MAX_LAYERS, ModelConfig, from_hf_dict
-from granite_cli.convert import gguf_format as G
 from granite_cli.errors import InputError
 
 HF_CONFIG_KEY = "granite.hf_config"        # the source config.json, verbatim

@@ -13,13 +13,14 @@ from pathlib import Path
 
 import torch
 
+from granite_cli.checkpoint import gguf as G
+from granite_cli.checkpoint import gguf_map as mapping
+from granite_cli.checkpoint import quant
+from granite_cli.checkpoint.names import IGNORED_CKPT_SUFFIXES, checkpoint_entries
+from granite_cli.checkpoint.safetensors import SafetensorsFile
 from granite_cli.config import ModelConfig, load_config, read_json_config
-from granite_cli.convert import gguf_format as G
-from granite_cli.convert import mapping, quant
 from granite_cli.errors import InputError
 from granite_cli.model.loading import _TILE, build_empty, checkpoint_files, fill_random, parse_dtype
-from granite_cli.model.names import IGNORED_CKPT_SUFFIXES, checkpoint_entries
-from granite_cli.safetensors_io import SafetensorsFile
 
 TORCH_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",

@@ -183,7 +183,7 @@ class GGUFFile:
     """A mapped GGUF file: `.kv` (key → value), `.tensors` (name → TensorInfo), `.raw(name)`."""
 
     def __init__(self, path: str | Path) -> None:
-        from granite_cli.safetensors_io import open_input
+        from granite_cli.checkpoint.safetensors import open_input
 
         self.path = Path(path)
         size, fh = open_input(self.path, "GGUF")
@@ -323,7 +323,7 @@ class GGUFFile:
     def tensor(self, name: str, copy: bool = False) -> torch.Tensor:
         """Decoded to a float tensor in PyTorch order (F32/F16/BF16 a zero-copy view, or with copy=True
         a private pread copy that maps no file pages; Q8_0 dequantised to F32)."""
-        from granite_cli.safetensors_io import _pread
+        from granite_cli.checkpoint.safetensors import _pread
 
         ti = self.tensors[name]
         r = _pread(self.path, self.offsets[name], ti.nbytes) if copy else self.raw(name)
