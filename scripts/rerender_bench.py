@@ -23,9 +23,9 @@ import torch
 from granite_cli.bench.analysis import analyse
 from granite_cli.bench.estimate import predicted_total
 from granite_cli.bench.report import REPORT_FILES, write_report
+from granite_cli.checkpoint.dtypes import parse_dtype
 from granite_cli.config import load_config
 from granite_cli.fsutil import MANIFEST, _sha256, _write_manifest
-from granite_cli.model.loading import parse_dtype
 from granite_cli.params import count_params
 
 

@@ -229,18 +229,18 @@ def test_gguf_errors(tmp_path):
 
 
 def test_verification_catches_a_wrong_tensor(tmp_path, monkeypatch):
-    import granite_cli.convert.run as run_mod
+    from granite_cli.convert.formats import SafetensorsFormat
 
     src = _checkpoint(tmp_path / "src")
-    real = run_mod._products
+    real = SafetensorsFormat.products
 
-    def corrupt(p, name, x):
-        out = real(p, name, x)
+    def corrupt(self, p, name, x):
+        out = real(self, p, name, x)
         if name.endswith("layers.2.mamba.A_log"):
             out = {k: v + 1 for k, v in out.items()}
         return out
 
-    monkeypatch.setattr(run_mod, "_products", corrupt)
+    monkeypatch.setattr(SafetensorsFormat, "products", corrupt)
     with pytest.raises(CheckFailed, match="layers.2.mamba.A_log"):
         convert(src, tmp_path / "o")
     assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.*"))

@@ -117,6 +117,8 @@ def test_name_map_covers_every_parameter_element_once(arch):
     names = [e.ckpt for e in checkpoint_entries(cfg)]
     assert len(names) == len(set(names))
     for e in checkpoint_entries(cfg):
-        (hits[e.param][e.index] if e.index else hits[e.param]).add_(1)
+        part = hits[e.param][e.index] if e.index else hits[e.param]
+        assert tuple(part.shape) == e.shape, f"{e.ckpt}: table says {e.shape}, the model has {tuple(part.shape)}"
+        part.add_(1)
     for n, h in hits.items():
         assert bool((h == 1).all()), f"{n} covered {h.min().item()}..{h.max().item()} times"

@@ -34,12 +34,13 @@ from granite_cli.bench.guard import GUARD_TOKENS, correctness_guard, depth_guard
 from granite_cli.bench.rows import SCHEMA_VERSION, case_key, environment_fields
 from granite_cli.bench.spec import SweepSpec
 from granite_cli.bench.steps import compiled_steps, eager_steps, graph_steps
+from granite_cli.checkpoint.dtypes import parse_dtype
 from granite_cli.config import load_config
 from granite_cli.errors import InputError
 from granite_cli.hostmem import retain_freed_memory
 from granite_cli.measure import PeakMemory, Stopwatch, sync
 from granite_cli.memory.trace import AllocationReplay, LiveTensorBytes
-from granite_cli.model.loading import load_model, parse_dtype
+from granite_cli.model.loading import load_model
 from granite_cli.ops.basic import record_routing, replay_routing
 from granite_cli.params import count_params
 

@@ -21,10 +21,10 @@ from granite_cli.bench.report import REPORT_FILES, write_report
 from granite_cli.bench.rows import FINISHED, JsonlStore, check_rows_file, finished_keys, read_rows
 from granite_cli.bench.runner import Runner
 from granite_cli.bench.spec import SweepSpec
+from granite_cli.checkpoint.dtypes import parse_dtype
 from granite_cli.errors import CheckFailed, GraniteError, InputError
 from granite_cli.fsutil import check_report_dir, prepare_report_dir
 from granite_cli.hostmem import retain_freed_memory
-from granite_cli.model.loading import parse_dtype
 
 
 class Progress:

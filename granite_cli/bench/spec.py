@@ -118,7 +118,8 @@ class SweepSpec:
             raise InputError(f"unknown --guard {self.guard!r}; use depth or full")
         if not self.max_case_seconds > 0:
             raise InputError("--max-case-seconds must be positive")
-        from granite_cli.model.loading import check_seed, parse_dtype
+        from granite_cli.checkpoint.dtypes import parse_dtype
+        from granite_cli.checkpoint.init import check_seed
 
         check_seed(self.seed)
         parse_dtype(self.dtype)

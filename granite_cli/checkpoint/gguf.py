@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from granite_cli.checkpoint.dtypes import GGML_BF16, GGML_F16, GGML_F32, GGML_Q8_0, TABLE
 from granite_cli.errors import InputError
 
 MAGIC = b"GGUF"
@@ -31,7 +32,6 @@ _SCALAR = {U8: "<B", I8: "<b", U16: "<H", I16: "<h", U32: "<I", I32: "<i", F32: 
            U64: "<Q", I64: "<q", F64: "<d"}
 
 # ggml tensor types this project reads and writes: (name, block elements, block bytes).
-GGML_F32, GGML_F16, GGML_Q8_0, GGML_BF16 = 0, 1, 8, 30
 GGML_TYPES = {GGML_F32: ("F32", 1, 4), GGML_F16: ("F16", 1, 2), GGML_Q8_0: ("Q8_0", 32, 34), GGML_BF16: ("BF16", 1, 2)}
 # Names of other common types, for error messages only.
 _OTHER = {2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K"}
@@ -329,7 +329,7 @@ class GGUFFile:
         r = _pread(self.path, self.offsets[name], ti.nbytes) if copy else self.raw(name)
         if ti.gtype == GGML_Q8_0:
             return dequantize_q8_0(r, ti.shape)
-        dt = {GGML_F32: torch.float32, GGML_F16: torch.float16, GGML_BF16: torch.bfloat16}[ti.gtype]
+        dt = next(d.torch for d in TABLE if d.ggml == ti.gtype)
         return r.view(dt).view(ti.shape)
 
 

@@ -1,15 +1,17 @@
-"""Checkpoint (Hugging Face safetensors) names ↔ our parameter names, per architecture.
+"""Checkpoint (Hugging Face safetensors) names ↔ our parameter names and shapes, per architecture.
 
-Each Entry says: checkpoint tensor `ckpt` is `param[index]` of our model. Most entries are whole
-tensors; the splits are the SwiGLU gate/up halves of Llama-style MLPs (fused here as w_in) and the
-per-expert tensors of Qwen3-MoE (stacked here as [E, ...]). The table is the schema: loading and
-saving both walk it, and a test checks it covers every parameter exactly once.
+Each Entry says: checkpoint tensor `ckpt`, of shape `shape`, is `param[index]` of our model. Most
+entries are whole tensors; the splits are the SwiGLU gate/up halves of Llama-style MLPs (fused here
+as w_in) and the per-expert tensors of Qwen3-MoE (stacked here as [E, ...]). The table is the
+schema: loading, saving and the inventory check of every source walk it, and a test checks that it
+covers every parameter exactly once, at the parameter's shape.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from granite_cli.arch import get_arch
 from granite_cli.config import ModelConfig
 
 
@@ -17,55 +19,46 @@ from granite_cli.config import ModelConfig
 class Entry:
     ckpt: str
     param: str
+    shape: tuple[int, ...]
     index: tuple = ()
 
 
 def checkpoint_entries(cfg: ModelConfig) -> list[Entry]:
-    a = cfg.architecture
-    out = [Entry("model.embed_tokens.weight", "embed.weight"), Entry("model.norm.weight", "norm.weight")]
+    d, v = cfg.hidden_size, cfg.vocab_size
+    out = [Entry("model.embed_tokens.weight", "embed.weight", (v, d)), Entry("model.norm.weight", "norm.weight", (d,))]
     if not cfg.tie_word_embeddings:
-        out.append(Entry("lm_head.weight", "lm_head.weight"))
+        out.append(Entry("lm_head.weight", "lm_head.weight", (v, d)))
+    ffn = get_arch(cfg.architecture).ffn_entries
     for i, kind in enumerate(cfg.layer_types):
         c, o = f"model.layers.{i}.", f"layers.{i}."
-        out += [Entry(c + "input_layernorm.weight", o + "norm1.weight"),
-                Entry(c + "post_attention_layernorm.weight", o + "norm2.weight")]
-        if kind == "mamba":
-            m = c + "mamba."
-            names = ["in_proj.weight", "conv1d.weight", "dt_bias", "A_log", "D", "norm.weight", "out_proj.weight"]
-            if cfg.mamba_conv_bias:
-                names.append("conv1d.bias")
-            if cfg.mamba_proj_bias:
-                names += ["in_proj.bias", "out_proj.bias"]
-            out += [Entry(m + n, o + "mixer." + n) for n in names]
-        else:
-            names = [f"{x}_proj.weight" for x in "qkvo"]
-            if cfg.attention_bias:
-                names += [f"{x}_proj.bias" for x in "qkvo"]
-            if cfg.qk_norm:
-                names += ["q_norm.weight", "k_norm.weight"]
-            out += [Entry(c + "self_attn." + n, o + "mixer." + n) for n in names]
-        if a == "granitemoehybrid":
-            if cfg.num_local_experts:
-                out += [
-                    Entry(c + "block_sparse_moe.router.layer.weight", o + "moe.router.weight"),
-                    Entry(c + "block_sparse_moe.input_linear.weight", o + "moe.w_in"),
-                    Entry(c + "block_sparse_moe.output_linear.weight", o + "moe.w_out"),
-                ]
-            out += [Entry(c + "shared_mlp.input_linear.weight", o + "mlp.w_in.weight"),
-                    Entry(c + "shared_mlp.output_linear.weight", o + "mlp.w_out.weight")]
-        elif a == "qwen3_moe":
-            w = cfg.expert_width
-            out.append(Entry(c + "mlp.gate.weight", o + "moe.router.weight"))
-            for e in range(cfg.num_local_experts):
-                x = f"{c}mlp.experts.{e}."
-                out += [Entry(x + "gate_proj.weight", o + "moe.w_in", (e, slice(0, w))),
-                        Entry(x + "up_proj.weight", o + "moe.w_in", (e, slice(w, 2 * w))),
-                        Entry(x + "down_proj.weight", o + "moe.w_out", (e,))]
-        else:  # llama, qwen3, granite: separate gate/up/down
-            w = cfg.mlp_width
-            out += [Entry(c + "mlp.gate_proj.weight", o + "mlp.w_in.weight", (slice(0, w),)),
-                    Entry(c + "mlp.up_proj.weight", o + "mlp.w_in.weight", (slice(w, 2 * w),)),
-                    Entry(c + "mlp.down_proj.weight", o + "mlp.w_out.weight")]
+        out += [Entry(c + "input_layernorm.weight", o + "norm1.weight", (d,)),
+                Entry(c + "post_attention_layernorm.weight", o + "norm2.weight", (d,))]
+        part = _mamba(cfg) if kind == "mamba" else _attention(cfg)
+        prefix = "mamba." if kind == "mamba" else "self_attn."
+        out += [Entry(c + prefix + n, o + "mixer." + n, s) for n, s in part]
+        out += [Entry(c + ck, o + p, s, idx) for ck, p, s, idx in ffn(cfg)]
+    return out
+
+
+def _mamba(cfg: ModelConfig) -> list[tuple[str, tuple]]:
+    d, h, conv = cfg.hidden_size, cfg.mamba_n_heads, cfg.conv_dim
+    out = [("in_proj.weight", (cfg.in_proj_dim, d)), ("conv1d.weight", (conv, 1, cfg.mamba_d_conv)), ("dt_bias", (h,)),
+           ("A_log", (h,)), ("D", (h,)), ("norm.weight", (cfg.d_inner,)), ("out_proj.weight", (d, cfg.d_inner))]
+    if cfg.mamba_conv_bias:
+        out.append(("conv1d.bias", (conv,)))
+    if cfg.mamba_proj_bias:
+        out += [("in_proj.bias", (cfg.in_proj_dim,)), ("out_proj.bias", (d,))]
+    return out
+
+
+def _attention(cfg: ModelConfig) -> list[tuple[str, tuple]]:
+    d, q, kv = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    rows = {"q": q, "k": kv, "v": kv, "o": d}
+    out = [(f"{x}_proj.weight", (rows[x], q if x == "o" else d)) for x in "qkvo"]
+    if cfg.attention_bias:
+        out += [(f"{x}_proj.bias", (rows[x],)) for x in "qkvo"]
+    if cfg.qk_norm:
+        out += [("q_norm.weight", (cfg.head_dim,)), ("k_norm.weight", (cfg.head_dim,))]
     return out
 
 

@@ -11,19 +11,16 @@ import json
 import mmap
 import os
 import struct
+import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from granite_cli.checkpoint.dtypes import BY_ST, st_code
+from granite_cli.config import read_json_config
 from granite_cli.errors import InputError
-
-DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
-NAMES = {v: k for k, v in DTYPES.items()}
 
 
 def open_input(path: Path, kind: str):
@@ -76,12 +73,12 @@ class SafetensorsFile:
             return (isinstance(v, list) and (k is None or len(v) == k)
                     and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v))
 
-        ok = (isinstance(info, dict) and info.get("dtype") in DTYPES and ints(info.get("shape"), None)
+        ok = (isinstance(info, dict) and info.get("dtype") in BY_ST and ints(info.get("shape"), None)
               and ints(info.get("data_offsets"), 2))
         if not ok:
             raise InputError(f"{self.path}: corrupt safetensors header entry for {name[:80]!r} (needs dtype, shape "
                              "and data_offsets [begin, end])")
-        return DTYPES[info["dtype"]], tuple(info["shape"]), *info["data_offsets"]
+        return BY_ST[info["dtype"]], tuple(info["shape"]), *info["data_offsets"]
 
     def _check_layout(self, data_len: int) -> None:
         """The tensors tile the data section exactly, as the safetensors format requires: no overlap
@@ -144,26 +141,116 @@ def _pread(path: Path, offset: int, n: int) -> torch.Tensor:
     return buf
 
 
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: torch.dtype  # as stored (int32 for packed int8, and so on)
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = self.dtype.itemsize
+        for s in self.shape:
+            n *= s
+        return n
+
+
+class SafetensorsWriter:
+    """A safetensors file written streaming: the header for a known list of tensors first, then each
+    tensor's bytes in that order, so nothing but the tensor being written is held in memory."""
+
+    def __init__(self, path: Path, specs: list[TensorSpec], metadata: dict[str, str] | None = None) -> None:
+        header: dict = {"__metadata__": metadata} if metadata else {}
+        off = 0
+        for t in specs:
+            header[t.name] = {"dtype": st_code(t.dtype), "shape": list(t.shape), "data_offsets": [off, off + t.nbytes]}
+            off += t.nbytes
+        hb = json.dumps(header, separators=(",", ":")).encode()
+        hb += b" " * (-len(hb) % 8)  # align the data section to 8 bytes
+        self.specs, self._next = specs, 0
+        self._f = open(path, "wb")
+        self._f.write(struct.pack("<Q", len(hb)))
+        self._f.write(hb)
+
+    def write(self, name: str, t: torch.Tensor) -> None:
+        """The next tensor's bytes (its dtype may differ from the spec's; its byte size may not)."""
+        spec = self.specs[self._next]
+        raw = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().data
+        if name != spec.name or raw.nbytes != spec.nbytes:
+            raise RuntimeError(f"safetensors writer: got {name} of {raw.nbytes} bytes, expected {spec.name} of "
+                               f"{spec.nbytes}")
+        if raw.nbytes:
+            self._f.write(raw)
+        self._next += 1
+
+    def close(self) -> None:
+        if self._next != len(self.specs):
+            self._f.close()
+            raise RuntimeError(f"safetensors writer closed after {self._next} of {len(self.specs)} tensors")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+
+    def abort(self) -> None:
+        self._f.close()
+
+
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """Write tensors to `path` through a temporary name, renamed only when complete."""
-    header: dict = {}
-    if metadata:
-        header["__metadata__"] = metadata
-    off = 0
-    order = list(tensors)
-    for name in order:
-        t = tensors[name]
-        nb = t.numel() * t.element_size()
-        header[name] = {"dtype": NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [off, off + nb]}
-        off += nb
-    hb = json.dumps(header, separators=(",", ":")).encode()
-    hb += b" " * (-len(hb) % 8)  # align the data section to 8 bytes
-    tmp = path.with_name(f".{path.name}.partial")
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(hb)))
-        f.write(hb)
-        for name in order:
-            t = tensors[name].detach().contiguous().cpu()
-            if t.numel():
-                f.write(t.reshape(-1).view(torch.uint8).numpy().data)
-    os.replace(tmp, path)
+    """Write tensors to `path` through a fresh temporary name, renamed only when complete."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    os.close(fd)
+    try:
+        w = SafetensorsWriter(Path(tmp), [TensorSpec(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()], metadata)
+        for n, t in tensors.items():
+            w.write(n, t)
+        w.close()
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def shard_name(i: int, n: int) -> str:
+    """The file name of shard i (1-based) of n, as Hugging Face names them."""
+    return "model.safetensors" if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
+
+
+def write_index(folder: Path, weight_map: dict[str, str], total_size: int) -> None:
+    """model.safetensors.index.json: which shard holds each tensor."""
+    (Path(folder) / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total_size}, "weight_map": weight_map}, indent=2) + "\n")
+
+
+def checkpoint_files(folder: Path) -> dict[str, Path]:
+    """Map tensor name → safetensors file, from model.safetensors.index.json or the lone file."""
+    idx = folder / "model.safetensors.index.json"
+    if idx.is_file():
+        d = read_json_config(idx)
+        wm = d.get("weight_map") if isinstance(d, dict) else None
+        if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
+            raise InputError(f"{idx}: not a valid safetensors index (weight_map must be an object of shard file names)")
+        out = {}
+        for fname in sorted(set(wm.values())):
+            # an index names files in its own folder; a path could make a conversion read anything
+            if fname in ("", ".", "..") or "/" in fname or "\\" in fname or not fname.endswith(".safetensors"):
+                raise InputError(f"{idx}: shard name {fname[:80]!r} is not a .safetensors file name in the "
+                                 "checkpoint folder; fix the index")
+            if not (folder / fname).is_file():
+                raise InputError(f"{idx}: shard {fname} is named in the index but missing from {folder}")
+            have = set(SafetensorsFile(folder / fname).keys())
+            lacking = sorted(n for n, f in wm.items() if f == fname and n not in have)
+            if lacking:
+                raise InputError(f"{idx}: maps {len(lacking)} tensor(s) to {fname}, which lacks them, e.g. "
+                                 f"{lacking[0]}; fix the index or re-download the shard")
+        for name, fname in wm.items():
+            out[name] = folder / fname
+        return out
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise InputError(f"{folder}: no .safetensors files and no model.safetensors.index.json")
+    out = {}
+    for f in files:
+        for name in SafetensorsFile(f).keys():
+            out[name] = f
+    return out

@@ -16,25 +16,20 @@ import torch
 from granite_cli.checkpoint import gguf as G
 from granite_cli.checkpoint import gguf_map as mapping
 from granite_cli.checkpoint import quant
+from granite_cli.checkpoint.dtypes import hf_name, parse_dtype
+from granite_cli.checkpoint.init import TILE, fill_random
 from granite_cli.checkpoint.names import IGNORED_CKPT_SUFFIXES, checkpoint_entries
-from granite_cli.checkpoint.safetensors import SafetensorsFile
+from granite_cli.checkpoint.safetensors import SafetensorsFile, checkpoint_files
 from granite_cli.config import ModelConfig, load_config, read_json_config
 from granite_cli.errors import InputError
-from granite_cli.model.loading import _TILE, build_empty, checkpoint_files, fill_random, parse_dtype
 
-TORCH_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
                    "vocab.json", "merges.txt", "chat_template.jinja", "tokenizer.model", "added_tokens.json")
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Checkpoint name → shape, from a model built on the meta device (allocates nothing)."""
-    params = dict(build_empty(cfg, torch.float32, "meta").named_parameters())
-    out = {}
-    for e in checkpoint_entries(cfg):
-        p = params[e.param]
-        out[e.ckpt] = tuple((p[e.index] if e.index else p).shape)
-    return out
+    """Checkpoint name → shape, from the name table."""
+    return {e.ckpt: e.shape for e in checkpoint_entries(cfg)}
 
 
 class Source:
@@ -70,12 +65,13 @@ class Source:
             raise InputError(f"{where}: checkpoint is missing {len(missing)} tensor(s) the config needs, "
                              f"e.g. {', '.join(missing[:3])}")
         if extra:
-            raise InputError(f"{where}: checkpoint has {len(extra)} tensor(s) the config does not explain, "
-                             f"e.g. {', '.join(extra[:3])} (wrong config.json?)")
-        bad = [f"{n} {list(self._shapes[n])} (config says {list(s)})"
+            raise InputError(f"{where}: checkpoint has {len(extra)} unexpected tensor(s) the config does not "
+                             f"explain, e.g. {', '.join(extra[:3])} (wrong config.json?)")
+        bad = [f"{n} {list(self._shapes[n])} (expected {list(s)})"
                for n, s in want.items() if tuple(self._shapes[n]) != s]
         if bad:
-            raise InputError(f"{where}: {len(bad)} tensor(s) do not match config.json, e.g. {'; '.join(bad[:2])}")
+            raise InputError(f"{where}: {len(bad)} tensor(s) have the wrong shape and do not match config.json, "
+                             f"e.g. {'; '.join(bad[:2])}")
         self.names = list(want)
 
 
@@ -130,6 +126,14 @@ class HFSource(Source):
             if w is not None:
                 return w.to(self._dtypes[name]) if cast else w
         return self._raw(name)
+
+    def view(self, name: str) -> torch.Tensor:
+        """The tensor to copy from at once: a zero-copy view of the mapped file where it is stored as
+        is (loading then reads each byte once), else as get() makes it."""
+        quantized = self.quant and name[: -len(".weight")] + ".weight_scale" in self._have
+        if quantized or name not in self._where:
+            return self.get(name)
+        return self._file(self._where[name]).tensor(name)
 
 
 class GGUFSource(Source):
@@ -210,7 +214,7 @@ class ProfileSource(Source):
     def __init__(self, name: str, dtype: str | None, seed: int = 0, std: float = 0.02) -> None:
         self.cfg = load_config(name)
         dt = parse_dtype(dtype, self.cfg.torch_dtype)
-        self.cfg = self.cfg.replace(torch_dtype=TORCH_DTYPE_NAMES[dt])
+        self.cfg = self.cfg.replace(torch_dtype=hf_name(dt))
         self.hf_config = self.cfg.to_hf_dict()
         self.path = Path(name)
         self._shapes = expected_shapes(self.cfg)
@@ -219,7 +223,7 @@ class ProfileSource(Source):
         self._index = {n: i for i, n in enumerate(self.names)}
         self._nbytes = 0
         self.seed, self.std = seed, std
-        self._tile = torch.randn(_TILE, generator=torch.Generator().manual_seed(seed)) * std
+        self._tile = torch.randn(TILE, generator=torch.Generator().manual_seed(seed)) * std
 
     def get(self, name: str, cast: bool = True) -> torch.Tensor:
         out = torch.empty(self._shapes[name], dtype=self._dtypes[name])
