@@ -42,6 +42,7 @@ def ceilings() -> dict:
 
 
 def cases():
+    from granite_cli.arch import Routing
     from granite_cli.ops import basic
 
     dev, bf = "cuda", torch.bfloat16
@@ -68,11 +69,11 @@ def cases():
            16384 * 3072 * (4 + 2 + 4), 6 * 16384 * 3072)
     xm = r(4096, 1536)
     wi, wo = r(64, 1024, 1536) * 0.02, r(64, 1536, 512) * 0.02
-    wts, ids = basic.route(torch.randn(4096, 64, device=dev, generator=g), 6, "topk_softmax")
+    wts, ids = basic.route(torch.randn(4096, 64, device=dev, generator=g), 6, Routing.TOPK_SOFTMAX)
     yield ("moe_experts 4k tok", "moe_experts", (xm, wi, wo, wts, ids), (wi.numel() + wo.numel()) * 2,
            2 * 4096 * 6 * (1024 * 1536 + 1536 * 512))
     # decode, batch 8: only the experts hit are read (the kernel skips empty blocks)
-    wts8, ids8 = basic.route(torch.randn(8, 64, device=dev, generator=g), 6, "topk_softmax")
+    wts8, ids8 = basic.route(torch.randn(8, 64, device=dev, generator=g), 6, Routing.TOPK_SOFTMAX)
     hit = int(torch.unique(ids8).numel())
     yield ("moe_experts decode b8", "moe_experts", (xm[:8].contiguous(), wi, wo, wts8, ids8),
            hit * (wi[0].numel() + wo[0].numel()) * 2, 2 * 8 * 6 * (1024 * 1536 + 1536 * 512))

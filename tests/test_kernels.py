@@ -21,6 +21,7 @@ if not CUDA:
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 pytest.importorskip("triton")
 
+from granite_cli.arch import Routing  # noqa: E402
 from granite_cli.ops import basic, dispatch, ssd  # noqa: E402
 from granite_cli.ops import triton_ops as T  # noqa: E402
 
@@ -245,7 +246,7 @@ def test_bf16_on_cuda_within_2x_of_torch(op):
         x = torch.randn(512, 1536, device=dev, generator=g).to(bf)
         w_in = (torch.randn(64, 1024, 1536, device=dev, generator=g) * 0.02).to(bf)
         w_out = (torch.randn(64, 1536, 512, device=dev, generator=g) * 0.02).to(bf)
-        weights, ids = basic.route(torch.randn(512, 64, device=dev, generator=g), 6, "topk_softmax")
+        weights, ids = basic.route(torch.randn(512, 64, device=dev, generator=g), 6, Routing.TOPK_SOFTMAX)
         args = (x, w_in, w_out, weights, ids)
         ref64 = basic.moe_experts(x.double(), w_in.double(), w_out.double(), weights.double(), ids)
         pick = lambda r: r  # noqa: E731

@@ -12,8 +12,10 @@ when they agree with the `ssm_a` tensor and falls back to log(−A) for other pr
 
 from __future__ import annotations
 
+import enum
 import json
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -26,11 +28,24 @@ HF_DTYPES_KEY = "granite.hf_dtypes"        # {hf tensor name: dtype} of the sour
 A_LOG_KEY = "granite.a_log.{}"             # exact A_log of Mamba layer N
 
 
+class Kind(enum.Enum):
+    """How one GGUF tensor is cut from its Hugging Face tensor (and put back)."""
+
+    SAME = "same"      # as it is
+    CONV = "conv"      # [C, 1, K] -> [C, K]
+    A = "a"            # A_log -> A = -exp(A_log), a column
+    COL = "col"        # a vector as a column
+    GROUPS = "groups"  # a vector as [groups, width / groups]
+    PERM = "perm"      # q/k rows: rotary halves interleaved, per head
+    LO = "lo"          # the first `arg` rows of a fused gate/up (the gate); rebuilt with its HI sibling
+    HI = "hi"          # the rows after the first `arg` (the up)
+
+
 @dataclass(frozen=True)
 class Part:
     gguf: str
-    kind: str            # same | conv | a | col | groups | perm | lo | hi
-    arg: int = 0         # heads (perm), groups, or split width
+    kind: Kind
+    arg: int = 0         # heads (PERM), groups (GROUPS), or split width (LO, HI)
     keep_f32: bool = False
 
 
@@ -53,59 +68,66 @@ def gguf_arch(cfg: ModelConfig) -> str:
     return "granitehybrid" if cfg.mamba_layers else "granite"
 
 
+def _gate_up(gate: str, up: str, width: int) -> tuple[Part, Part]:
+    """A fused [.., 2·width, d] gate/up weight as llama.cpp's separate gate and up tensors."""
+    return Part(gate, Kind.LO, width), Part(up, Kind.HI, width)
+
+
 def tensor_map(cfg: ModelConfig) -> list[HFTensor]:
     """Every HF tensor of the checkpoint, in checkpoint order, with its GGUF parts."""
     gguf_arch(cfg)  # refuses what llama.cpp cannot represent
-    out = [HFTensor("model.embed_tokens.weight", (Part("token_embd.weight", "same"),), False)]
+    out = [HFTensor("model.embed_tokens.weight", (Part("token_embd.weight", Kind.SAME),), False)]
     for i, kind in enumerate(cfg.layer_types):
         c, b = f"model.layers.{i}.", f"blk.{i}."
-        out.append(HFTensor(c + "input_layernorm.weight", (Part(b + "attn_norm.weight", "same", keep_f32=True),),
+        out.append(HFTensor(c + "input_layernorm.weight", (Part(b + "attn_norm.weight", Kind.SAME, keep_f32=True),),
                             False))
         if kind == "mamba":
             m = c + "mamba."
             out += [
-                HFTensor(m + "in_proj.weight", (Part(b + "ssm_in.weight", "same"),), True),
-                HFTensor(m + "conv1d.weight", (Part(b + "ssm_conv1d.weight", "conv", keep_f32=True),), False),
+                HFTensor(m + "in_proj.weight", (Part(b + "ssm_in.weight", Kind.SAME),), True),
+                HFTensor(m + "conv1d.weight", (Part(b + "ssm_conv1d.weight", Kind.CONV, keep_f32=True),), False),
             ]
             if cfg.mamba_conv_bias:
-                out.append(HFTensor(m + "conv1d.bias", (Part(b + "ssm_conv1d.bias", "same", keep_f32=True),), False))
+                out.append(HFTensor(m + "conv1d.bias", (Part(b + "ssm_conv1d.bias", Kind.SAME, keep_f32=True),), False))
             out += [
-                HFTensor(m + "dt_bias", (Part(b + "ssm_dt.bias", "same", keep_f32=True),), False),
-                HFTensor(m + "A_log", (Part(b + "ssm_a", "a", keep_f32=True),), False),
-                HFTensor(m + "D", (Part(b + "ssm_d", "col", keep_f32=True),), False),
-                HFTensor(m + "norm.weight", (Part(b + "ssm_norm.weight", "groups", cfg.mamba_n_groups, True),), False),
-                HFTensor(m + "out_proj.weight", (Part(b + "ssm_out.weight", "same"),), True),
+                HFTensor(m + "dt_bias", (Part(b + "ssm_dt.bias", Kind.SAME, keep_f32=True),), False),
+                HFTensor(m + "A_log", (Part(b + "ssm_a", Kind.A, keep_f32=True),), False),
+                HFTensor(m + "D", (Part(b + "ssm_d", Kind.COL, keep_f32=True),), False),
+                HFTensor(m + "norm.weight", (Part(b + "ssm_norm.weight", Kind.GROUPS, cfg.mamba_n_groups, True),),
+                         False),
+                HFTensor(m + "out_proj.weight", (Part(b + "ssm_out.weight", Kind.SAME),), True),
             ]
         else:
             a = c + "self_attn."
             out += [
-                HFTensor(a + "q_proj.weight", (Part(b + "attn_q.weight", "perm", cfg.num_attention_heads),), True),
-                HFTensor(a + "k_proj.weight", (Part(b + "attn_k.weight", "perm", cfg.num_key_value_heads),), True),
-                HFTensor(a + "v_proj.weight", (Part(b + "attn_v.weight", "same"),), True),
-                HFTensor(a + "o_proj.weight", (Part(b + "attn_output.weight", "same"),), True),
+                HFTensor(a + "q_proj.weight", (Part(b + "attn_q.weight", Kind.PERM, cfg.num_attention_heads),), True),
+                HFTensor(a + "k_proj.weight", (Part(b + "attn_k.weight", Kind.PERM, cfg.num_key_value_heads),), True),
+                HFTensor(a + "v_proj.weight", (Part(b + "attn_v.weight", Kind.SAME),), True),
+                HFTensor(a + "o_proj.weight", (Part(b + "attn_output.weight", Kind.SAME),), True),
             ]
         out.append(HFTensor(c + "post_attention_layernorm.weight",
-                            (Part(b + "ffn_norm.weight", "same", keep_f32=True),), False))
+                            (Part(b + "ffn_norm.weight", Kind.SAME, keep_f32=True),), False))
         if cfg.num_local_experts:
             w = cfg.expert_width
             s = c + "block_sparse_moe."
             out += [
-                HFTensor(s + "router.layer.weight", (Part(b + "ffn_gate_inp.weight", "same", keep_f32=True),), False),
-                HFTensor(s + "input_linear.weight",
-                         (Part(b + "ffn_gate_exps.weight", "lo", w), Part(b + "ffn_up_exps.weight", "hi", w)), True),
-                HFTensor(s + "output_linear.weight", (Part(b + "ffn_down_exps.weight", "same"),), True),
+                HFTensor(s + "router.layer.weight", (Part(b + "ffn_gate_inp.weight", Kind.SAME, keep_f32=True),),
+                         False),
+                HFTensor(s + "input_linear.weight", _gate_up(b + "ffn_gate_exps.weight", b + "ffn_up_exps.weight", w),
+                         True),
+                HFTensor(s + "output_linear.weight", (Part(b + "ffn_down_exps.weight", Kind.SAME),), True),
             ]
         if cfg.mlp_width:
             w = cfg.mlp_width
             x = "_shexp" if cfg.num_local_experts else ""
             out += [
                 HFTensor(c + "shared_mlp.input_linear.weight",
-                         (Part(b + f"ffn_gate{x}.weight", "lo", w), Part(b + f"ffn_up{x}.weight", "hi", w)), True),
-                HFTensor(c + "shared_mlp.output_linear.weight", (Part(b + f"ffn_down{x}.weight", "same"),), True),
+                         _gate_up(b + f"ffn_gate{x}.weight", b + f"ffn_up{x}.weight", w), True),
+                HFTensor(c + "shared_mlp.output_linear.weight", (Part(b + f"ffn_down{x}.weight", Kind.SAME),), True),
             ]
-    out.append(HFTensor("model.norm.weight", (Part("output_norm.weight", "same", keep_f32=True),), False))
+    out.append(HFTensor("model.norm.weight", (Part("output_norm.weight", Kind.SAME, keep_f32=True),), False))
     if not cfg.tie_word_embeddings:
-        out.append(HFTensor("lm_head.weight", (Part("output.weight", "same"),), False))
+        out.append(HFTensor("lm_head.weight", (Part("output.weight", Kind.SAME),), False))
     return out
 
 
@@ -117,49 +139,49 @@ def _perm(x: torch.Tensor, heads: int, inverse: bool) -> torch.Tensor:
     return x.reshape(heads, 2, rows // heads // 2, *x.shape[1:]).transpose(1, 2).reshape(x.shape)
 
 
+def _a_to_gguf(x: torch.Tensor) -> torch.Tensor:
+    return (-torch.exp(x.to(torch.float64))).to(torch.float32).reshape(-1, 1)
+
+
+def _a_from_gguf(x: torch.Tensor, a_log_exact: torch.Tensor | None) -> torch.Tensor:
+    a = x.reshape(-1)
+    if a_log_exact is not None and torch.equal((-torch.exp(a_log_exact.double())).float(), a.float()):
+        return a_log_exact
+    return torch.log(-a.to(torch.float64)).to(torch.float32)
+
+
+# Kind -> the GGUF tensor (PyTorch order) from the whole HF tensor
+_TO_GGUF: dict[Kind, Callable[[Part, torch.Tensor], torch.Tensor]] = {
+    Kind.SAME: lambda p, x: x,
+    Kind.CONV: lambda p, x: x[:, 0, :],
+    Kind.A: lambda p, x: _a_to_gguf(x),
+    Kind.COL: lambda p, x: x.reshape(-1, 1),
+    Kind.GROUPS: lambda p, x: x.reshape(p.arg, -1),
+    Kind.PERM: lambda p, x: _perm(x, p.arg, inverse=False),
+    Kind.LO: lambda p, x: x[..., : p.arg, :],
+    Kind.HI: lambda p, x: x[..., p.arg :, :],
+}
+# Kind of an HF tensor's first part -> the HF tensor from all its parts (HI only follows a LO)
+_FROM_GGUF: dict[Kind, Callable[[Part, list[torch.Tensor], torch.Tensor | None], torch.Tensor]] = {
+    Kind.SAME: lambda p, xs, a: xs[0],
+    Kind.CONV: lambda p, xs, a: xs[0].unsqueeze(1),
+    Kind.A: lambda p, xs, a: _a_from_gguf(xs[0], a),
+    Kind.COL: lambda p, xs, a: xs[0].reshape(-1),
+    Kind.GROUPS: lambda p, xs, a: xs[0].reshape(-1),
+    Kind.PERM: lambda p, xs, a: _perm(xs[0], p.arg, inverse=True),
+    Kind.LO: lambda p, xs, a: torch.cat(xs, dim=-2),
+}
+
+
 def to_gguf(part: Part, x: torch.Tensor) -> torch.Tensor:
     """The GGUF tensor (PyTorch order) for `part`, from the whole HF tensor `x`."""
-    k = part.kind
-    if k == "same":
-        return x
-    if k == "conv":
-        return x[:, 0, :]
-    if k == "a":
-        return (-torch.exp(x.to(torch.float64))).to(torch.float32).reshape(-1, 1)
-    if k == "col":
-        return x.reshape(-1, 1)
-    if k == "groups":
-        return x.reshape(part.arg, -1)
-    if k == "perm":
-        return _perm(x, part.arg, inverse=False)
-    if k == "lo":
-        return x[..., : part.arg, :]
-    if k == "hi":
-        return x[..., part.arg :, :]
-    raise AssertionError(k)
+    return _TO_GGUF[part.kind](part, x)
 
 
 def from_gguf(t: HFTensor, parts: list[torch.Tensor], a_log_exact: torch.Tensor | None = None) -> torch.Tensor:
-    """The HF tensor rebuilt from its GGUF parts (float tensors in PyTorch order)."""
-    p = t.parts[0]
-    k = p.kind
-    x = parts[0]
-    if k == "same":
-        return x
-    if k == "conv":
-        return x.unsqueeze(1)
-    if k == "a":
-        a = x.reshape(-1)
-        if a_log_exact is not None and torch.equal((-torch.exp(a_log_exact.double())).float(), a.float()):
-            return a_log_exact
-        return torch.log(-a.to(torch.float64)).to(torch.float32)
-    if k in ("col", "groups"):
-        return x.reshape(-1)
-    if k == "perm":
-        return _perm(x, p.arg, inverse=True)
-    if k == "lo":
-        return torch.cat(parts, dim=-2)
-    raise AssertionError(k)
+    """The HF tensor rebuilt from its GGUF parts (float tensors in PyTorch order); `a_log_exact` the
+    A_log values stored beside an A part, used when they give back exactly its A."""
+    return _FROM_GGUF[t.parts[0].kind](t.parts[0], parts, a_log_exact)
 
 
 # ---------------------------------------------------------------- metadata

@@ -166,7 +166,7 @@ class GGUFSource(Source):
         self._shapes, self._dtypes = {}, {}
         for name, t in self.tmap.items():
             parts = [self._part(p.gguf) for p in t.parts]
-            a = t.parts[0].kind == "a"
+            a = t.parts[0].kind is mapping.Kind.A
             self._shapes[name] = (parts[0].shape[0],) if a else tuple(mapping.from_gguf(t, parts).shape)
             if name in recorded:
                 self._dtypes[name] = parse_dtype(recorded[name])
@@ -195,7 +195,7 @@ class GGUFSource(Source):
         t = self.tmap[name]
         parts = [self.f.tensor(p.gguf, copy=True) for p in t.parts]
         exact = None
-        if t.parts[0].kind == "a":
+        if t.parts[0].kind is mapping.Kind.A:
             i = int(name.split(".")[2])
             vals = self.f.kv.get(mapping.A_LOG_KEY.format(i))
             if (isinstance(vals, list) and len(vals) == parts[0].numel()

@@ -146,10 +146,7 @@ class MoE(nn.Module):
         super().__init__()
         e, d, i = cfg.num_local_experts, cfg.hidden_size, cfg.expert_width
         self.k = cfg.num_experts_per_tok
-        if cfg.architecture == "qwen3_moe":
-            self.mode = "softmax_topk_norm" if cfg.norm_topk_prob else "softmax_topk"
-        else:
-            self.mode = "topk_softmax"
+        self.routing = cfg.routing
         self.router = nn.Linear(d, e, bias=False)
         self.w_in = nn.Parameter(torch.empty(e, 2 * i, d))
         self.w_out = nn.Parameter(torch.empty(e, d, i))
@@ -157,7 +154,7 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        weights, ids = basic.route(basic.linear(flat, self.router.weight), self.k, self.mode)
+        weights, ids = basic.route(basic.linear(flat, self.router.weight), self.k, self.routing)
         return dispatch.kernels(x.device).moe_experts(flat, self.w_in, self.w_out, weights, ids).view(shape)
 
 

@@ -9,6 +9,8 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
+from granite_cli.arch.base import Routing
+
 _NATIVE_BF16: bool | None = None
 
 
@@ -171,21 +173,21 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # ---- mixture of experts ------------------------------------------------------------------------
 
 
-def route(logits: torch.Tensor, k: int, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+def route(logits: torch.Tensor, k: int, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k routing from router logits [tokens, E] (any dtype; done in fp32).
 
-    mode "topk_softmax": softmax over the k selected logits (Granite; equals vLLM renormalize).
-    mode "softmax_topk": softmax over all E, take the top k (Qwen3-MoE with norm_topk_prob=False).
-    mode "softmax_topk_norm": the same, renormalised to sum to 1 (norm_topk_prob=True).
+    TOPK_SOFTMAX: softmax over the k selected logits (Granite; equals vLLM renormalize).
+    SOFTMAX_TOPK: softmax over all E, take the top k (Qwen3-MoE with norm_topk_prob=False).
+    SOFTMAX_TOPK_NORM: the same, renormalised to sum to 1 (norm_topk_prob=True).
     Returns fp32 weights [tokens, k] and expert ids [tokens, k].
     """
     lf = logits.float()
-    if mode == "topk_softmax":
+    if routing is Routing.TOPK_SOFTMAX:
         top, ids = lf.topk(k, dim=-1)
         return torch.softmax(top, dim=-1), ids
     probs = torch.softmax(lf, dim=-1)
     w, ids = probs.topk(k, dim=-1)
-    if mode == "softmax_topk_norm":
+    if routing is Routing.SOFTMAX_TOPK_NORM:
         w = w / w.sum(-1, keepdim=True)
     return w, ids
 
