@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from granite_cli.commands._common import Format, FormatOpt, emit_rows, say
+from granite_cli.commands.common import Format, FormatOpt, emit_rows, say
 
 COLUMNS = ["model", "batch", "ctx", "phase", "status", "tokens_per_s", "latency_ms", "stdev_s", "peak_total_bytes",
            "predicted_total_bytes", "peak_delta_bytes"]
@@ -96,8 +96,7 @@ def bench(
     emit_rows(outcome.rows, fmt, columns=COLUMNS, headers=HEADERS,
               json_obj={"schema_version": 1, "rows": outcome.rows, "verdicts": result["verdicts"],
                         "fits": result["fits"], "ratios": result["ratios"], "wall_s": outcome.wall_s},
-              formatters={"tokens_per_s": _fmt_num, "latency_ms": _fmt_num, "stdev_s": _fmt_num,
-                          "peak_total_bytes": _bytes, "predicted_total_bytes": _bytes, "peak_delta_bytes": _bytes})
+              formatters=FORMATTERS)
     if fmt is Format.table:
         for v in result["verdicts"]:
             say(f"  {v}")
@@ -109,6 +108,10 @@ def _bytes(v):
     from granite_cli.render import human_bytes
 
     return "" if v is None else human_bytes(v)
+
+
+FORMATTERS = {"tokens_per_s": _fmt_num, "latency_ms": _fmt_num, "stdev_s": _fmt_num, "peak_total_bytes": _bytes,
+              "predicted_total_bytes": _bytes, "peak_delta_bytes": _bytes}
 
 
 class _Progress:

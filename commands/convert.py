@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from granite_cli.commands._common import Format, FormatOpt, emit_rows, say
+from granite_cli.commands.common import Format, FormatOpt, emit_rows, say
 
 
 def _on_term(signum, frame):  # SIGTERM behaves like Ctrl-C: the temporary output is removed

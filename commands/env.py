@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from granite_cli.commands._common import Format, FormatOpt, emit_rows
+from granite_cli.commands.common import Format, FormatOpt, emit_rows
 
 
 def env(fmt: FormatOpt = Format.table) -> None:

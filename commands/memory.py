@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from granite_cli.commands._common import Format, FormatOpt, emit_rows, say
+from granite_cli.commands.common import Format, FormatOpt, emit_rows, say
 
 
 def memory_report(
@@ -42,14 +42,14 @@ def memory_report(
     from granite_cli.bench.spec import parse_list
     from granite_cli.errors import CheckFailed, InputError
     from granite_cli.memory import report as R
-    from granite_cli.render import human_bytes
+    from granite_cli.render import human_bytes, parse_bytes
 
     models = model or R.DEFAULT_MODELS
     ctxs = parse_list(ctx, "context")
     batches = parse_list(batch, "batch")
     if ubatch < 1:
         raise InputError("--ubatch must be at least 1")
-    limit = R.parse_bytes(budget) if budget is not None else None
+    limit = parse_bytes(budget) if budget is not None else None
     if device not in ("cpu", "cuda"):
         raise InputError(f"--device must be cpu or cuda, got {device!r}")
     if out:  # refused before any work when it holds files granite did not write

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from granite_cli.commands._common import Format, FormatOpt, emit_rows, out, say
+from granite_cli.commands.common import Format, FormatOpt, emit_rows, out, say
 
 app = typer.Typer(help="List, show and export model profiles.", no_args_is_help=True)
 

@@ -15,19 +15,19 @@ from typing import Any, Sequence
 from granite_cli.errors import InputError
 
 
-def _json_safe(v: Any) -> Any:
+def json_safe(v: Any) -> Any:
     """NaN and infinities become null so every JSON document we print parses with json.loads."""
     if isinstance(v, float) and not math.isfinite(v):
         return None
     if isinstance(v, dict):
-        return {str(k): _json_safe(x) for k, x in v.items()}
+        return {str(k): json_safe(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
-        return [_json_safe(x) for x in v]
+        return [json_safe(x) for x in v]
     return v
 
 
 def to_json(obj: Any) -> str:
-    return json.dumps(_json_safe(obj), indent=2, allow_nan=False)
+    return json.dumps(json_safe(obj), indent=2, allow_nan=False)
 
 
 def columns_of(rows: Sequence[dict], columns: Sequence[str] | None = None) -> list[str]:
@@ -41,13 +41,13 @@ def columns_of(rows: Sequence[dict], columns: Sequence[str] | None = None) -> li
     return cols
 
 
-def _cell(v: Any) -> str:
+def cell(v: Any) -> str:
     if v is None:
         return ""
     if isinstance(v, float):
         return f"{v:.6g}"
     if isinstance(v, (list, tuple)):
-        return " ".join(_cell(x) for x in v)
+        return " ".join(cell(x) for x in v)
     return str(v)
 
 
@@ -57,7 +57,7 @@ def to_csv(rows: Sequence[dict], columns: Sequence[str] | None = None) -> str:
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(cols)
     for r in rows:
-        w.writerow([_cell(r.get(c)) for c in cols])
+        w.writerow([cell(r.get(c)) for c in cols])
     return buf.getvalue()
 
 
@@ -67,7 +67,7 @@ def to_markdown(rows: Sequence[dict], columns: Sequence[str] | None = None,
     headers = headers or {}
     lines = ["| " + " | ".join(headers.get(c, c) for c in cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for r in rows:
-        lines.append("| " + " | ".join(_cell(r.get(c)).replace("|", "\\|") for c in cols) + " |")
+        lines.append("| " + " | ".join(cell(r.get(c)).replace("|", "\\|") for c in cols) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -17,10 +17,10 @@ from granite_cli.config import load_config
 from granite_cli.errors import InputError
 from granite_cli.memory.claims import all_claims, max_batch, max_context
 from granite_cli.memory.predict import kv_bytes, kv_state_crossover, predict, state_bytes, weight_bytes
-from granite_cli.memory.report import parse_bytes
 from granite_cli.memory.trace import LiveTensorBytes, measured_cpu, traced
 from granite_cli.model.loading import build_empty
 from granite_cli.params import count_params
+from granite_cli.render import parse_bytes
 
 SMALL = ["tiny-hybrid", "tiny-dense", "cpu-hybrid", "cpu-dense"]
 

@@ -8,7 +8,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from granite_cli.fsutil import report_dir
-from granite_cli.render import _json_safe, human_bytes, to_markdown
+from granite_cli.render import human_bytes, json_safe, to_markdown
 
 PLOTS = {
     "prefill_time": "Prefill time vs context (log-log, fitted a + b·n + c·n²)",
@@ -206,6 +206,6 @@ def write_report(out_dir: Path, rows: list[dict], analysis: dict, spec_dict: dic
         (tmp / "report.md").write_text("\n".join(lines) + "\n")
         with open(tmp / "rows.jsonl", "w") as f:
             for r in rows:
-                f.write(json.dumps(_json_safe(r)) + "\n")
-        (tmp / "analysis.json").write_text(json.dumps(_json_safe(analysis), indent=2) + "\n")
+                f.write(json.dumps(json_safe(r)) + "\n")
+        (tmp / "analysis.json").write_text(json.dumps(json_safe(analysis), indent=2) + "\n")
     return out_dir

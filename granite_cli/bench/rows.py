@@ -125,10 +125,10 @@ class JsonlStore:
         return rows
 
     def append(self, row: dict) -> None:
-        from granite_cli.render import _json_safe
+        from granite_cli.render import json_safe
 
         with open(self.path, "a") as f:
-            f.write(json.dumps(_json_safe(row)) + "\n")
+            f.write(json.dumps(json_safe(row)) + "\n")
             f.flush()
             os.fsync(f.fileno())
 

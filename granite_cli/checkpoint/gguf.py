@@ -323,10 +323,10 @@ class GGUFFile:
     def tensor(self, name: str, copy: bool = False) -> torch.Tensor:
         """Decoded to a float tensor in PyTorch order (F32/F16/BF16 a zero-copy view, or with copy=True
         a private pread copy that maps no file pages; Q8_0 dequantised to F32)."""
-        from granite_cli.checkpoint.safetensors import _pread
+        from granite_cli.checkpoint.safetensors import pread
 
         ti = self.tensors[name]
-        r = _pread(self.path, self.offsets[name], ti.nbytes) if copy else self.raw(name)
+        r = pread(self.path, self.offsets[name], ti.nbytes) if copy else self.raw(name)
         if ti.gtype == GGML_Q8_0:
             return dequantize_q8_0(r, ti.shape)
         dt = next(d.torch for d in TABLE if d.ggml == ti.gtype)

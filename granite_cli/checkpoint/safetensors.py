@@ -118,13 +118,14 @@ class SafetensorsFile:
         """A private copy of the tensor, read with pread: unlike a touched mmap view it leaves no
         file pages mapped into the process, so streaming a checkpoint keeps RSS near one tensor."""
         dt, shape, start, end = self.entries[name]
-        return _pread(self.path, self.data_start + start, end - start).view(dt).view(shape)
+        return pread(self.path, self.data_start + start, end - start).view(dt).view(shape)
 
     def close(self) -> None:
         self._mm = None
 
 
-def _pread(path: Path, offset: int, n: int) -> torch.Tensor:
+def pread(path: Path, offset: int, n: int) -> torch.Tensor:
+    """n bytes of `path` from `offset`, read into a fresh tensor (a copy that owns its memory)."""
     buf = torch.empty(n, dtype=torch.uint8)
     if n:
         mv = memoryview(buf.numpy()).cast("B")

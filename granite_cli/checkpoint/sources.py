@@ -54,6 +54,15 @@ class Source:
     def nbytes(self) -> int:
         return self._nbytes
 
+    @property
+    def files(self) -> list[Path]:
+        """The files the tensors are read from."""
+        return []
+
+    def storage(self) -> dict[str, int]:
+        """How many stored tensors have each storage type (as the file names it)."""
+        return {}
+
     def _check_inventory(self, have: list[str], where: str) -> None:
         """Every tensor the config implies is present with its shape; nothing unknown is present."""
         want = expected_shapes(self.cfg)
@@ -109,6 +118,19 @@ class HFSource(Source):
         self._check_inventory(have, str(self.path))
         if (self.path / "tokenizer.json").is_file():
             self.tokenizer_dir = self.path
+
+    @property
+    def files(self) -> list[Path]:
+        return sorted(set(self._where.values()))
+
+    def storage(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for f in self.files:
+            sf = self._file(f)
+            for n in sf.keys():
+                k = str(sf.dtype(n)).replace("torch.", "")
+                out[k] = out.get(k, 0) + 1
+        return out
 
     def _file(self, f: Path) -> SafetensorsFile:
         if f not in self._files:
@@ -176,6 +198,17 @@ class GGUFSource(Source):
                 self._dtypes[name] = gdt.get(self.f.tensors[t.parts[0].gguf].gtype, base)
         self._nbytes = sum(ti.nbytes for ti in self.f.tensors.values())
         self._check_inventory(list(self.tmap), str(self.path))
+
+    @property
+    def files(self) -> list[Path]:
+        return [self.path]
+
+    def storage(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for ti in self.f.tensors.values():
+            k = G.type_name(ti.gtype)
+            out[k] = out.get(k, 0) + 1
+        return out
 
     def _check_shapes(self) -> None:
         """Every GGUF tensor has the shape the config implies, so rebuilding the HF tensors cannot fail."""

@@ -16,7 +16,7 @@ from typing import Any
 from granite_cli.arch import ARCHS
 from granite_cli.arch.base import layer_types, layers_from_indices, time_step_limit
 from granite_cli.config.hf import from_hf_dict
-from granite_cli.config.model import ModelConfig, _check_types, _check_types_of, _fail, check_layer_count, validate
+from granite_cli.config.model import ModelConfig, check_layer_count, check_types, check_value_types, invalid, validate
 from granite_cli.errors import InputError
 
 _PROFILE_KEYS = {f.name for f in dataclasses.fields(ModelConfig)}
@@ -35,21 +35,21 @@ def profile_names() -> list[str]:
 def from_profile_dict(d: dict[str, Any], name: str, source: str) -> ModelConfig:
     unknown = sorted(k for k in d if k not in _PROFILE_KEYS)
     if unknown:
-        raise _fail(source,
+        raise invalid(source,
                     f"unknown key {unknown[0]!r}; valid keys are the ModelConfig fields (see profiles/README.md)")
     d = dict(d)
     for req in ("architecture", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "intermediate_size"):
         if req not in d:
-            raise _fail(source, f"missing required key {req!r}")
-    _check_types_of(d, source)
+            raise invalid(source, f"missing required key {req!r}")
+    check_value_types(d, source)
     n = d["num_hidden_layers"]
     for k in ("num_hidden_layers", "num_attention_heads", "hidden_size"):  # counts and divisors used below
         if d[k] <= 0:
-            raise _fail(source, f"{k} must be a positive integer, got {d[k]}")
+            raise invalid(source, f"{k} must be a positive integer, got {d[k]}")
     check_layer_count(n, source)
     if "layer_types" in d and "attention_layers" in d:
-        raise _fail(source, "give either layer_types or attention_layers, not both")
+        raise invalid(source, "give either layer_types or attention_layers, not both")
     if "layer_types" in d:
         types = layer_types(d.pop("layer_types"), n, source)
     else:
@@ -57,7 +57,7 @@ def from_profile_dict(d: dict[str, Any], name: str, source: str) -> ModelConfig:
     if "rope_scaling" in d:
         rs = d.pop("rope_scaling")
         if not isinstance(rs, dict):
-            raise _fail(source, f"rope_scaling must be a table, got {rs!r}")
+            raise invalid(source, f"rope_scaling must be a table, got {rs!r}")
         d["rope_scaling"] = tuple(sorted(rs.items())) if rs else None
     if "time_step_limit" in d:
         d["time_step_limit"] = time_step_limit(d.pop("time_step_limit"), source)
@@ -68,8 +68,8 @@ def from_profile_dict(d: dict[str, Any], name: str, source: str) -> ModelConfig:
     try:
         cfg = ModelConfig(name=name, layer_types=types, **d)
     except TypeError as e:  # pragma: no cover - guarded by the key check above
-        raise _fail(source, str(e)) from None
-    _check_types(cfg, source)
+        raise invalid(source, str(e)) from None
+    check_types(cfg, source)
     return validate(cfg, source)
 
 

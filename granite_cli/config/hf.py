@@ -15,7 +15,7 @@ from typing import Any
 
 from granite_cli.arch import ARCHITECTURES, ARCHS, get_arch
 from granite_cli.arch.base import COMMON_KEYS
-from granite_cli.config.model import _MAX_DIM, ModelConfig, _check_types, _fail, check_layer_count, validate
+from granite_cli.config.model import MAX_DIM, ModelConfig, check_layer_count, check_types, invalid, validate
 from granite_cli.errors import InputError
 
 # Keys transformers writes that do not change the forward pass (bookkeeping, token ids, training).
@@ -67,22 +67,22 @@ def _check_hf_types(d: dict[str, Any], source: str) -> None:
     for k, v in d.items():
         if v is None:
             if k in _HF_TYPES and k not in _HF_NULLABLE:
-                raise _fail(source, f"{k} must be {_a(_HF_TYPES[k])}, got null; give a value or remove the key")
+                raise invalid(source, f"{k} must be {_a(_HF_TYPES[k])}, got null; give a value or remove the key")
             continue
         if k == "mamba_d_head":
             if v != "auto" and not _json_type_ok(v, "integer"):
-                raise _fail(source, f"mamba_d_head must be an integer or \"auto\", got {v!r}")
+                raise invalid(source, f"mamba_d_head must be an integer or \"auto\", got {v!r}")
         elif k in _HF_TYPES and not _json_type_ok(v, _HF_TYPES[k]):
-            raise _fail(source, f"{k} must be {_a(_HF_TYPES[k])}, got {json.dumps(v)[:60]}")
+            raise invalid(source, f"{k} must be {_a(_HF_TYPES[k])}, got {json.dumps(v)[:60]}")
     for k in ("num_attention_heads", "num_hidden_layers", "hidden_size"):  # divisors and counts used below
         if k in d and d[k] <= 0:
-            raise _fail(source, f"{k} must be a positive integer, got {d[k]}")
+            raise invalid(source, f"{k} must be a positive integer, got {d[k]}")
     for k, v in d.items():
-        if _HF_TYPES.get(k) == "integer" and isinstance(v, int) and v > _MAX_DIM:
-            raise _fail(source, f"{k} must be at most {_MAX_DIM}, got {v}")
+        if _HF_TYPES.get(k) == "integer" and isinstance(v, int) and v > MAX_DIM:
+            raise invalid(source, f"{k} must be at most {MAX_DIM}, got {v}")
     check_layer_count(d.get("num_hidden_layers", 0), source)
     if d.get("mamba_n_heads") is not None and d["mamba_n_heads"] < 0:
-        raise _fail(source, f"mamba_n_heads must not be negative, got {d['mamba_n_heads']}")
+        raise invalid(source, f"mamba_n_heads must not be negative, got {d['mamba_n_heads']}")
 
 
 def _a(kind: str) -> str:
@@ -114,16 +114,16 @@ def from_hf_dict(d: dict[str, Any], name: str = "", source: str = "config.json")
     """Parse a Hugging Face config dict. Unknown keys are errors (a misspelt key must not pass silently),
     and so are values of the wrong JSON type."""
     if not isinstance(d, dict):
-        raise _fail(source, "expected a JSON object")
+        raise invalid(source, "expected a JSON object")
     mt = d.get("model_type")
     if not isinstance(mt, str) or mt not in ARCHS:
-        raise _fail(source, f"unsupported model_type {mt!r}; supported: {', '.join(ARCHITECTURES)}")
+        raise invalid(source, f"unsupported model_type {mt!r}; supported: {', '.join(ARCHITECTURES)}")
     arch = ARCHS[mt]
     known = COMMON_KEYS | arch.hf_keys | _HF_IGNORED
     unknown = sorted(k for k in d if k not in known)
     if unknown:
         more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
-        raise _fail(source, f"unknown key {unknown[0]!r}{more} for model_type {mt}; remove it or check its spelling")
+        raise invalid(source, f"unknown key {unknown[0]!r}{more} for model_type {mt}; remove it or check its spelling")
     _check_hf_types(d, source)
     defaults = arch.defaults()
     g = {**defaults, **{k: v for k, v in d.items() if v is not None or k not in defaults}}
@@ -131,7 +131,7 @@ def from_hf_dict(d: dict[str, Any], name: str = "", source: str = "config.json")
     try:
         theta, scaling = _rope_from_hf(d, g.get("rope_theta", 10000.0))
     except InputError as e:
-        raise _fail(source, str(e)) from None
+        raise invalid(source, str(e)) from None
     cfg = ModelConfig(
         name=name, architecture=mt, vocab_size=g["vocab_size"], hidden_size=g["hidden_size"],
         num_hidden_layers=g["num_hidden_layers"], num_attention_heads=heads,
@@ -142,7 +142,7 @@ def from_hf_dict(d: dict[str, Any], name: str = "", source: str = "config.json")
         attention_bias=bool(g.get("attention_bias", False)),
         torch_dtype=str(d.get("torch_dtype") or d.get("dtype") or "bfloat16"), **arch.parse(d, g, source),
     )
-    _check_types(cfg, source)
+    check_types(cfg, source)
     return validate(cfg, source)
 
 

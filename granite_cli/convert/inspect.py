@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from granite_cli.checkpoint import gguf as G
 from granite_cli.checkpoint.sources import GGUFSource, HFSource, open_source
 from granite_cli.params import count_params
 
@@ -26,28 +25,19 @@ def layer_pattern(types) -> str:
 def inspect(path: str | Path) -> dict:
     src = open_source(path)
     cfg = src.cfg
-    storage: dict[str, int] = {}
+    storage = src.storage()
     if isinstance(src, GGUFSource):
         fmt = "gguf"
         arch = src.f.kv.get("general.architecture")
-        for ti in src.f.tensors.values():
-            k = G.type_name(ti.gtype)
-            storage[k] = storage.get(k, 0) + 1
-        files = [src.path]
         vocab = src.f.kv.get("tokenizer.ggml.model", "absent")
         quant = "q8_0" if "Q8_0" in storage else None
     else:
         assert isinstance(src, HFSource)
         fmt = "safetensors"
         arch = cfg.architecture
-        for f in {str(v) for v in src._where.values()}:
-            sf = src._file(Path(f))
-            for n in sf.keys():
-                k = str(sf.dtype(n)).replace("torch.", "")
-                storage[k] = storage.get(k, 0) + 1
-        files = sorted({Path(v) for v in src._where.values()})
         vocab = "tokenizer.json" if src.tokenizer_dir else "absent"
         quant = src.quant
+    files = src.files
     params = count_params(cfg)
     n_tensor_params = sum(math.prod(src.shape(n)) for n in src.names)
     return {

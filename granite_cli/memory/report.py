@@ -9,7 +9,7 @@ from granite_cli.config import load_config
 from granite_cli.fsutil import report_dir
 from granite_cli.memory.claims import all_claims, max_batch, max_context
 from granite_cli.memory.predict import activation_bytes, kv_state_crossover, norm_dtype, predict, weight_bytes
-from granite_cli.render import _json_safe, human_bytes, parse_bytes, to_markdown  # noqa: F401 (parse_bytes re-exported)
+from granite_cli.render import human_bytes, json_safe, to_markdown
 
 DEFAULT_MODELS = [
     "granite-4.0-h-small", "granite-4.0-h-tiny", "granite-4.0-h-micro", "granite-4.0-micro", "granite-4.0-h-1b",
@@ -226,5 +226,5 @@ def write_report_dir(out_dir: Path, report: dict) -> Path:
         for p in plots:
             lines += [f"![{p}]({p}.png)", ""]
         (tmp / "report.md").write_text("\n".join(lines) + "\n")
-        (tmp / "report.json").write_text(json.dumps(_json_safe(report), indent=1) + "\n")
+        (tmp / "report.json").write_text(json.dumps(json_safe(report), indent=1) + "\n")
     return out_dir

@@ -68,6 +68,6 @@ def _rich_table(rows, columns, headers, title, formatters) -> None:
     for c in cols:
         t.add_column(headers.get(c, c), overflow="fold")
     for r in rows:
-        t.add_row(*[(formatters[c](r.get(c)) if c in formatters else render._cell(r.get(c))) for c in cols])
+        t.add_row(*[(formatters[c](r.get(c)) if c in formatters else render.cell(r.get(c))) for c in cols])
     # Off a terminal Rich would wrap at 80 columns; keep rows whole for pipes and logs.
     Console(file=sys.stdout, soft_wrap=False, width=None if sys.stdout.isatty() else 200).print(t)
