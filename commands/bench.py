@@ -22,9 +22,34 @@ def _fmt_num(v):
     return "" if v is None else (f"{v:,.1f}" if v >= 10 else f"{v:.3f}")
 
 
+# The options whose help is long, declared once here to keep bench() readable.
+SharePrefillOpt = Annotated[Optional[bool], typer.Option(
+    "--share-prefill/--no-share-prefill",
+    help="On a CPU, a context's prefill continues from a smaller context's end state where that is a whole "
+         "number of --ubatch pieces (the same pieces and tokens; its time is added, and the row says "
+         "prefill_from). On by default.")]
+CudaGraphOpt = Annotated[Optional[bool], typer.Option(
+    "--cuda-graph/--no-cuda-graph",
+    help="On a GPU, replay decode steps as CUDA graphs (falls back to eager, with the reason, where capture is "
+         "impossible). On by default.")]
+CompileOpt = Annotated[Optional[bool], typer.Option(
+    "--compile",
+    help="On a CPU, run decode steps under torch.compile (TorchInductor; needs a C++ compiler). Compiling takes "
+         "1-2.5 minutes per model and batch size on 2 cores, in untimed first passes.")]
+SweepOpt = Annotated[Optional[Path], typer.Option(
+    help="TOML sweep file with any of the options above (models, ctx, batch, phases, gen, dtype, device, reps, "
+         "warmup, ubatch, share_prefill, cuda_graph, compile, max_case_seconds, seed, guard, weights). An "
+         "option given on the command line wins over the file, and the file over the defaults.")]
+WeightsOpt = Annotated[Optional[str], typer.Option(
+    help="random, checkpoint, or auto (the default: a local folder's weights where it has them, else random "
+         "at the model's real shapes; a Hub id then fetches config.json only).")]
+
+
 def bench(
     model: Annotated[Optional[list[str]], typer.Option(
-        "--model", "-m", metavar="MODEL", help="Profile, config.json or checkpoint folder (repeatable).")] = None,
+        "--model", "-m", metavar="MODEL",
+        help="Profile, config.json, checkpoint folder or Hub id org/name[@rev] (repeatable).")] = None,
+    weights: WeightsOpt = None,
     ctx: Annotated[Optional[str], typer.Option(help="Contexts: 1k,4k,128k or a range 1k-128k*2 / 512-4k+512.")] = None,
     batch: Annotated[Optional[str], typer.Option(help="Batch sizes: 1,4 or a range 1-16*2.")] = None,
     phase: Annotated[Optional[str], typer.Option(help="prefill, decode, or prefill,decode (the default).")] = None,
@@ -37,23 +62,10 @@ def bench(
     warmup: Annotated[Optional[int], typer.Option(
         help="Untimed runs per case (default 1; on a CPU 0 for the default sweep and above 16k).")] = None,
     ubatch: Annotated[Optional[int], typer.Option(help="Prefill tokens per forward (chunked prefill; 4096).")] = None,
-    share_prefill: Annotated[Optional[bool], typer.Option(
-        "--share-prefill/--no-share-prefill",
-        help="On a CPU, a context's prefill continues from a smaller context's end state where that is a whole "
-             "number of --ubatch pieces (the same pieces and tokens; its time is added, and the row says "
-             "prefill_from). On by default.")] = None,
-    cuda_graph: Annotated[Optional[bool], typer.Option(
-        "--cuda-graph/--no-cuda-graph",
-        help="On a GPU, replay decode steps as CUDA graphs (falls back to eager, with the reason, where capture is "
-             "impossible). On by default.")] = None,
-    compile_decode: Annotated[Optional[bool], typer.Option(
-        "--compile",
-        help="On a CPU, run decode steps under torch.compile (TorchInductor; needs a C++ compiler). Compiling takes "
-             "1-2.5 minutes per model and batch size on 2 cores, in untimed first passes.")] = None,
-    sweep: Annotated[Optional[Path], typer.Option(
-        help="TOML sweep file with any of the options above (models, ctx, batch, phases, gen, dtype, device, reps, "
-             "warmup, ubatch, share_prefill, cuda_graph, compile, max_case_seconds, seed, guard). An option given "
-             "on the command line wins over the file, and the file over the defaults.")] = None,
+    share_prefill: SharePrefillOpt = None,
+    cuda_graph: CudaGraphOpt = None,
+    compile_decode: CompileOpt = None,
+    sweep: SweepOpt = None,
     max_case_seconds: Annotated[Optional[float], typer.Option(
         help="Skip cases the fitted curve predicts to take longer (default 1800).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Write report.md, rows.jsonl and plots into this folder.")] = None,
@@ -87,7 +99,7 @@ def bench(
     flags = {"models": model, "ctx": ctx, "batch": batch, "phases": phase, "gen": gen, "dtype": dtype,
              "device": device, "reps": reps, "warmup": warmup, "ubatch": ubatch, "share_prefill": share_prefill,
              "cuda_graph": cuda_graph, "compile": compile_decode, "max_case_seconds": max_case_seconds,
-             "seed": seed, "guard": guard}
+             "seed": seed, "guard": guard, "weights": weights}
     spec = resolve_spec(flags, sweep, torch.cuda.is_available())
     outcome = run_sweep(spec, out=out, jsonl=jsonl, resume=resume, baseline=baseline,
                         fail_on_regression=fail_on_regression, check=check, say=say,

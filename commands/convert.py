@@ -19,7 +19,7 @@ def _on_term(signum, frame):  # SIGTERM behaves like Ctrl-C: the temporary outpu
 def convert(
     args: Annotated[Optional[list[str]], typer.Argument(
         metavar="SRC DST | inspect PATH", show_default=False,
-        help="SRC: checkpoint folder or .gguf; DST: folder or .gguf path.")] = None,
+        help="SRC: checkpoint folder, .gguf or Hub id org/name[@rev]; DST: folder or .gguf path.")] = None,
     dtype: Annotated[Optional[str],
                      typer.Option(help="Output dtype: bf16, fp16 or fp32 (default: the source's).")] = None,
     quant: Annotated[Optional[str], typer.Option(
@@ -117,7 +117,8 @@ def _emit(rep: dict, fmt: Format, hb) -> None:
 
 
 def inspect(
-    path: Annotated[str, typer.Argument(help="A Hugging Face checkpoint folder or a .gguf file.")],
+    path: Annotated[str, typer.Argument(
+        help="A Hugging Face checkpoint folder, a .gguf file or a Hub id org/name[@rev].")],
     fmt: FormatOpt = Format.table,
 ) -> None:
     """What a checkpoint is: format, architecture, layer pattern, dtypes, sizes, parameters, tokenizer.

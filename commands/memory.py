@@ -13,8 +13,8 @@ from granite_cli.commands.common import Format, FormatOpt, emit_rows, say
 def memory_report(
     model: Annotated[Optional[list[str]],
                      typer.Option("--model", "-m", metavar="MODEL",
-                                  help="Profile, config.json or checkpoint folder (repeatable). Default: the family "
-                                       "and the baselines.")] = None,
+                                  help="Profile, config.json, checkpoint folder or Hub id (repeatable). "
+                                       "Default: the family and the baselines.")] = None,
     ctx: Annotated[str, typer.Option(help="Contexts: 4k,32k,128k or a range 4k-128k*2.")] = "4k,32k,128k",
     batch: Annotated[str, typer.Option(help="Batch sizes (concurrent sequences): 1,8 or 1-8*2.")] = "1,8",
     weights: Annotated[str, typer.Option(help="Weight format: bf16, fp16, fp32, fp8, int8, q8_0, q4_0.")] = "bf16",

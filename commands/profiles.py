@@ -9,6 +9,7 @@ import typer
 
 from granite_cli.commands.common import Format, FormatOpt, emit_rows, out, say
 
+MODEL_HELP = "Profile name, config.json path, checkpoint folder or Hub id org/name[@rev]."
 app = typer.Typer(help="List, show and export model profiles.", no_args_is_help=True)
 
 
@@ -34,7 +35,7 @@ def profiles_list(fmt: FormatOpt = Format.table) -> None:
 
 @app.command("show")
 def profiles_show(
-    model: Annotated[str, typer.Argument(help="Profile name, config.json path or checkpoint folder.")],
+    model: Annotated[str, typer.Argument(help=MODEL_HELP)],
     fmt: FormatOpt = Format.table,
 ) -> None:
     """One model's full configuration and its parameter groups."""
@@ -53,7 +54,7 @@ def profiles_show(
 
 @app.command("export")
 def profiles_export(
-    model: Annotated[str, typer.Argument(help="Profile name, config.json path or checkpoint folder.")],
+    model: Annotated[str, typer.Argument(help=MODEL_HELP)],
     out_dir: Annotated[Path, typer.Argument(help="Folder to write config.json into (created if missing).")],
     force: Annotated[bool, typer.Option("--force", help="Replace a config.json already in the folder.")] = False,
 ) -> None:

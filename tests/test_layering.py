@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # granite_cli.commands). A unit imports only from units in rows below its own.
 LAYERS = [
     {"errors"},
-    {"arch", "fsutil", "hostmem", "render"},       # the architecture registry, files, host memory, tables
+    {"arch", "fsutil", "hostmem", "render", "hub"},  # architectures, files, host memory, tables, Hub ids
     {"config", "measure"},
     {"checkpoint", "ops", "params"},
     {"model", "env", "flops", "profile_info"},
@@ -77,8 +77,10 @@ def _imports(tree: ast.AST, top_level_only: bool):
 
 
 def _targets(module: str, names: list[str]) -> list[str]:
-    """The modules an import loads: the module itself, and each imported name that is a submodule."""
-    return [module] + [f"{module}.{n}" for n in names if f"{module}.{n}" in MODULES]
+    """The modules an import reads from: each imported name that is a submodule, and the module
+    itself for any other name (a package's __init__ that only holds submodules is not a dependency)."""
+    subs = [f"{module}.{n}" for n in names if f"{module}.{n}" in MODULES]
+    return subs + ([module] if len(subs) < len(names) or not names else [])
 
 
 TREES = {m: ast.parse(p.read_text(), str(p)) for m, p in MODULES.items()}

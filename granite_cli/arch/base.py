@@ -4,8 +4,8 @@ Granite 3.x, Llama, Qwen3 and Qwen3-MoE, in one class a family module subclasses
 A family says how its Hugging Face config.json is named and parsed (its transformers class, the
 class defaults for keys a config may omit, the keys it reads beyond the common ones), how it is
 written back, which rules its geometry obeys, how wide its MLP and experts are, how its experts
-route, how its feed-forward tensors are named in a checkpoint, and whether llama.cpp's GGUF has a
-graph for it. The rest of the project asks `granite_cli.arch.get_arch(name)`.
+route, how its feed-forward tensors are named in a checkpoint, and which llama.cpp GGUF architecture
+runs it. The rest of the project asks `granite_cli.arch.get_arch(name)`.
 
 Nothing here imports the config (it hands back plain values), so config can import the registry.
 """
@@ -50,7 +50,6 @@ class Arch:
     hf_class: str = ""
     hf_defaults: dict[str, Any] = {}   # transformers class defaults (5.24.0), on top of COMMON_DEFAULTS
     hf_keys: frozenset = frozenset()   # keys read beyond COMMON_KEYS
-    gguf: bool = False                 # llama.cpp has a graph for it (granite convert writes GGUF)
     mamba: bool = False                # may have Mamba layers
     experts: bool = False              # may have routed experts
     needs_experts: bool = False        # must have routed experts
@@ -78,6 +77,10 @@ class Arch:
 
     def routing(self, cfg: "ModelConfig") -> Routing:
         return Routing.TOPK_SOFTMAX
+
+    def gguf_arch(self, cfg: "ModelConfig") -> str | None:
+        """llama.cpp's architecture for this model, or None where granite writes no GGUF for the family."""
+        return None
 
     def check(self, cfg: "ModelConfig", fail) -> None:
         """This family's rules beyond the common geometry; fail(message) raises."""

@@ -4,7 +4,8 @@ logits, then softmax) beside a shared expert, or a dense MLP (the shared expert 
 
 The dense members (Micro, 350M, 1B) are this family with attention layers only; their config.json
 still carries mamba_* keys, which build nothing. llama.cpp runs the hybrids as `granitehybrid` and
-the dense members as `granite` (checkpoint.gguf_map).
+the dense members as `granite`, whose graph also builds routed experts with a shared expert and
+honours a RoPE switch (its `granitemoe` would apply RoPE unconditionally, so NoPE models must not use it).
 """
 
 from __future__ import annotations
@@ -29,8 +30,11 @@ class GraniteMoeHybrid(Arch):
     hf_keys = MULTIPLIER_KEYS | MAMBA_KEYS | frozenset({
         "shared_intermediate_size", "num_local_experts", "num_experts_per_tok", "layer_types", "layers_block_type",
         "position_embedding_type", "attn_layer_indices"})
-    gguf = mamba = experts = True
+    mamba = experts = True
     profile_defaults: dict[str, Any] = {}
+
+    def gguf_arch(self, cfg) -> str:
+        return "granitehybrid" if cfg.mamba_layers else "granite"
 
     def parse(self, d: dict[str, Any], g: dict[str, Any], source: str) -> dict[str, Any]:
         n_layers = g["num_hidden_layers"]

@@ -51,7 +51,11 @@ def _is_oom(e: BaseException) -> bool:
     return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "out of memory" in str(e).lower()
 
 
-def _weights_for(spec_model: str) -> str:
+def _weights_for(spec_model: str, choice: str) -> str:
+    """random or checkpoint; `auto` reads a local folder's weights where it has them, and otherwise
+    (profiles, config.json files, Hub ids: only config.json is fetched) uses random weights."""
+    if choice != "auto":
+        return choice
     p = Path(spec_model)
     if p.is_dir() and (any(p.glob("*.safetensors")) or (p / "model.safetensors.index.json").exists()):
         return "checkpoint"
@@ -152,8 +156,8 @@ class Runner:
             ]
             if not pending:
                 continue
-            model = load_model(name, weights=_weights_for(name), dtype=self.dtype, device=self.device,
-                               seed=self.spec.seed)
+            model = load_model(name, weights=_weights_for(name, self.spec.weights), dtype=self.dtype,
+                               device=self.device, seed=self.spec.seed)
             params = count_params(cfg)
             ok, diff = correctness_guard(model, self.device)
             base = {"model": cfg.name, "kind": "hybrid" if cfg.is_hybrid else "dense", "params_total": params.total,

@@ -74,6 +74,7 @@ def _geometric(lo: int, hi: int, mult: int) -> list[int]:
 
 PHASES = ("prefill", "decode")
 GUARDS = ("depth", "full")
+WEIGHTS = ("auto", "random", "checkpoint")
 
 
 def run_defaults(gpu: bool, default_sweep: bool, max_ctx: int) -> dict:
@@ -102,6 +103,7 @@ class SweepSpec:
     max_case_seconds: float = 1800.0
     seed: int = 0
     guard: str = "depth"
+    weights: str = "auto"
 
     def validate(self) -> "SweepSpec":
         if not self.models:
@@ -116,6 +118,8 @@ class SweepSpec:
             raise InputError("--warmup must not be negative")
         if self.guard not in GUARDS:
             raise InputError(f"unknown --guard {self.guard!r}; use depth or full")
+        if self.weights not in WEIGHTS:
+            raise InputError(f"unknown --weights {self.weights!r}; use auto, random or checkpoint")
         if not self.max_case_seconds > 0:
             raise InputError("--max-case-seconds must be positive")
         from granite_cli.checkpoint.dtypes import parse_dtype
@@ -133,7 +137,7 @@ class SweepSpec:
 _FILE_TYPES = {"models": (list, str), "ctx": (list, str, int), "batch": (list, str, int), "phases": (list, str),
                "gen": int, "dtype": str, "device": str, "reps": int, "warmup": int, "cuda_graph": bool,
                "compile": bool, "share_prefill": bool, "ubatch": int, "max_case_seconds": (int, float), "seed": int,
-               "guard": str}
+               "guard": str, "weights": str}
 _FILE_WORDS = {k: ("true or false" if v is bool else "an integer" if v is int else "a string" if v is str
                    else "a number" if k == "max_case_seconds" else "a list or a string")
                for k, v in _FILE_TYPES.items()}
@@ -180,7 +184,7 @@ def load_sweep_file(path: str | Path) -> dict:
 # one precedence rule for every field: an option on the command line, else the sweep file, else the default
 
 FLAG_FIELDS = ("models", "ctx", "batch", "phases", "gen", "dtype", "device", "reps", "warmup", "ubatch",
-               "share_prefill", "cuda_graph", "compile", "max_case_seconds", "seed", "guard")
+               "share_prefill", "cuda_graph", "compile", "max_case_seconds", "seed", "guard", "weights")
 GPU_MODELS, CPU_MODELS = ["granite-4.0-h-micro", "granite-4.0-micro"], ["cpu-hybrid", "cpu-dense"]
 
 

@@ -1,8 +1,7 @@
 """Hugging Face checkpoint tensors ↔ llama.cpp GGUF tensors and metadata for Granite 4.0.
 
-Hybrids (any Mamba layer) become `granitehybrid`; all-attention Granite 4.0 models become `granite`,
-which in llama.cpp also builds routed experts with a shared expert and honours the RoPE switch
-(llama.cpp's `granitemoe` would apply RoPE unconditionally, so NoPE models must not use it).
+Which llama.cpp architecture runs a model is its family's (granite_cli.arch): Granite 4.0 hybrids
+are `granitehybrid`, its all-attention members `granite`.
 
 Each HF tensor maps to one or two GGUF tensors through an exactly invertible transform, except
 A = −exp(A_log): its f32 value cannot always give back the f32 A_log, so the writer also stores
@@ -19,6 +18,7 @@ from typing import Callable
 
 import torch
 
+from granite_cli.arch import get_arch
 from granite_cli.checkpoint import gguf as G
 from granite_cli.config import MAX_LAYERS, ModelConfig, from_hf_dict
 from granite_cli.errors import InputError
@@ -57,7 +57,9 @@ class HFTensor:
 
 
 def gguf_arch(cfg: ModelConfig) -> str:
-    if cfg.architecture != "granitemoehybrid":
+    """llama.cpp's architecture for the model; refuses what llama.cpp's graphs cannot represent."""
+    arch = get_arch(cfg.architecture).gguf_arch(cfg)
+    if arch is None:
         raise InputError(
             f"GGUF conversion supports Granite 4.0 (granitemoehybrid) checkpoints; this one is {cfg.architecture!r}. "
             "Convert it between safetensors dtypes instead, or use llama.cpp's converter for it"
@@ -65,7 +67,7 @@ def gguf_arch(cfg: ModelConfig) -> str:
     if cfg.attention_bias or cfg.mamba_proj_bias or cfg.qk_norm:
         raise InputError("GGUF conversion: attention/projection biases and qk-norm have no tensor in llama.cpp's "
                          "Granite graphs")
-    return "granitehybrid" if cfg.mamba_layers else "granite"
+    return arch
 
 
 def _gate_up(gate: str, up: str, width: int) -> tuple[Part, Part]:

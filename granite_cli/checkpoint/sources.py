@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from granite_cli import hub
 from granite_cli.checkpoint import gguf as G
 from granite_cli.checkpoint import gguf_map as mapping
 from granite_cli.checkpoint import quant
@@ -87,7 +88,7 @@ class Source:
 class HFSource(Source):
     kind = "safetensors"
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, name: str | None = None) -> None:
         self.path = Path(folder)
         cfg_path = self.path / "config.json"
         if not cfg_path.is_file():
@@ -95,6 +96,8 @@ class HFSource(Source):
                              "file")
         self.hf_config = read_json_config(cfg_path)
         self.cfg = load_config(self.path)
+        if name:
+            self.cfg = self.cfg.replace(name=name)
         self.quant = quant.compressed_layout(self.hf_config)
         self._where = checkpoint_files(self.path)
         self._files: dict[Path, SafetensorsFile] = {}
@@ -273,5 +276,7 @@ def open_source(src: str | Path) -> Source:
         return GGUFSource(p)
     if p.is_file():
         raise InputError(f"{src}: SRC must be a Hugging Face checkpoint folder or a .gguf file")
-    raise InputError(f"{src}: no such file or folder (for random weights at a profile's shapes use --from-profile "
-                     "NAME)")
+    if hub.parse_id(str(src)):
+        return HFSource(hub.snapshot(str(src), weights=True), name=hub.model_name(str(src)))
+    raise InputError(f"{src}: no such file or folder, nor a Hub id org/name (for random weights at a profile's "
+                     "shapes use --from-profile NAME)")

@@ -13,6 +13,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from granite_cli import hub
 from granite_cli.arch import ARCHS
 from granite_cli.arch.base import layer_types, layers_from_indices, time_step_limit
 from granite_cli.config.hf import from_hf_dict
@@ -90,7 +91,8 @@ def load_profile_file(path: Path, name: str | None = None) -> ModelConfig:
 
 
 def load_config(spec: str | Path | ModelConfig) -> ModelConfig:
-    """A profile name, a profile .toml, a config.json path, or a checkpoint folder → ModelConfig."""
+    """A profile name, a profile .toml, a config.json path, a checkpoint folder, or a Hugging Face
+    Hub id `org/name[@revision]` (its config.json only) → ModelConfig. A local path wins over a Hub id."""
     if isinstance(spec, ModelConfig):
         return spec
     s = str(spec)
@@ -108,8 +110,11 @@ def load_config(spec: str | Path | ModelConfig) -> ModelConfig:
     if "/" not in s and res.is_file():
         d = tomllib.loads(res.read_text())
         return from_profile_dict(d, s, f"profiles/{s}.toml")
+    if hub.parse_id(s):
+        return _load_json(hub.snapshot(s, weights=False) / "config.json", hub.model_name(s))
     raise InputError(
-        f"unknown model {s!r}: not a profile, config.json or checkpoint folder; see `granite profiles list`"
+        f"unknown model {s!r}: not a profile, config.json, checkpoint folder or Hub id (org/name); see "
+        "`granite profiles list`"
     )
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from granite_cli import hub
 from granite_cli.checkpoint.dtypes import hf_name, parse_dtype
 from granite_cli.checkpoint.init import TILE, fill_random
 from granite_cli.checkpoint.names import checkpoint_entries
@@ -53,8 +54,10 @@ def _checkpoint_folder(spec) -> Path:
         return p
     if p.is_file() and p.name.endswith(".json"):
         return p.parent
-    raise InputError(f"{spec}: weights='checkpoint' needs a checkpoint folder (config.json + safetensors); "
-                     "for a profile use weights='random'")
+    if hub.parse_id(str(spec)):
+        return hub.snapshot(str(spec), weights=True)
+    raise InputError(f"{spec}: weights='checkpoint' needs a checkpoint folder (config.json + safetensors) or a "
+                     "Hub id; for a profile use weights='random'")
 
 
 @torch.no_grad()
@@ -77,7 +80,7 @@ def load_model(
 ) -> GraniteModel:
     """A ready-to-run model.
 
-    model: a profile name, a config.json path, a checkpoint folder, or a ModelConfig.
+    model: a profile name, a config.json path, a checkpoint folder, a Hub id, or a ModelConfig.
     weights: "random" (real shapes, random values; no files needed) or "checkpoint".
     dtype: fp32 / bf16 / fp16 (default: the config's torch_dtype). device: any torch device, or "meta".
     """

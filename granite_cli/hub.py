@@ -1,0 +1,88 @@
+"""Hugging Face Hub ids as model arguments: `org/name[@revision]` → a folder in the Hub's own cache.
+
+huggingface_hub does the work, so its cache (HF_HUB_CACHE / HF_HOME), offline mode
+(HF_HUB_OFFLINE=1) and token (HF_TOKEN, or `hf auth login`) behave as in every other tool that
+uses it. A local path always wins: an argument names the Hub only when nothing of that name
+exists on disk. What is fetched is the least the caller needs: config.json alone for sizing and
+random weights, the config, safetensors and tokenizer files for real weights (never the other
+weight formats a repository may also hold).
+
+This sits below config and checkpoint (both resolve ids through it) and knows nothing of tensors.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+from granite_cli.errors import GraniteError, InputError
+
+# The Hub's repository-id rule: two names of letters, digits, '-', '_', '.', not starting or ending
+# with '-' or '.', with no '--' or '..'; at most 96 characters each.
+_NAME = r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9_])?"
+_ID = re.compile(rf"^(?P<repo>{_NAME}/{_NAME})(?:@(?P<rev>[^\s@]{{1,255}}))?$")
+# Suffixes of local files; an argument ending in one is a path, never a Hub id.
+_FILE_SUFFIXES = (".json", ".toml", ".gguf", ".safetensors")
+CONFIG_ONLY = ["config.json"]
+WITH_WEIGHTS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
+
+
+def parse_id(spec: str) -> tuple[str, str | None] | None:
+    """(repo id, revision or None) when `spec` names a Hub repository and no local path, else None."""
+    s = str(spec)
+    m = _ID.match(s)
+    if not m or "--" in m["repo"] or ".." in m["repo"] or s.endswith(_FILE_SUFFIXES) or Path(s).exists():
+        return None
+    return m["repo"], m["rev"]
+
+
+def model_name(spec: str) -> str:
+    """The name a Hub model goes by in reports: the repository's name without its owner."""
+    return str(spec).split("@", 1)[0].split("/", 1)[1]
+
+
+def snapshot(spec: str, weights: bool) -> Path:
+    """The cached snapshot folder of Hub id `spec` (downloading what is missing, unless offline)
+    holding config.json, and with weights=True its safetensors and tokenizer files too."""
+    parsed = parse_id(spec)
+    if parsed is None:
+        raise InputError(f"{spec!r} is not a Hugging Face Hub id (org/name or org/name@revision)")
+    repo, rev = parsed
+    try:
+        from huggingface_hub import constants, snapshot_download
+        from huggingface_hub import errors as E
+        from huggingface_hub.utils import disable_progress_bars
+    except ImportError:  # pragma: no cover - a declared dependency
+        raise InputError(f"{spec}: reading Hub ids needs huggingface_hub; pip install huggingface_hub") from None
+    if not sys.stderr.isatty():
+        disable_progress_bars()
+    what = "its config, safetensors and tokenizer files" if weights else "its config.json"
+    try:
+        path = snapshot_download(repo, revision=rev, allow_patterns=WITH_WEIGHTS if weights else CONFIG_ONLY)
+    except E.GatedRepoError:
+        raise InputError(f"{spec}: the repository is gated; accept its terms on huggingface.co and set HF_TOKEN "
+                         "(or run `hf auth login`)") from None
+    except E.RepositoryNotFoundError:
+        raise InputError(f"{spec}: no local folder of that name, and the Hugging Face Hub has no model {repo} "
+                         "(private ones need HF_TOKEN)") from None
+    except E.RevisionNotFoundError:
+        raise InputError(f"{spec}: the Hub repository {repo} has no revision {rev!r}; use a branch, tag or "
+                         "commit it has") from None
+    except E.IncompleteSnapshotError:
+        raise InputError(f"{spec}: the Hub cache holds only part of {what} and the Hub cannot be reached; "
+                         "download it with network access (or pass a local folder)") from None
+    except E.LocalEntryNotFoundError:
+        missing = (f"{spec}: no local folder of that name, and {what} {'are' if weights else 'is'} not in the "
+                   "Hugging Face cache")
+        if constants.HF_HUB_OFFLINE:
+            raise InputError(f"{missing} (HF_HUB_OFFLINE=1 forbids a download); run once online, or pass a local "
+                             "folder") from None
+        # the Hub could not be reached: a runtime failure, not bad input
+        raise GraniteError(f"{missing}, and the Hub cannot be reached; check the network, or pass a local "
+                           "folder") from None
+    except E.HFValidationError as e:
+        raise InputError(f"{spec}: not a valid Hub id ({str(e).splitlines()[0]})") from None
+    except E.HfHubHTTPError as e:
+        raise GraniteError(f"{spec}: the Hugging Face Hub answered {str(e).splitlines()[0]}") from None
+    return Path(path)
