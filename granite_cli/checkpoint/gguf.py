@@ -11,7 +11,6 @@ The reader maps the file and hands out zero-copy views.
 from __future__ import annotations
 
 import mmap
-import os
 import struct
 import warnings
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from typing import Any
 import torch
 
 from granite_cli.checkpoint.dtypes import GGML_BF16, GGML_F16, GGML_F32, GGML_Q8_0, TABLE
+from granite_cli.checkpoint.stream import OrderedWriter, pread, tensor_bytes
 from granite_cli.errors import InputError
 
 MAGIC = b"GGUF"
@@ -79,11 +79,6 @@ def _enc_value(vtype: int, value, atype: int | None) -> bytes:
     return struct.pack(_SCALAR[vtype], value)
 
 
-def tensor_bytes(t: torch.Tensor):
-    """A zero-copy byte view of a tensor (contiguous first), keeping the tensor alive."""
-    return t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data
-
-
 @dataclass(frozen=True)
 class TensorInfo:
     name: str
@@ -95,12 +90,12 @@ class TensorInfo:
         return tensor_nbytes(self.shape, self.gtype)
 
 
-class GGUFWriter:
+class GGUFWriter(OrderedWriter):
     """Write the header for a known list of tensors, then each tensor's bytes in that order."""
 
+    format = "GGUF"
+
     def __init__(self, path: Path, kvs: list[KV], tensors: list[TensorInfo]) -> None:
-        self.path, self.tensors = Path(path), tensors
-        self._next = 0
         head = [MAGIC, struct.pack("<IQQ", 3, len(tensors), len(kvs))]
         for kv in kvs:
             head += [_enc_str(kv.key), struct.pack("<I", kv.vtype), _enc_value(kv.vtype, kv.value, kv.atype)]
@@ -113,8 +108,7 @@ class GGUFWriter:
         self.data_bytes = off
         h = b"".join(head)
         self.header = h + b"\0" * _pad(len(h))
-        self._f = open(self.path, "wb")
-        self._f.write(self.header)
+        super().__init__(path, [(t.name, t.nbytes) for t in tensors], self.header)
 
     @property
     def total_bytes(self) -> int:
@@ -122,28 +116,8 @@ class GGUFWriter:
 
     def write(self, name: str, data: torch.Tensor | list[torch.Tensor]) -> None:
         """The next tensor's bytes: one tensor, or a list of pieces written in order."""
-        t = self.tensors[self._next]
-        if name != t.name:
-            raise RuntimeError(f"GGUF tensors out of order: got {name}, expected {t.name}")
         raws = [tensor_bytes(d) for d in (data if isinstance(data, list) else [data])]
-        if sum(r.nbytes for r in raws) != t.nbytes:
-            raise RuntimeError(f"{name}: {sum(r.nbytes for r in raws)} bytes, header says {t.nbytes}")
-        for raw in raws:
-            self._f.write(raw)
-        self._f.write(b"\0" * _pad(t.nbytes))
-        self._next += 1
-
-    def abort(self) -> None:
-        """Close after a failure (the caller removes the partial file)."""
-        self._f.close()
-
-    def close(self) -> None:
-        if self._next != len(self.tensors):
-            self._f.close()
-            raise RuntimeError(f"GGUF closed after {self._next} of {len(self.tensors)} tensors")
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
+        self.write_next(name, raws, _pad(sum(r.nbytes for r in raws)))
 
 
 # Bounds that no real model file reaches, so a header cannot make the reader allocate without limit:
@@ -323,7 +297,6 @@ class GGUFFile:
     def tensor(self, name: str, copy: bool = False) -> torch.Tensor:
         """Decoded to a float tensor in PyTorch order (F32/F16/BF16 a zero-copy view, or with copy=True
         a private pread copy that maps no file pages; Q8_0 dequantised to F32)."""
-        from granite_cli.checkpoint.safetensors import pread
 
         ti = self.tensors[name]
         r = pread(self.path, self.offsets[name], ti.nbytes) if copy else self.raw(name)

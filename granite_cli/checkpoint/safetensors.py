@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from granite_cli.checkpoint.dtypes import BY_ST, st_code
+from granite_cli.checkpoint.stream import OrderedWriter, pread, tensor_bytes
 from granite_cli.config import read_json_config
 from granite_cli.errors import InputError
 
@@ -124,24 +125,6 @@ class SafetensorsFile:
         self._mm = None
 
 
-def pread(path: Path, offset: int, n: int) -> torch.Tensor:
-    """n bytes of `path` from `offset`, read into a fresh tensor (a copy that owns its memory)."""
-    buf = torch.empty(n, dtype=torch.uint8)
-    if n:
-        mv = memoryview(buf.numpy()).cast("B")
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            got = 0
-            while got < n:
-                k = os.preadv(fd, [mv[got:]], offset + got)
-                if k <= 0:
-                    raise InputError(f"{path}: file ended early (truncated?)")
-                got += k
-        finally:
-            os.close(fd)
-    return buf
-
-
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
@@ -156,9 +139,11 @@ class TensorSpec:
         return n
 
 
-class SafetensorsWriter:
+class SafetensorsWriter(OrderedWriter):
     """A safetensors file written streaming: the header for a known list of tensors first, then each
-    tensor's bytes in that order, so nothing but the tensor being written is held in memory."""
+    tensor's bytes in that order."""
+
+    format = "safetensors"
 
     def __init__(self, path: Path, specs: list[TensorSpec], metadata: dict[str, str] | None = None) -> None:
         header: dict = {"__metadata__": metadata} if metadata else {}
@@ -168,32 +153,11 @@ class SafetensorsWriter:
             off += t.nbytes
         hb = json.dumps(header, separators=(",", ":")).encode()
         hb += b" " * (-len(hb) % 8)  # align the data section to 8 bytes
-        self.specs, self._next = specs, 0
-        self._f = open(path, "wb")
-        self._f.write(struct.pack("<Q", len(hb)))
-        self._f.write(hb)
+        super().__init__(path, [(t.name, t.nbytes) for t in specs], struct.pack("<Q", len(hb)) + hb)
 
     def write(self, name: str, t: torch.Tensor) -> None:
         """The next tensor's bytes (its dtype may differ from the spec's; its byte size may not)."""
-        spec = self.specs[self._next]
-        raw = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().data
-        if name != spec.name or raw.nbytes != spec.nbytes:
-            raise RuntimeError(f"safetensors writer: got {name} of {raw.nbytes} bytes, expected {spec.name} of "
-                               f"{spec.nbytes}")
-        if raw.nbytes:
-            self._f.write(raw)
-        self._next += 1
-
-    def close(self) -> None:
-        if self._next != len(self.specs):
-            self._f.close()
-            raise RuntimeError(f"safetensors writer closed after {self._next} of {len(self.specs)} tensors")
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
-
-    def abort(self) -> None:
-        self._f.close()
+        self.write_next(name, [tensor_bytes(t)])
 
 
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:

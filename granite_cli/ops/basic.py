@@ -110,15 +110,20 @@ def causal_conv1d(
         for i in range(min(k - 1, t)):  # output i sees history entries i .. k-2 through taps 0 .. k-2-i
             out[:, i] += (hist[:, :, i:] * taps[: k - 1 - i].t()).sum(-1)
     out = out.to(xbc.dtype)
+    return F.silu(out, inplace=True), conv_state_after(xbc, k, conv_state)  # out is always a fresh tensor here
+
+
+def conv_state_after(xbc: torch.Tensor, k: int, conv_state: torch.Tensor | None) -> torch.Tensor:
+    """The conv state [b, c, k-1] after the block xbc [b, t, c]: its last k-1 inputs, the older state
+    (zeros without one) filling in where the block is shorter than k-1."""
+    b, t, c = xbc.shape
     xt = xbc.transpose(1, 2)  # [b, c, t] view
     if k == 1:
-        new_state = xt[:, :, :0]
-    elif t >= k - 1:
-        new_state = xt[:, :, t - (k - 1):]
-    else:
-        prev = conv_state.to(xt.dtype) if conv_state is not None else xt.new_zeros(b, c, k - 1)
-        new_state = torch.cat([prev[:, :, t:], xt], dim=-1)
-    return F.silu(out, inplace=True), new_state  # out is always a fresh tensor here
+        return xt[:, :, :0]
+    if t >= k - 1:
+        return xt[:, :, t - (k - 1):]
+    prev = conv_state.to(xt.dtype) if conv_state is not None else xt.new_zeros(b, c, k - 1)
+    return torch.cat([prev[:, :, t:], xt], dim=-1)
 
 
 def causal_conv1d_step(

@@ -39,16 +39,20 @@ def _dot_precision(t: torch.Tensor) -> str:
 # ------------------------------------------------------------------------------------------ SSD scan
 
 @triton.jit
+def _chunk_program(NC, HG):
+    """(sequence, chunk, head, group) of a program in a grid of (sequences x chunks, heads, ...)."""
+    pid = tl.program_id(0)
+    hi = tl.program_id(1)
+    return pid // NC, pid % NC, hi, hi // HG
+
+
+@triton.jit
 def _chunk_state_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, st_ptr, acs_ptr,
                         T, H, NC, HG,
                         sxb, sxt, sxh, sxp, sdb, sdt, sdh, sbb, sbt, sbg, sbn,
                         P: tl.constexpr, N: tl.constexpr, Q: tl.constexpr,
                         BP: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
-    pid = tl.program_id(0)
-    hi = tl.program_id(1)
-    bi = pid // NC
-    c = pid % NC
-    gi = hi // HG
+    bi, c, hi, gi = _chunk_program(NC, HG)
     q = tl.arange(0, Q)
     pos = c * Q + q
     mq = pos < T
@@ -99,12 +103,8 @@ def _chunk_scan_kernel(x_ptr, dt_ptr, B_ptr, C_ptr, D_ptr, prev_ptr, acs_ptr, y_
                        sxb, sxt, sxh, sxp, sdb, sdt, sdh, sbb, sbt, sbg, sbn, scb, sct, scg, scn,
                        P: tl.constexpr, N: tl.constexpr, Q: tl.constexpr, BM: tl.constexpr,
                        BP: tl.constexpr, BN: tl.constexpr, HAS_D: tl.constexpr, PREC: tl.constexpr):
-    pid = tl.program_id(0)
-    hi = tl.program_id(1)
+    bi, c, hi, gi = _chunk_program(NC, HG)
     mb = tl.program_id(2)
-    bi = pid // NC
-    c = pid % NC
-    gi = hi // HG
     pp = tl.arange(0, BP)
     nn = tl.arange(0, BN)
     rm = mb * BM + tl.arange(0, BM)            # rows (positions within the chunk)
@@ -250,15 +250,7 @@ def causal_conv1d(xbc, weight, bias, conv_state):
     _conv_kernel[(b, triton.cdiv(t, bt), triton.cdiv(c, bc))](
         xbc, weight.contiguous(), bias if bias is not None else weight, st if st is not None else weight, out, t, c,
         *xbc.stride(), K=k, BT=bt, BC=bc, HAS_BIAS=bias is not None, HAS_STATE=st is not None)
-    xt = xbc.transpose(1, 2)
-    if k == 1:
-        new_state = xt[:, :, :0]
-    elif t >= k - 1:
-        new_state = xt[:, :, t - (k - 1):]
-    else:
-        prevs = st.to(xt.dtype) if st is not None else xt.new_zeros(b, c, k - 1)
-        new_state = torch.cat([prevs[:, :, t:], xt], dim=-1)
-    return out, new_state
+    return out, basic.conv_state_after(xbc, k, st)
 
 
 @triton.jit
