@@ -42,7 +42,9 @@ TABLE = (
     DType("bool", torch.bool, None, "BOOL"),
 )
 BY_TORCH = {d.torch: d for d in TABLE}
+BY_SHORT = {d.short: d.torch for d in TABLE}
 BY_ST = {d.st: d.torch for d in TABLE if d.st}
+BY_GGML = {d.ggml: d.torch for d in TABLE if d.ggml is not None}
 FLOATS = ("f32", "f16", "bf16")  # what the core computes in
 
 _BY_NAME = {n: d for d in TABLE if d.short in FLOATS for n in (d.short, d.hf, *d.aliases)}
@@ -56,6 +58,11 @@ def parse_dtype(d: str | torch.dtype | None, default: str = "float32") -> torch.
     if key not in _BY_NAME:
         raise InputError(f"unknown dtype {d!r}; use fp32, bf16 or fp16")
     return _BY_NAME[key].torch
+
+
+def is_float_name(name: str) -> bool:
+    """Whether `name` names a float dtype the core computes in (fp8, int8 or q8_0 do not)."""
+    return str(name).lower() in _BY_NAME
 
 
 def hf_name(dt: torch.dtype) -> str:

@@ -17,7 +17,7 @@ from granite_cli import hub
 from granite_cli.checkpoint import gguf as G
 from granite_cli.checkpoint import gguf_map as mapping
 from granite_cli.checkpoint import quant
-from granite_cli.checkpoint.dtypes import hf_name, parse_dtype
+from granite_cli.checkpoint.dtypes import BY_GGML, hf_name, parse_dtype
 from granite_cli.checkpoint.init import TILE, fill_random
 from granite_cli.checkpoint.names import IGNORED_CKPT_SUFFIXES, checkpoint_entries
 from granite_cli.checkpoint.safetensors import SafetensorsFile, checkpoint_files
@@ -186,7 +186,6 @@ class GGUFSource(Source):
             raise InputError(f"{self.path}: corrupt {mapping.HF_DTYPES_KEY} metadata (not an object of dtype names); "
                              "re-convert the file")
         base = parse_dtype(self.cfg.torch_dtype)
-        gdt = {G.GGML_F32: torch.float32, G.GGML_F16: torch.float16, G.GGML_BF16: torch.bfloat16}
         self._check_shapes()
         self._shapes, self._dtypes = {}, {}
         for name, t in self.tmap.items():
@@ -198,7 +197,7 @@ class GGUFSource(Source):
             elif t.parts[0].keep_f32:
                 self._dtypes[name] = base
             else:
-                self._dtypes[name] = gdt.get(self.f.tensors[t.parts[0].gguf].gtype, base)
+                self._dtypes[name] = BY_GGML.get(self.f.tensors[t.parts[0].gguf].gtype, base)
         self._nbytes = sum(ti.nbytes for ti in self.f.tensors.values())
         self._check_inventory(list(self.tmap), str(self.path))
 

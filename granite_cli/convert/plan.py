@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from granite_cli.checkpoint import gguf_map as mapping
-from granite_cli.checkpoint.dtypes import parse_dtype
+from granite_cli.checkpoint.dtypes import BY_SHORT, parse_dtype
 from granite_cli.checkpoint.sources import Source
 from granite_cli.errors import InputError
 from granite_cli.fsutil import check_destination
@@ -25,8 +25,8 @@ if TYPE_CHECKING:
     from granite_cli.convert.formats import Format
 
 # the torch dtype each storage kind is written as (q8_0 is GGUF blocks: 34 bytes per 32 values)
-STORE = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn,
-         "int8": torch.int32, "scale": torch.float32, "shape": torch.int64}
+STORE = {**{k: BY_SHORT[k] for k in ("f32", "f16", "bf16", "fp8")},
+         "int8": torch.int32, "scale": torch.float32, "shape": torch.int64}  # int8: packed four to an int32
 
 
 @dataclass

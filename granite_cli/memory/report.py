@@ -40,16 +40,20 @@ def rows_for(models, ctxs, batches, weights="bf16", kv="bf16", state="fp32", uba
     return out
 
 
-def add_traced(rows: list[dict], ubatch: int) -> None:
-    import torch
+def _compute_dtype(name: str, fallback: str):
+    """The torch dtype the core computes in for a row's dtype name; `fallback` for fp8, int8 and q8_0
+    (weights the core does not run: traced at the fallback's width)."""
+    from granite_cli.checkpoint.dtypes import is_float_name, parse_dtype
 
+    return parse_dtype(name if is_float_name(name) else fallback)
+
+
+def add_traced(rows: list[dict], ubatch: int) -> None:
     from granite_cli.memory.trace import traced
 
-    dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     for r in rows:
-        wd = r["weights_dtype"] if r["weights_dtype"] in dt else "bf16"
-        t = traced(load_config(r["model"]), r["ctx"], r["batch"], dt[wd], ubatch,
-                   dt.get(r["state_dtype"], torch.float32))
+        t = traced(load_config(r["model"]), r["ctx"], r["batch"], _compute_dtype(r["weights_dtype"], "bf16"), ubatch,
+                   _compute_dtype(r["state_dtype"], "fp32"))
         r["traced_activation_bytes"] = t["prefill_activation_bytes"]
         r["traced_decode_activation_bytes"] = t["decode_activation_bytes"]
         r["traced_cache_bytes"] = t["cache_bytes"]
@@ -62,24 +66,25 @@ def add_measured(rows: list[dict], ubatch: int, device: str) -> None:
     import psutil
     import torch
 
+    from granite_cli.checkpoint.dtypes import is_float_name
     from granite_cli.memory.trace import measured_cpu
 
-    dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     if device == "cuda":
         avail, where = torch.cuda.mem_get_info()[1] * 0.9, "this GPU"
     else:
         avail, where = 0.5 * psutil.virtual_memory().available, "this machine"
     for r in rows:
-        if r["total_bytes"] > avail or r["weights_dtype"] not in dt:
-            r["measured_status"] = f"skipped: too large for {where}" if r["weights_dtype"] in dt else \
-                f"skipped: {r['weights_dtype']} weights are not run by the core"
+        runs = is_float_name(r["weights_dtype"])
+        if r["total_bytes"] > avail or not runs:
+            r["measured_status"] = (f"skipped: too large for {where}" if runs
+                                    else f"skipped: {r['weights_dtype']} weights are not run by the core")
             continue
         cfg = load_config(r["model"])
         try:
             if device == "cuda":
-                m = _measured_cuda(cfg, r, dt[r["weights_dtype"]], ubatch)
+                m = _measured_cuda(cfg, r, _compute_dtype(r["weights_dtype"], "bf16"), ubatch)
             else:
-                m = measured_cpu(cfg, r["ctx"], r["batch"], dt[r["weights_dtype"]], ubatch)
+                m = measured_cpu(cfg, r["ctx"], r["batch"], _compute_dtype(r["weights_dtype"], "bf16"), ubatch)
         except (torch.OutOfMemoryError, MemoryError) as e:
             r["measured_status"] = f"oom: {str(e).splitlines()[0][:160]}"
             if device == "cuda":
