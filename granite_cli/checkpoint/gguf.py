@@ -297,7 +297,6 @@ class GGUFFile:
     def tensor(self, name: str, copy: bool = False) -> torch.Tensor:
         """Decoded to a float tensor in PyTorch order (F32/F16/BF16 a zero-copy view, or with copy=True
         a private pread copy that maps no file pages; Q8_0 dequantised to F32)."""
-
         ti = self.tensors[name]
         r = pread(self.path, self.offsets[name], ti.nbytes) if copy else self.raw(name)
         if ti.gtype == GGML_Q8_0:

@@ -37,7 +37,7 @@ def from_profile_dict(d: dict[str, Any], name: str, source: str) -> ModelConfig:
     unknown = sorted(k for k in d if k not in _PROFILE_KEYS)
     if unknown:
         raise invalid(source,
-                    f"unknown key {unknown[0]!r}; valid keys are the ModelConfig fields (see profiles/README.md)")
+                      f"unknown key {unknown[0]!r}; valid keys are the ModelConfig fields (see profiles/README.md)")
     d = dict(d)
     for req in ("architecture", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "intermediate_size"):

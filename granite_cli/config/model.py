@@ -159,13 +159,13 @@ def _check_layers(cfg: ModelConfig, src: str) -> None:
             raise invalid(src, f"{f} must be a positive integer, got {v!r}")
     if len(cfg.layer_types) != cfg.num_hidden_layers:
         raise invalid(src, f"layer_types has {len(cfg.layer_types)} entries but num_hidden_layers is "
-                         f"{cfg.num_hidden_layers}; give one type per layer")
+                      f"{cfg.num_hidden_layers}; give one type per layer")
     bad = [t for t in cfg.layer_types if t not in ("mamba", "attention")]
     if bad:
         raise invalid(src, f"unknown layer type {bad[0]!r}; use mamba/attention or linear_attention/full_attention")
     if cfg.num_attention_heads % cfg.num_key_value_heads:
         raise invalid(src, f"num_attention_heads {cfg.num_attention_heads} is not a multiple of num_key_value_heads "
-                         f"{cfg.num_key_value_heads}")
+                      f"{cfg.num_key_value_heads}")
 
 
 def _check_experts(cfg: ModelConfig, src: str) -> None:
@@ -174,7 +174,7 @@ def _check_experts(cfg: ModelConfig, src: str) -> None:
         raise invalid(src, "expert counts must not be negative")
     if k > e:
         raise invalid(src, f"num_experts_per_tok {k} is above num_local_experts {e}; top-k must not exceed the expert "
-                         "count")
+                      "count")
     if e and k == 0:
         raise invalid(src, "num_local_experts > 0 needs num_experts_per_tok >= 1")
     if e and cfg.expert_width <= 0:
@@ -203,10 +203,10 @@ def _check_mamba(cfg: ModelConfig, src: str) -> None:
     inner = cfg.mamba_expand * cfg.hidden_size
     if inner % cfg.mamba_n_heads:
         raise invalid(src, f"mamba_n_heads {cfg.mamba_n_heads} does not divide the inner size {inner} "
-                         f"(mamba_expand {cfg.mamba_expand} x hidden_size {cfg.hidden_size})")
+                      f"(mamba_expand {cfg.mamba_expand} x hidden_size {cfg.hidden_size})")
     if cfg.d_inner != inner:
         raise invalid(src, f"mamba_n_heads x mamba_d_head = {cfg.d_inner} but mamba_expand x hidden_size = {inner}; "
-                         "they must match")
+                      "they must match")
     if cfg.mamba_n_heads % cfg.mamba_n_groups:
         raise invalid(src, f"mamba_n_groups {cfg.mamba_n_groups} does not divide mamba_n_heads {cfg.mamba_n_heads}")
 
@@ -254,6 +254,7 @@ def _check_values(cfg: ModelConfig, src: str) -> None:
 
 
 def check_types(cfg: ModelConfig, source: str) -> None:
+    """Every field of cfg has its declared type (an InputError naming the first that does not)."""
     check_value_types({f.name: getattr(cfg, f.name) for f in dataclasses.fields(ModelConfig)}, source)
 
 
