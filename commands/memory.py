@@ -39,33 +39,12 @@ def memory_report(
 
     Examples: granite memory-report;  granite memory-report -m granite-4.0-h-tiny --ctx 128k --batch 4 --budget 24GB
     """
-    from granite_cli.bench.spec import parse_list
-    from granite_cli.errors import CheckFailed, InputError
     from granite_cli.memory import report as R
-    from granite_cli.render import human_bytes, parse_bytes
+    from granite_cli.render import human_bytes
 
-    models = model or R.DEFAULT_MODELS
-    ctxs = parse_list(ctx, "context")
-    batches = parse_list(batch, "batch")
-    if ubatch < 1:
-        raise InputError("--ubatch must be at least 1")
-    limit = parse_bytes(budget) if budget is not None else None
-    if device not in ("cpu", "cuda"):
-        raise InputError(f"--device must be cpu or cuda, got {device!r}")
-    if out:  # refused before any work when it holds files granite did not write
-        from granite_cli.fsutil import check_report_dir
-
-        check_report_dir(out, R.REPORT_FILES)
-    rep = R.full_report(models, ctxs, batches, weights, kv, state, ubatch)
-    if trace:
-        say(f"tracing {len(rep['rows'])} case(s) on the meta device ...")
-        R.add_traced(rep["rows"], ubatch)
-    if measure:
-        say(f"measuring {len(rep['rows'])} case(s) on {device} ...")
-        R.add_measured(rep["rows"], ubatch, device)
-    if out:
-        R.write_report_dir(out, rep)
-        say(f"report written to {out / 'report.md'}")
+    outcome = R.run_report(model, ctx, batch, weights=weights, kv=kv, state=state, ubatch=ubatch, trace=trace,
+                           measure=measure, device=device, out=out, budget=budget, say=say)
+    rep = outcome.report
     cols = ["model", "ctx", "batch", "weights_bytes", "kv_bytes", "state_bytes", "activation_bytes", "total_bytes"]
     cols += [c for c in ("traced_total_bytes", "measured_total_bytes") if any(c in r for r in rep["rows"])]
     hb = lambda v: human_bytes(v) if isinstance(v, (int, float)) else ""  # noqa: E731
@@ -76,9 +55,6 @@ def memory_report(
         say("claims:")
         for c in rep["claims"]:
             say(f"  {c['claim']}: {c['verdict']}")
-    if limit is not None:
-        fails = R.budget_failures(rep["rows"], limit)
-        if fails:
-            raise CheckFailed(f"{len(fails)} case(s) over budget: " + "; ".join(fails[:5]) +
-                              (f"; and {len(fails) - 5} more" if len(fails) > 5 else ""))
-        say(f"all {len(rep['rows'])} case(s) within the {human_bytes(limit)} budget")
+    outcome.raise_for_budget()
+    if outcome.budget_bytes is not None:
+        say(f"all {len(rep['rows'])} case(s) within the {human_bytes(outcome.budget_bytes)} budget")

@@ -17,8 +17,9 @@ from granite_cli.bench.analysis import analyse, check_claims, regressions
 from granite_cli.bench.fit import describe, fit_scaling
 from granite_cli.bench.rows import JsonlStore, finished_keys
 from granite_cli.bench.runner import Runner
-from granite_cli.bench.spec import SweepSpec, load_sweep_file, parse_list, parse_size, run_defaults
+from granite_cli.bench.spec import SweepSpec, load_sweep_file, run_defaults
 from granite_cli.errors import InputError
+from granite_cli.sizes import parse_list, parse_size
 
 
 def test_sizes_lists_and_ranges():

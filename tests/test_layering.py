@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # granite_cli.commands). A unit imports only from units in rows below its own.
 LAYERS = [
     {"errors"},
-    {"arch", "fsutil", "hostmem", "render", "hub"},  # architectures, files, host memory, tables, Hub ids
+    {"arch", "fsutil", "hostmem", "render", "sizes", "hub"},  # architectures, files, host memory, tables, Hub ids
     {"config", "measure"},
     {"checkpoint", "ops", "params"},
     {"model", "env", "flops", "profile_info"},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from granite_cli.config import load_config
@@ -160,6 +161,59 @@ def full_report(models, ctxs, batches, weights, kv, state, ubatch) -> dict:
         "crossover": crossovers(models, kv, state),
         "weights": [{"model": c.name, **weight_bytes(c, weights)} for c in map(load_config, models)],
     }
+
+
+def run_report(models: list[str] | None, ctx: str, batch: str, *, weights: str = "bf16", kv: str = "bf16",
+               state: str = "fp32", ubatch: int = 4096, trace: bool = False, measure: bool = False,
+               device: str = "cpu", out: Path | None = None, budget: str | None = None,
+               say=lambda msg: None) -> "Outcome":
+    """What `granite memory-report` runs: the options checked before any work (an --out holding files
+    granite did not write is refused up front), the predicted report, optionally traced and measured
+    rows, the report folder. Rows over `budget` are returned, not raised, so the caller shows the table
+    before Outcome.raise_for_budget fails the job (exit 3)."""
+    from granite_cli.errors import InputError
+    from granite_cli.fsutil import check_report_dir
+    from granite_cli.render import parse_bytes
+    from granite_cli.sizes import parse_list
+
+    models = models or DEFAULT_MODELS
+    ctxs, batches = parse_list(ctx, "context"), parse_list(batch, "batch")
+    if ubatch < 1:
+        raise InputError("--ubatch must be at least 1")
+    limit = parse_bytes(budget) if budget is not None else None
+    if device not in ("cpu", "cuda"):
+        raise InputError(f"--device must be cpu or cuda, got {device!r}")
+    if out:
+        check_report_dir(out, REPORT_FILES)
+    rep = full_report(models, ctxs, batches, weights, kv, state, ubatch)
+    if trace:
+        say(f"tracing {len(rep['rows'])} case(s) on the meta device ...")
+        add_traced(rep["rows"], ubatch)
+    if measure:
+        say(f"measuring {len(rep['rows'])} case(s) on {device} ...")
+        add_measured(rep["rows"], ubatch, device)
+    if out:
+        write_report_dir(out, rep)
+        say(f"report written to {Path(out) / 'report.md'}")
+    return Outcome(rep, limit, budget_failures(rep["rows"], limit) if limit is not None else [])
+
+
+@dataclass
+class Outcome:
+    """A finished memory report, the budget it was held to (bytes, None for none) and the rows over it."""
+
+    report: dict
+    budget_bytes: float | None
+    over_budget: list[str]
+
+    def raise_for_budget(self) -> None:
+        """CheckFailed (exit 3) naming the rows over the budget, if any."""
+        from granite_cli.errors import CheckFailed
+
+        fails = self.over_budget
+        if fails:
+            raise CheckFailed(f"{len(fails)} case(s) over budget: " + "; ".join(fails[:5]) +
+                              (f"; and {len(fails) - 5} more" if len(fails) > 5 else ""))
 
 
 def _plots(report: dict, out: Path) -> list[str]:
