@@ -14,8 +14,12 @@ from granite_cli.commands.common import Format, FormatOpt, emit_rows, say
 
 COLUMNS = ["model", "batch", "ctx", "phase", "status", "tokens_per_s", "latency_ms", "stdev_s", "peak_total_bytes",
            "predicted_total_bytes", "peak_delta_bytes"]
-HEADERS = {"tokens_per_s": "tok/s", "latency_ms": "latency ms", "stdev_s": "stdev s", "peak_total_bytes": "peak mem",
-           "predicted_total_bytes": "predicted", "peak_delta_bytes": "peak +mem"}
+SERVE_COLUMNS = ["model", "batch", "ctx", "status", "ttft_ms_p50", "ttft_ms_p90", "itl_ms_p50", "itl_ms_p90",
+                 "e2e_ms_p50", "output_tokens_per_s", "requests_per_s", "max_in_flight", "errors"]
+HEADERS = {"ttft_ms_p50": "TTFT ms", "ttft_ms_p90": "TTFT p90", "itl_ms_p50": "ITL ms", "itl_ms_p90": "ITL p90",
+           "e2e_ms_p50": "e2e ms", "output_tokens_per_s": "out tok/s", "requests_per_s": "req/s",
+           "max_in_flight": "in flight", "tokens_per_s": "tok/s", "latency_ms": "latency ms", "stdev_s": "stdev s",
+           "peak_total_bytes": "peak mem", "predicted_total_bytes": "predicted", "peak_delta_bytes": "peak +mem"}
 
 
 def _fmt_num(v):
@@ -43,6 +47,24 @@ SweepOpt = Annotated[Optional[Path], typer.Option(
 WeightsOpt = Annotated[Optional[str], typer.Option(
     help="random, checkpoint, or auto (the default: a local folder's weights where it has them, else random "
          "at the model's real shapes; a Hub id then fetches config.json only).")]
+
+EndpointOpt = Annotated[Optional[list[str]], typer.Option(
+    "--endpoint", metavar="[NAME=]URL",
+    help="An OpenAI-compatible server to sweep (vLLM, SGLang, llama.cpp's llama-server, ...), repeatable, beside or "
+         "instead of -m: --ctx is then prompt tokens, --batch concurrent sessions (closed loop), --gen output tokens, "
+         "--reps requests per session. NAME defaults to the served model.")]
+ApiKeyOpt = Annotated[Optional[str], typer.Option(
+    envvar="GRANITE_API_KEY", show_default=False, show_envvar=True,
+    help="Bearer token for --endpoint servers (never printed or stored).")]
+RateOpt = Annotated[Optional[float], typer.Option(
+    help="Open loop instead: batch x reps requests arriving as a Poisson process at this many per second.")]
+SharedPrefixOpt = Annotated[int, typer.Option(
+    help="Leading prompt tokens shared by every request of a case (to measure prefix caching); 0 = none.")]
+RequestTimeoutOpt = Annotated[float, typer.Option(help="Seconds a request may take before it counts as a "
+                                                      "timeout.")]
+SloTtftOpt = Annotated[Optional[float], typer.Option(
+    help="SLO on p90 time to first token, ms: report the largest concurrency per prompt length that meets it.")]
+SloItlOpt = Annotated[Optional[float], typer.Option(help="SLO on p90 inter-token latency, ms.")]
 
 
 def bench(
@@ -81,6 +103,13 @@ def bench(
         help="Correctness at each case's depth: 'depth' (the default) compares its decode steps with a chunked "
              "continuation from the same state; 'full' also with a from-empty prefill, at each model's largest "
              "context. A failing case is marked invalid.")] = None,
+    endpoint: EndpointOpt = None,
+    api_key: ApiKeyOpt = None,
+    rate: RateOpt = None,
+    shared_prefix: SharedPrefixOpt = 0,
+    request_timeout: RequestTimeoutOpt = 600.0,
+    slo_ttft: SloTtftOpt = None,
+    slo_itl: SloItlOpt = None,
     fmt: FormatOpt = Format.table,
 ) -> None:
     """Sweep context and batch: prefill and decode throughput, latency and memory; fit the scaling.
@@ -89,10 +118,12 @@ def bench(
     granite-4.0-h-micro vs granite-4.0-micro with random bf16 weights over 1k-32k. Every sweep field
     comes from its option if given, else from --sweep FILE, else from the default.
 
-    Examples: granite bench --ctx 128k;  granite bench -m granite-4.0-h-tiny --ctx 1k-32k*2 --batch 1,8 --out rep/
+    Examples: granite bench --ctx 128k;  granite bench -m granite-4.0-h-tiny --ctx 1k-32k*2 --batch 1,8 --out rep/;
+    granite bench --endpoint h=http://127.0.0.1:8080 --endpoint d=http://127.0.0.1:8081 --ctx 512-8k*2 --batch 1,2,4
     """
     import torch
 
+    from granite_cli.bench.endpoints import ServeOptions
     from granite_cli.bench.session import duration, run_sweep
     from granite_cli.bench.spec import resolve_spec
 
@@ -100,12 +131,13 @@ def bench(
              "device": device, "reps": reps, "warmup": warmup, "ubatch": ubatch, "share_prefill": share_prefill,
              "cuda_graph": cuda_graph, "compile": compile_decode, "max_case_seconds": max_case_seconds,
              "seed": seed, "guard": guard, "weights": weights}
-    spec = resolve_spec(flags, sweep, torch.cuda.is_available())
+    spec = resolve_spec(flags, sweep, torch.cuda.is_available(), endpoints=bool(endpoint))
+    serve = ServeOptions(endpoint or [], api_key, rate, shared_prefix, request_timeout, slo_ttft, slo_itl)
     outcome = run_sweep(spec, out=out, jsonl=jsonl, resume=resume, baseline=baseline,
                         fail_on_regression=fail_on_regression, check=check, say=say,
-                        progress=_Progress(sys.stderr.isatty()))
+                        progress=_Progress(sys.stderr.isatty()), serve=serve)
     result = outcome.analysis
-    emit_rows(outcome.rows, fmt, columns=COLUMNS, headers=HEADERS,
+    emit_rows(outcome.rows, fmt, columns=_columns(outcome.rows), headers=HEADERS,
               json_obj={"schema_version": 1, "rows": outcome.rows, "verdicts": result["verdicts"],
                         "fits": result["fits"], "ratios": result["ratios"], "wall_s": outcome.wall_s},
               formatters=FORMATTERS)
@@ -116,14 +148,28 @@ def bench(
     outcome.raise_for_gates()
 
 
+def _columns(rows: list[dict]) -> list[str]:
+    """The in-process columns, the server columns, or both when a sweep has both kinds of subject."""
+    served = {r["phase"] == "serve" for r in rows}
+    if served == {True}:
+        return SERVE_COLUMNS
+    return COLUMNS + [c for c in SERVE_COLUMNS if c not in COLUMNS] if True in served else COLUMNS
+
+
 def _bytes(v):
     from granite_cli.render import human_bytes
 
     return "" if v is None else human_bytes(v)
 
 
+def _errors(v):
+    return "" if not v else ", ".join(f"{k}: {n}" for k, n in sorted(v.items()))
+
+
 FORMATTERS = {"tokens_per_s": _fmt_num, "latency_ms": _fmt_num, "stdev_s": _fmt_num, "peak_total_bytes": _bytes,
-              "predicted_total_bytes": _bytes, "peak_delta_bytes": _bytes}
+              "predicted_total_bytes": _bytes, "peak_delta_bytes": _bytes, "errors": _errors,
+              **{k: _fmt_num for k in ("ttft_ms_p50", "ttft_ms_p90", "itl_ms_p50", "itl_ms_p90", "e2e_ms_p50",
+                                       "output_tokens_per_s", "requests_per_s")}}
 
 
 class _Progress:

@@ -38,6 +38,9 @@ def convert(
     verify: Annotated[bool, typer.Option(
         help="Check inventory, metadata, every tensor and logits before renaming into place.")] = True,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing DST.")] = False,
+    no_vocab: Annotated[bool, typer.Option(
+        "--no-vocab", help="Without a source tokenizer, write no vocabulary instead of a synthetic byte-level one "
+                           "(llama.cpp can load such a GGUF but not serve it).")] = False,
     fmt: FormatOpt = Format.table,
 ) -> None:
     """Convert a checkpoint: HF folder <-> HF folder or .gguf, a .gguf -> HF folder (`convert inspect PATH`
@@ -70,7 +73,7 @@ def convert(
 
     source = run.open_any(src, from_profile, dtype, seed)
     p = run.plan(source, dst, dtype=dtype, quant_method=quant, keep=tuple(keep_high_precision or ()),
-                 shard_size=shard_size, force=force, check_disk=not dry_run)
+                 shard_size=shard_size, force=force, check_disk=not dry_run, no_vocab=no_vocab)
     if dry_run:  # a plan is reported even when it would not fit; the shortfall is a field and a warning
         if short := run.disk_shortfall(p):
             say(f"warning: {short} (a real run stops here, exit 2)")

@@ -40,7 +40,9 @@ def test_gguf_package_reads_our_metadata_and_tensors(tmp_path):
     assert r.fields["granitehybrid.ssm.inner_size"].contents() == m.cfg.d_inner
     assert r.fields["granitehybrid.rope.scaling.finetuned"].contents() is False
     assert r.fields["granitehybrid.context_length"].contents() == 2**20  # NoPE: no trained length limit
-    assert r.fields["tokenizer.ggml.model"].contents() == "none"
+    # no tokenizer in the source: a synthetic byte-level vocabulary, so llama.cpp's servers can serve the file
+    assert r.fields["tokenizer.ggml.model"].contents() == "gpt2"
+    assert len(r.fields["tokenizer.ggml.tokens"].contents()) == m.cfg.vocab_size
     t = {x.name: x for x in r.tensors}
     expected = set(gguf.MODEL_TENSORS[gguf.MODEL_ARCH.GRANITE_HYBRID])
     names = {gguf.TENSOR_NAMES[k] for k in expected}

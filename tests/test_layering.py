@@ -17,7 +17,7 @@ LAYERS = [
     {"checkpoint", "ops", "params"},
     {"model", "env", "flops", "profile_info"},
     {"granite_cli"},                               # the package's own __init__ (lazy entry points)
-    {"memory", "convert"},
+    {"memory", "convert", "serve"},                # serve: OpenAI-compatible servers as bench subjects
     {"bench"},                                     # reads memory's predictions for its verdicts
     {"commands"},                                  # the CLI: parses options, calls one library function
     {"app"},

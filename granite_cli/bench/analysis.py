@@ -18,7 +18,7 @@ def _group(rows, phase):
     return g
 
 
-def analyse(rows: list[dict]) -> dict:
+def analyse(rows: list[dict], slo_ttft_ms: float | None = None, slo_itl_ms: float | None = None) -> dict:
     fits: list[dict] = []
     verdicts: list[str] = []
     for (model, batch), rs in sorted(_group(rows, "prefill").items()):
@@ -49,7 +49,99 @@ def analyse(rows: list[dict]) -> dict:
                 f"{hi['ctx'] / lo['ctx']:.0f}x depth)")
     ratios = hybrid_dense_ratios(rows)
     verdicts += [ratio_verdict(r) for r in ratios]
+    served = serve_analysis(rows, slo_ttft_ms, slo_itl_ms)
+    fits += served["fits"]
+    verdicts += served["verdicts"]
+    return {"fits": fits, "verdicts": verdicts, "ratios": ratios, "serve_ratios": served["ratios"]}
+
+
+def _x(v) -> str:
+    return "n/a" if v is None or v != v else f"{v:.2f}x"
+
+
+def _ms(v) -> str:
+    return "n/a" if v is None else f"{v:.0f} ms" if v >= 100 else f"{v:.1f} ms"
+
+
+def serve_analysis(rows: list[dict], slo_ttft_ms: float | None = None, slo_itl_ms: float | None = None) -> dict:
+    """Verdicts on servers (phase "serve" rows): how time to first token grows with the prompt (fitted as
+    prefill is), inter-token latency against depth, throughput against concurrency and where it stops
+    growing, the sessions per server within an SLO, hybrid/dense ratios, and failed requests."""
+    fits, verdicts = [], []
+    g = _group(rows, "serve")
+    for (model, b), rs in sorted(g.items()):
+        rs = sorted(rs, key=lambda r: r["ctx"])
+        f = fit_scaling([r["ctx"] for r in rs], [r["ttft_ms_p50"] and r["ttft_ms_p50"] / 1e3 for r in rs])
+        fits.append({"model": model, "batch": b, "phase": "serve", "part": "ttft", **(f.as_dict() if f else {})})
+        verdicts.append(describe(f"{model} c{b} time to first token", f))
+        lo, hi = rs[0], rs[-1]
+        if lo is not hi and lo.get("itl_ms_p50") and hi.get("itl_ms_p50"):
+            verdicts.append(f"{model} c{b} inter-token latency: {_ms(lo['itl_ms_p50'])} after a {lo['ctx']}-token "
+                            f"prompt -> {_ms(hi['itl_ms_p50'])} after {hi['ctx']} "
+                            f"({hi['itl_ms_p50'] / lo['itl_ms_p50']:.2f}x over {hi['ctx'] / lo['ctx']:.0f}x depth)")
+    verdicts += _throughput_verdicts(g, slo_ttft_ms, slo_itl_ms)
+    ratios = _serve_ratios(rows)
+    verdicts += [f"{r['hybrid']} vs {r['dense']} c{r['batch']} prompt {r['ctx']}: time to first token "
+                 f"{_x(r['ttft'])}, inter-token latency {_x(r['itl'])}, output tokens/s {_x(r['output_speed'])}"
+                 for r in ratios]
+    failed: dict[str, dict[str, int]] = {}
+    for r in rows:
+        if r["phase"] == "serve" and r.get("errors"):
+            for k, n in r["errors"].items():
+                failed.setdefault(r["model"], {}).setdefault(k, 0)
+                failed[r["model"]][k] += n
+    for m, kinds in failed.items():
+        verdicts.append(f"{m}: {sum(kinds.values())} request(s) failed ("
+                        + ", ".join(f"{k}: {n}" for k, n in sorted(kinds.items())) + ")")
     return {"fits": fits, "verdicts": verdicts, "ratios": ratios}
+
+
+def _throughput_verdicts(g: dict, slo_ttft_ms: float | None, slo_itl_ms: float | None) -> list[str]:
+    """Per server and prompt length: output tokens/s over concurrency, the concurrency past which it grows
+    by less than 10%, and with an SLO the largest concurrency whose p90s meet it."""
+    by: dict[tuple, dict[int, dict]] = defaultdict(dict)
+    for (model, b), rs in g.items():
+        for r in rs:
+            by[(model, r["ctx"])][b] = r
+    out = []
+    for (model, ctx), per in sorted(by.items()):
+        cs = sorted(per)
+        if len(cs) > 1:
+            tps = [per[c]["output_tokens_per_s"] or 0.0 for c in cs]
+            sat = next((c for c, a, nxt in zip(cs, tps, tps[1:]) if nxt < a * 1.10), None)
+            out.append(f"{model} prompt {ctx}: output tokens/s " + ", ".join(f"{t:.1f} (c{c})" for c, t in
+                                                                               zip(cs, tps))
+                       + (f"; saturates at concurrency {sat}" if sat else f"; still growing at concurrency {cs[-1]}"))
+        if slo_ttft_ms is None and slo_itl_ms is None:
+            continue
+        meets = [c for c in cs if not per[c].get("errors")
+                 and (slo_ttft_ms is None or (per[c].get("ttft_ms_p90") or 1e30) <= slo_ttft_ms)
+                 and (slo_itl_ms is None or (per[c].get("itl_ms_p90") or 1e30) <= slo_itl_ms)]
+        slo = " and ".join(x for x in (f"TTFT p90 <= {slo_ttft_ms:g} ms" if slo_ttft_ms else "",
+                                       f"ITL p90 <= {slo_itl_ms:g} ms" if slo_itl_ms else "") if x)
+        out.append(f"{model} prompt {ctx}: " + (f"{max(meets)} session(s) per server within {slo}" if meets else
+                                                  f"no measured concurrency ({', '.join(map(str, cs))}) meets {slo}"))
+    return out
+
+
+def _serve_ratios(rows: list[dict]) -> list[dict]:
+    idx = {(r["model"], r["batch"], r["ctx"]): r for r in rows if r["phase"] == "serve" and r["status"] in OK}
+    kinds = {r["model"]: r.get("kind") for r in rows if r["phase"] == "serve"}
+    out = []
+    for h in (m for m, k in kinds.items() if k == "hybrid"):
+        for d in (m for m, k in kinds.items() if k == "dense"):
+            for (m, b, c), rh in sorted(idx.items()):
+                rd = idx.get((d, b, c))
+                if m != h or rd is None:
+                    continue
+
+                def ratio(key):
+                    x, y = rh.get(key), rd.get(key)
+                    return x / y if x is not None and y else float("nan")
+
+                out.append({"hybrid": h, "dense": d, "batch": b, "ctx": c, "ttft": ratio("ttft_ms_p50"),
+                            "itl": ratio("itl_ms_p50"), "output_speed": ratio("output_tokens_per_s")})
+    return out
 
 
 _SOURCE = {"tracked": "tracked", "cuda_allocated": "allocator"}
@@ -118,16 +210,29 @@ def check_claims(rows: list[dict], analysis: dict) -> list[str]:
     for f in analysis["fits"]:
         if f.get("part") == "mamba" and f.get("doubling") is not None and f["doubling"] > 2.6:
             fails.append(f"{f['model']} b{f['batch']}: Mamba layers not linear (doubling {f['doubling']:.2f}x)")
-    by = {(f["model"], f["batch"]): f for f in analysis["fits"] if f.get("part") == "total" and f.get("doubling")}
-    for r in analysis["ratios"]:
-        fh, fd = by.get((r["hybrid"], r["batch"])), by.get((r["dense"], r["batch"]))
-        if fh and fd and fh["doubling"] > fd["doubling"] * 1.05:
-            fails.append(f"{r['hybrid']} prefill grows faster than {r['dense']} at b{r['batch']} "
-                         f"(doubling {fh['doubling']:.2f}x vs {fd['doubling']:.2f}x)")
+    for part, what, pairs in (("total", "prefill", analysis["ratios"]),
+                              ("ttft", "time to first token", analysis.get("serve_ratios", []))):
+        fails += _faster_growth(analysis["fits"], part, what, pairs)
     invalid = [r for r in rows if r["status"] == "invalid"]
     if invalid:
         fails.append(f"{len(invalid)} case(s) failed the correctness guard")
     return sorted(set(fails))
+
+
+def _faster_growth(fits: list[dict], part: str, what: str, pairs: list[dict]) -> list[str]:
+    """A hybrid whose cost grows faster with context than its dense twin's, at the same batch."""
+    fails = []
+    by = {(f["model"], f["batch"]): f for f in fits if f.get("part") == part and f.get("doubling")}
+    seen = set()
+    for r in pairs:
+        if (r["hybrid"], r["dense"], r["batch"]) in seen:
+            continue
+        seen.add((r["hybrid"], r["dense"], r["batch"]))
+        fh, fd = by.get((r["hybrid"], r["batch"])), by.get((r["dense"], r["batch"]))
+        if fh and fd and fh["doubling"] > fd["doubling"] * 1.05:
+            fails.append(f"{r['hybrid']} {what} grows faster than {r['dense']} at b{r['batch']} "
+                         f"(doubling {fh['doubling']:.2f}x vs {fd['doubling']:.2f}x)")
+    return fails
 
 
 def regressions(rows: list[dict], baseline: list[dict], threshold: float) -> list[str]:

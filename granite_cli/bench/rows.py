@@ -72,6 +72,16 @@ def environment_fields(device) -> dict:
     }
 
 
+def client_environment() -> dict:
+    """The environment fields of a row measured against a server: the client's, without torch's."""
+    from granite_cli import __version__
+    from granite_cli.env import cpu_model
+
+    commit, dirty = _git()
+    return {"granite_version": __version__, "python": platform.python_version(), "cpu": cpu_model(),
+            "commit": commit, "dirty": dirty, "host": os.uname().nodename}
+
+
 _ROW_KEYS = ("model", "batch", "ctx", "phase", "status")
 
 

@@ -16,15 +16,17 @@ from typing import Callable
 import torch
 
 from granite_cli.bench import analysis as an
+from granite_cli.bench.endpoints import ServeOptions, run_endpoints, servers
 from granite_cli.bench.estimate import check_fits, estimate_seconds, matmul_gflops
 from granite_cli.bench.report import REPORT_FILES, write_report
-from granite_cli.bench.rows import FINISHED, JsonlStore, check_rows_file, finished_keys, read_rows
+from granite_cli.bench.rows import FINISHED, JsonlStore, check_rows_file, client_environment, finished_keys, read_rows
 from granite_cli.bench.runner import Runner
 from granite_cli.bench.spec import SweepSpec
 from granite_cli.checkpoint.dtypes import parse_dtype
 from granite_cli.errors import CheckFailed, GraniteError, InputError
 from granite_cli.fsutil import check_report_dir, prepare_report_dir
 from granite_cli.hostmem import retain_freed_memory
+from granite_cli.serve.load import ServerGone
 
 
 class Progress:
@@ -46,8 +48,11 @@ class Outcome:
     analysis: dict
     wall_s: float
     gates: list[str] = field(default_factory=list)  # failed --check / --fail-on-regression gates
+    fatal: GraniteError | None = None                # what ended the sweep early (a server that stopped)
 
     def raise_for_gates(self) -> None:
+        if self.fatal is not None:
+            raise self.fatal
         if self.gates:
             raise CheckFailed(f"{len(self.gates)} check(s) failed: " + "; ".join(self.gates))
         errored = [r for r in self.rows if r["status"] == "error"]
@@ -70,19 +75,28 @@ def parse_threshold(text: str | None, baseline: Path | None) -> float | None:
 
 def run_sweep(spec: SweepSpec, *, out: Path | None = None, jsonl: Path | None = None, resume: bool = False,
               baseline: Path | None = None, fail_on_regression: str | None = None, check: bool = False,
-              say: Callable[[str], None] = lambda msg: None, progress: Progress | None = None) -> Outcome:
-    """Run the sweep, streaming rows to `jsonl` or `out`/rows.jsonl; write the report into `out`."""
+              say: Callable[[str], None] = lambda msg: None, progress: Progress | None = None,
+              serve: ServeOptions | None = None) -> Outcome:
+    """Run the sweep, streaming rows to `jsonl` or `out`/rows.jsonl; write the report into `out`.
+    With `serve`, its endpoints are probed before any work and swept after the in-process models."""
     progress = progress or Progress()
     threshold = parse_threshold(fail_on_regression, baseline)
     base_rows = read_rows(baseline) if baseline else None
+    found = servers(serve.validate()) if serve and serve.endpoints else []
     store, kept = _open_store(out, jsonl, resume)
     rows = [r for r in kept if r.get("status") in FINISHED]
     check_fits(spec)
     device = torch.device(spec.device)
-    est = estimate_seconds(spec, matmul_gflops(device, parse_dtype(spec.dtype)))
-    say(f"granite bench: {len(spec.models)} model(s) x {len(spec.batch)} batch x {len(spec.ctx)} context(s) on "
-        f"{spec.device} ({spec.dtype}, {spec.reps} rep(s) + {spec.warmup} warmup); expected about {duration(est)}")
-    if device.type == "cpu":
+    est = estimate_seconds(spec, matmul_gflops(device, parse_dtype(spec.dtype))) if spec.models else 0.0
+    if spec.models:
+        say(f"granite bench: {len(spec.models)} model(s) x {len(spec.batch)} batch x {len(spec.ctx)} context(s) "
+            f"on {spec.device} ({spec.dtype}, {spec.reps} rep(s) + {spec.warmup} warmup); expected about "
+            f"{duration(est)}")
+    for s in found:
+        say(f"granite bench: endpoint {s.name} ({s.engine or 'unknown engine'} {s.version or ''}".rstrip() +
+            f", serving {s.served_model}) x {len(spec.batch)} concurrency x {len(spec.ctx)} prompt length(s), "
+            f"{spec.gen} output tokens, {spec.reps} request(s) per session")
+    if device.type == "cpu" and spec.models:
         say("note: CPU timings share this machine with whatever else runs; compare ratios, not absolute times")
         if retain_freed_memory() == "glibc-retain":  # the runner would apply it too; here, to say so
             say("note: freed heap memory is kept for reuse during the sweep (GRANITE_HOST_MALLOC=system turns it off)")
@@ -95,26 +109,33 @@ def run_sweep(spec: SweepSpec, *, out: Path | None = None, jsonl: Path | None = 
             store.append(r)
         progress.row(r)
 
-    progress.start(len(spec.models) * len(spec.ctx) * len(spec.batch), est)
+    progress.start((len(spec.models) + len(found)) * len(spec.ctx) * len(spec.batch), est)
     t0 = time.perf_counter()
+    gone = None
     try:
-        Runner(spec, on_row, on_case=progress.case, done=finished_keys(kept)).run()
+        if spec.models:
+            Runner(spec, on_row, on_case=progress.case, done=finished_keys(kept)).run()
+        if found:
+            run_endpoints(found, spec, serve, client_environment(), on_row, progress.case, finished_keys(kept))
     except KeyboardInterrupt:
         progress.stop()
         say("interrupted" + (f"; {len(rows)} row(s) kept in {store.path} (rerun with --resume)" if store else ""))
         raise
+    except ServerGone as e:  # the finished rows still make a report; the exit status says what happened
+        gone = e
     progress.stop()
     wall = time.perf_counter() - t0
-    order = {m: i for i, m in enumerate(spec.models)}
+    order = {m: i for i, m in enumerate([*spec.models, *(s.name for s in found)])}
     rows.sort(key=lambda r: (order.get(r["model"], len(order)), r["batch"], r["ctx"], r["phase"]))
-    result = an.analyse(rows)
+    result = an.analyse(rows, slo_ttft_ms=serve.slo_ttft_ms if serve else None,
+                        slo_itl_ms=serve.slo_itl_ms if serve else None)
     if out:
         write_report(out, rows, result, spec.as_dict(), wall)
         say(f"report written to {Path(out) / 'report.md'}")
     gates = an.check_claims(rows, result) if check else []
     if base_rows is not None and threshold is not None:
         gates += an.regressions(rows, base_rows, threshold)
-    return Outcome(rows, result, wall, gates)
+    return Outcome(rows, result, wall, gates, gone)
 
 
 def _open_store(out: Path | None, jsonl: Path | None, resume: bool) -> tuple[JsonlStore | None, list[dict]]:

@@ -47,9 +47,10 @@ class SweepSpec:
     guard: str = "depth"
     weights: str = "auto"
 
-    def validate(self) -> "SweepSpec":
-        if not self.models:
-            raise InputError("no model given; pass -m/--model (a profile, config.json or checkpoint folder)")
+    def validate(self, endpoints: bool = False) -> "SweepSpec":
+        if not self.models and not endpoints:
+            raise InputError("no model given; pass -m/--model (a profile, config.json or checkpoint folder) or "
+                             "--endpoint URL")
         bad = [p for p in self.phases if p not in PHASES]
         if bad:
             raise InputError(f"unknown phase {bad[0]!r}; use prefill, decode or both")
@@ -130,9 +131,11 @@ FLAG_FIELDS = ("models", "ctx", "batch", "phases", "gen", "dtype", "device", "re
 GPU_MODELS, CPU_MODELS = ["granite-4.0-h-micro", "granite-4.0-micro"], ["cpu-hybrid", "cpu-dense"]
 
 
-def resolve_spec(flags: dict, sweep_file: str | Path | None, cuda_available: bool) -> SweepSpec:
+def resolve_spec(flags: dict, sweep_file: str | Path | None, cuda_available: bool,
+                 endpoints: bool = False) -> SweepSpec:
     """The sweep from command-line options (None where not given; ctx, batch and phases as the strings
-    typed), an optional TOML sweep file, and the defaults, in that order of precedence. Validated."""
+    typed), an optional TOML sweep file, and the defaults, in that order of precedence. Validated.
+    With endpoints, no in-process model runs unless one is named."""
     unknown = set(flags) - set(FLAG_FIELDS)
     if unknown:
         raise ValueError(f"unknown sweep fields {sorted(unknown)}")
@@ -154,7 +157,8 @@ def resolve_spec(flags: dict, sweep_file: str | Path | None, cuda_available: boo
         raise InputError(f"--device must be cpu, cuda or auto, got {device!r}")
     ctx = chosen.get("ctx") or parse_list("1k-32k*2" if gpu else "512-8k*2", "context")
     quick = run_defaults(gpu, not chosen.keys() & {"models", "ctx", "batch"} and not sweep_file, max(ctx))
-    spec = SweepSpec(**{**quick, "models": GPU_MODELS if gpu else CPU_MODELS, "dtype": "bf16" if gpu else "fp32",
+    models = [] if endpoints else GPU_MODELS if gpu else CPU_MODELS
+    spec = SweepSpec(**{**quick, "models": models, "dtype": "bf16" if gpu else "fp32",
                         "batch": [1] if "ctx" in chosen else [1, 4], **chosen, "ctx": ctx, "device": device})
     spec.models = list(spec.models)
     if spec.compile and gpu:
@@ -164,4 +168,4 @@ def resolve_spec(flags: dict, sweep_file: str | Path | None, cuda_available: boo
 
         if why := compile_available():
             raise InputError(f"--compile: {why}; run without --compile")
-    return spec.validate()
+    return spec.validate(endpoints)

@@ -246,12 +246,15 @@ class GGUFFile:
     def _read_metadata(self, nkv: int) -> None:
         self._budget = _EAGER_BUDGET
         self.kv: dict[str, Any] = {}
+        self.kv_types: dict[str, tuple[int, int | None]] = {}  # key → (value type, element type of an array)
         for _ in range(nkv):
             key = self._str()
             (vt,) = self._take("<I")
             if key in self.kv:
                 raise self._corrupt(f"metadata key {key!r} twice")
+            at = struct.unpack_from("<I", self._mm, self._pos)[0] if vt == ARR and self._pos + 4 <= self.size else None
             self.kv[key] = self._value(vt)
+            self.kv_types[key] = (vt, at)
 
     def _read_info(self) -> tuple[TensorInfo, int]:
         """One tensor-info record: (the tensor, its offset in the data section)."""

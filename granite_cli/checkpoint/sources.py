@@ -201,6 +201,14 @@ class GGUFSource(Source):
         self._nbytes = sum(ti.nbytes for ti in self.f.tensors.values())
         self._check_inventory(list(self.tmap), str(self.path))
 
+    def vocab_metadata(self) -> list[G.KV]:
+        """The file's `tokenizer.*` metadata with its types, to carry into another GGUF; [] when it declares
+        no vocabulary."""
+        if self.f.kv.get("tokenizer.ggml.model", "none") == "none":
+            return []
+        return [G.KV(k, self.f.kv_types[k][0], v, self.f.kv_types[k][1])
+                for k, v in self.f.kv.items() if k.startswith("tokenizer.")]
+
     @property
     def files(self) -> list[Path]:
         return [self.path]

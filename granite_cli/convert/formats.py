@@ -21,7 +21,7 @@ from granite_cli.checkpoint.dtypes import BY_TORCH, hf_name, short_name
 from granite_cli.checkpoint.safetensors import SafetensorsWriter, TensorSpec, shard_name, write_index
 from granite_cli.checkpoint.sources import TOKENIZER_FILES, GGUFSource, HFSource, Source
 from granite_cli.convert.plan import STORE, Out, Plan
-from granite_cli.convert.tokenizer import vocab_kvs
+from granite_cli.convert.tokenizer import Vocab, read_vocab, synthetic_vocab, vocab_kvs, write_vocab
 from granite_cli.errors import InputError
 from granite_cli.fsutil import partial_dir, temp_file_beside
 
@@ -51,6 +51,10 @@ class Format:
     def outs(self, source: Source, hf_dtype: dict, method: dict, qm: str | None, keep: tuple[str, ...],
              notes: list[str]) -> list[Out]:
         raise NotImplementedError
+
+    def vocab(self, source: Source, no_vocab: bool) -> Vocab | None:
+        """The vocabulary the output is written with beyond the source's own tokenizer files."""
+        return None
 
     def bytes_out(self, p: Plan) -> int:
         raise NotImplementedError
@@ -96,6 +100,10 @@ def hf_config_out(p: Plan) -> dict:
     d["torch_dtype"] = hf_name(p.hf_dtype.get("model.embed_tokens.weight", next(iter(dts))))
     if "dtype" in d:
         d["dtype"] = d["torch_dtype"]
+    if p.vocab is not None and p.vocab.synthetic:  # the ids the synthetic tokenizer gives its special tokens
+        for name, key in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("padding", "pad_token_id")):
+            if name in p.vocab.special:
+                d[key] = p.vocab.special[name]
     if p.quant in ("fp8", "int8"):
         kept = sorted({o.name[: -len(".weight")] for o in p.outs if o.store in ("f32", "f16", "bf16")
                        and len(o.shape) == 2 and o.name.endswith(".weight") and "norm" not in o.name
@@ -112,6 +120,12 @@ class SafetensorsFormat(Format):
 
     def wrong_quant(self, qm: str) -> str:
         return "--quant q8_0 is a GGUF format; give DST a .gguf name, or use --quant fp8/int8 for safetensors"
+
+    def vocab(self, source: Source, no_vocab: bool) -> Vocab | None:
+        """Random weights get a synthetic tokenizer (so the folder converts to a servable GGUF); a folder's own
+        tokenizer files are copied as they are."""
+        return None if no_vocab or source.kind != "profile" else synthetic_vocab(source.cfg.vocab_size,
+                                                                                  source.hf_config)
 
     def outs(self, source, hf_dtype, method, qm, keep, notes) -> list[Out]:
         """The safetensors tensors: each canonical tensor as is, or its compressed-tensors fp8/int8 parts."""
@@ -136,7 +150,7 @@ class SafetensorsFormat(Format):
 
 
     def bytes_out(self, p: Plan) -> int:
-        return sum(o.nbytes for o in p.outs) + 4096 * len(p.shards) + 64 * len(p.outs)
+        return sum(o.nbytes for o in p.outs) + 4096 * len(p.shards) + 64 * len(p.outs) + (2**20 if p.vocab else 0)
 
     def products(self, p: Plan, src_name: str, x: torch.Tensor) -> dict[str, torch.Tensor]:
         m = p.method[src_name]
@@ -177,6 +191,8 @@ class SafetensorsFormat(Format):
                 s = Path(p.source.path) / f
                 if s.is_file():
                     shutil.copyfile(s, tmp / f)
+        if p.vocab is not None:
+            write_vocab(p.vocab, tmp)
 
     def open_output(self, path: Path) -> Source:
         return HFSource(path)
@@ -191,6 +207,15 @@ class GGUFFormat(Format):
 
     def wrong_quant(self, qm: str) -> str:
         return f"--quant {qm} writes compressed-tensors safetensors; for GGUF use --quant q8_0"
+
+    def vocab(self, source: Source, no_vocab: bool) -> Vocab | None:
+        """The source's vocabulary (its tokenizer.json, or a GGUF's own metadata); without one, a synthetic
+        byte-level vocabulary, since llama.cpp's servers abort on a model that declares none."""
+        if source.tokenizer_dir is not None:
+            return read_vocab(source.tokenizer_dir)
+        if isinstance(source, GGUFSource) and (kvs := source.vocab_metadata()):
+            return Vocab({}, None, str(source.path), gguf=kvs)
+        return None if no_vocab else synthetic_vocab(source.cfg.vocab_size, source.hf_config)
 
     def architecture(self, cfg) -> str:
         return mapping.gguf_arch(cfg)
@@ -218,8 +243,8 @@ class GGUFFormat(Format):
 
     def bytes_out(self, p: Plan) -> int:
         n = sum(o.nbytes + 32 for o in p.outs) + 64 * len(p.outs) + 2**16
-        if p.source.tokenizer_dir is not None:
-            n += (p.source.tokenizer_dir / "tokenizer.json").stat().st_size
+        if p.vocab is not None:
+            n += (p.source.tokenizer_dir / "tokenizer.json").stat().st_size if p.source.tokenizer_dir else 2**20
         return n
 
     def products(self, p: Plan, src_name: str, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -245,7 +270,7 @@ class GGUFFormat(Format):
 
     def _kvs(self, p: Plan) -> list[G.KV]:
         cfg = p.source.cfg
-        vk, notes = vocab_kvs(p.source.tokenizer_dir, cfg.vocab_size, p.source.hf_config)
+        vk, notes = vocab_kvs(p.vocab, cfg.vocab_size, p.source.hf_config)
         p.notes += notes
         stores = {o.store for o in p.outs if o.part and not o.part.keep_f32}
         ft = "q8_0" if "q8_0" in stores else short_name(p.hf_dtype["model.embed_tokens.weight"])

@@ -17,12 +17,14 @@ import torch
 from granite_cli.checkpoint import gguf_map as mapping
 from granite_cli.checkpoint.dtypes import BY_SHORT, parse_dtype
 from granite_cli.checkpoint.sources import Source
+from granite_cli.convert.tokenizer import SYNTHETIC_NOTE
 from granite_cli.errors import InputError
 from granite_cli.fsutil import check_destination
 from granite_cli.render import parse_bytes
 
 if TYPE_CHECKING:
     from granite_cli.convert.formats import Format
+    from granite_cli.convert.tokenizer import Vocab
 
 # the torch dtype each storage kind is written as (q8_0 is GGUF blocks: 34 bytes per 32 values)
 STORE = {**{k: BY_SHORT[k] for k in ("f32", "f16", "bf16", "fp8")},
@@ -55,6 +57,7 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     quant: str | None = None
     bytes_out: int = 0
+    vocab: "Vocab | None" = None   # written beyond the source's tokenizer files (GGUF metadata, or a synthetic one)
 
     @property
     def by_src(self) -> dict[str, list[Out]]:
@@ -105,7 +108,7 @@ def _existing_parent(p: Path) -> Path:
 
 def plan(source: Source, dst: str | Path, *, dtype: str | None = None, quant_method: str | None = None,
          keep: tuple[str, ...] = (), shard_size: str = "5GB", force: bool = False,
-         check_disk: bool = True) -> Plan:
+         check_disk: bool = True, no_vocab: bool = False) -> Plan:
     from granite_cli.convert.formats import format_for
 
     dst = Path(os.path.abspath(dst))  # "." and ".." get a name, and a parent to write the temporary beside
@@ -117,7 +120,10 @@ def plan(source: Source, dst: str | Path, *, dtype: str | None = None, quant_met
     method = {n: "exact" for n in source.names}
     notes: list[str] = []
     outs = fmt.outs(source, hf_dtype, method, qm, keep, notes)
-    p = Plan(source, dst, fmt, outs, hf_dtype, method, notes=notes, quant=qm)
+    vocab = fmt.vocab(source, no_vocab)
+    if vocab is not None and vocab.synthetic:
+        notes.append(SYNTHETIC_NOTE)
+    p = Plan(source, dst, fmt, outs, hf_dtype, method, notes=notes, quant=qm, vocab=vocab)
     p.shards = _shards(outs, int(parse_bytes(shard_size))) if fmt.sharded else []
     p.bytes_out = fmt.bytes_out(p)
     if check_disk and (short := disk_shortfall(p)):

@@ -58,8 +58,9 @@ def open_any(src: str | None, from_profile: str | None, dtype: str | None, seed:
 
 def convert(src: str | Path | None, dst: str | Path, *, from_profile: str | None = None, dtype: str | None = None,
             quant: str | None = None, keep: tuple[str, ...] = (), shard_size: str = "5GB", force: bool = False,
-            verify: bool = True, seed: int = 0) -> dict:
+            verify: bool = True, seed: int = 0, no_vocab: bool = False) -> dict:
     """The whole conversion in one call (what `granite convert` runs): open, plan, write, verify, rename."""
     source = open_any(str(src) if src is not None else None, from_profile, dtype, seed)
-    p = plan(source, dst, dtype=dtype, quant_method=quant, keep=keep, shard_size=shard_size, force=force)
+    p = plan(source, dst, dtype=dtype, quant_method=quant, keep=keep, shard_size=shard_size, force=force,
+             no_vocab=no_vocab)
     return execute(p, verify_output=verify)

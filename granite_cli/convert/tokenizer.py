@@ -4,13 +4,15 @@ Tokens are listed by id up to the model's vocabulary size; ids the tokenizer doe
 `[PAD<id>]` entries of type UNUSED (as llama.cpp's converter does), special added tokens are CONTROL,
 other added tokens USER_DEFINED. The pre-tokenizer name is recognised from the split regex when it
 is one llama.cpp knows; otherwise "default" (llama.cpp's GPT-2 style splitting) with a note.
-Without a tokenizer the GGUF declares no vocabulary (`tokenizer.ggml.model = "none"`): llama.cpp then
-loads `vocab_size` anonymous tokens, which is all a benchmark needs (token ids in, logits out).
+Without a tokenizer the converter writes a synthetic byte-level vocabulary (`synthetic_vocab`), because
+llama.cpp's servers abort on the first generated token of a model that declares none; `--no-vocab`
+still writes `tokenizer.ggml.model = "none"` (loadable, not servable).
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from granite_cli.checkpoint import gguf as G
@@ -36,16 +38,114 @@ def _pre_name(pre: dict | None) -> tuple[str, str | None]:
     return "default", "unrecognised pre-tokenizer; llama.cpp will use its default splitting"
 
 
-def vocab_kvs(tokenizer_dir: Path | None, vocab_size: int, hf_config: dict) -> tuple[list[G.KV], list[str]]:
-    """(metadata, notes) for the GGUF's vocabulary."""
-    if tokenizer_dir is None:
-        return [G.KV("tokenizer.ggml.model", G.STR, "none")], ["no tokenizer.json: the GGUF declares no vocabulary"]
+@dataclass
+class Vocab:
+    """A tokenizer as the converter carries it: `tokenizer.json` (and `tokenizer_config.json`) content,
+    where it came from, and the bos/eos/pad ids a synthetic one fixes itself."""
+
+    tokenizer: dict
+    config: dict | None
+    origin: str                                   # the path it was read from, or "synthetic"
+    special: dict[str, int] = field(default_factory=dict)
+    gguf: list[G.KV] | None = None                # a GGUF source's own tokenizer metadata, carried as is
+
+    @property
+    def synthetic(self) -> bool:
+        return self.origin == SYNTHETIC
+
+
+SYNTHETIC = "synthetic"
+
+
+def read_vocab(tokenizer_dir: Path) -> Vocab:
     path = tokenizer_dir / "tokenizer.json"
     try:
         tj = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        raise InputError(f"{path}: not a readable tokenizer.json; fix or remove it (without one the GGUF has no "
-                         "vocabulary)") from None
+        raise InputError(f"{path}: not a readable tokenizer.json; fix or remove it (without one the GGUF gets a "
+                         "synthetic vocabulary)") from None
+    tc = None
+    if (tokenizer_dir / "tokenizer_config.json").is_file():
+        try:
+            tc = json.loads((tokenizer_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            tc = None
+    return Vocab(tj, tc if isinstance(tc, dict) else None, str(path))
+
+
+def byte_symbols() -> list[str]:
+    """The printable character byte-level BPE writes for each byte 0..255 (GPT-2's reversible mapping:
+    printable Latin-1 bytes stand for themselves, the rest are shifted past 255)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    out, extra = [], 0
+    for b in range(256):
+        if b in keep:
+            out.append(chr(b))
+        else:
+            out.append(chr(256 + extra))
+            extra += 1
+    return out
+
+
+def synthetic_vocab(vocab_size: int, hf_config: dict) -> Vocab:
+    """A byte-level BPE vocabulary for random-weight models: 256 byte tokens and no merges (so N ASCII
+    characters are exactly N tokens), `<|end_of_text|>` as bos and eos and `<|pad|>` as pad at the config's ids
+    or else the last two ids, the rest left unused. It exists so llama.cpp's servers, which abort on a model
+    without a vocabulary, can serve the checkpoint; the text it produces is random bytes."""
+    special: dict[str, int] = {}
+    for key, name in (("bos_token_id", "bos"), ("eos_token_id", "eos"), ("pad_token_id", "padding")):
+        v = hf_config.get(key)
+        v = v[0] if isinstance(v, list) and v else v
+        if isinstance(v, int) and not isinstance(v, bool) and 0 <= v < vocab_size:
+            special[name] = v
+    if not special and vocab_size >= 258:
+        special = {"bos": vocab_size - 1, "eos": vocab_size - 1, "padding": vocab_size - 2}
+    taken = set(special.values())
+    ids = [i for i in range(vocab_size) if i not in taken][:256]
+    vocab = {sym: i for sym, i in zip(byte_symbols(), ids)}
+    # Granite's own names; a bos with an id of its own (not eos's) is a begin token
+    names = {"eos": "<|end_of_text|>", "padding": "<|pad|>",
+             "bos": "<|end_of_text|>" if special.get("bos") == special.get("eos") else "<|begin_of_text|>"}
+    content: dict[int, str] = {}
+    for k in ("eos", "bos", "padding"):
+        if k in special:
+            content.setdefault(special[k], names[k])
+    vocab.update({c: i for i, c in content.items()})  # tokenizers keeps an added token's id only if the model has it
+    added = [{"id": i, "content": c, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+              "special": True} for i, c in sorted(content.items())]
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    tj = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
+          "pre_tokenizer": byte_level, "post_processor": None, "decoder": byte_level,
+          "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                    "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                    "vocab": vocab, "merges": []}}
+    tc = {"add_bos_token": False, "tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+          "model_max_length": int(hf_config.get("max_position_embeddings") or 2**20)}
+    for k, key in (("bos", "bos_token"), ("eos", "eos_token"), ("padding", "pad_token")):
+        if k in special:
+            tc[key] = content[special[k]]
+    return Vocab(tj, tc, SYNTHETIC, special)
+
+
+SYNTHETIC_NOTE = ("the source has no tokenizer: the output carries a synthetic byte-level vocabulary (256 byte tokens, "
+                  "no merges; the text is random bytes) so llama.cpp's servers can serve it; --no-vocab writes none")
+
+
+def write_vocab(v: Vocab, folder: Path) -> None:
+    (folder / "tokenizer.json").write_text(json.dumps(v.tokenizer, ensure_ascii=False, indent=1) + "\n",
+                                           encoding="utf-8")
+    if v.config is not None:
+        (folder / "tokenizer_config.json").write_text(json.dumps(v.config, indent=2) + "\n", encoding="utf-8")
+
+
+def vocab_kvs(v: Vocab | None, vocab_size: int, hf_config: dict) -> tuple[list[G.KV], list[str]]:
+    """(metadata, notes) for the GGUF's vocabulary; None declares none (not servable by llama.cpp)."""
+    if v is None:
+        return [G.KV("tokenizer.ggml.model", G.STR, "none")], ["--no-vocab: the GGUF declares no vocabulary; "
+                                                               "llama.cpp can load it but not serve it"]
+    if v.gguf is not None:
+        return v.gguf, []
+    tj, path = v.tokenizer, v.origin
     model = tj.get("model") or {}
     if model.get("type") != "BPE":
         return ([G.KV("tokenizer.ggml.model", G.STR, "none")],
@@ -69,17 +169,12 @@ def vocab_kvs(tokenizer_dir: Path | None, vocab_size: int, hf_config: dict) -> t
           G.KV("tokenizer.ggml.tokens", G.ARR, tokens, G.STR), G.KV("tokenizer.ggml.token_type", G.ARR, types, G.I32),
           G.KV("tokenizer.ggml.merges", G.ARR, merges, G.STR)]
     for key, name in (("bos_token_id", "bos"), ("eos_token_id", "eos"), ("pad_token_id", "padding")):
-        v = hf_config.get(key)
-        if isinstance(v, list):
-            v = v[0] if v else None
-        if isinstance(v, int) and 0 <= v < vocab_size:
-            kv.append(G.KV(f"tokenizer.ggml.{name}_token_id", G.U32, v))
-    tc = tokenizer_dir / "tokenizer_config.json"
-    if tc.is_file():
-        try:
-            add_bos = json.loads(tc.read_text(encoding="utf-8")).get("add_bos_token")
-        except (OSError, json.JSONDecodeError):
-            add_bos = None
-        if isinstance(add_bos, bool):
-            kv.append(G.KV("tokenizer.ggml.add_bos_token", G.BOOL, add_bos))
+        val = v.special.get(name, hf_config.get(key))
+        if isinstance(val, list):
+            val = val[0] if val else None
+        if isinstance(val, int) and 0 <= val < vocab_size:
+            kv.append(G.KV(f"tokenizer.ggml.{name}_token_id", G.U32, val))
+    add_bos = (v.config or {}).get("add_bos_token")
+    if isinstance(add_bos, bool):
+        kv.append(G.KV("tokenizer.ggml.add_bos_token", G.BOOL, add_bos))
     return kv, [note] if note else []

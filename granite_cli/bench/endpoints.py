@@ -1,0 +1,117 @@
+"""Running servers as sweep subjects (`granite bench --endpoint`): the same context x batch grammar,
+where a context is the prompt's tokens and a batch the concurrent sessions; one row per case, in the
+bench row schema with phase "serve", streamed as the in-process rows are."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from granite_cli.bench.rows import SCHEMA_VERSION
+from granite_cli.bench.spec import SweepSpec
+from granite_cli.errors import InputError
+from granite_cli.serve.http import HTTPFailure, parse_endpoint, stream_completion
+from granite_cli.serve.load import Server, ServerGone, Workload, probe, run_case, still_there
+
+PHASE = "serve"
+
+
+@dataclass
+class ServeOptions:
+    endpoints: list[str]
+    api_key: str | None = None
+    rate: float | None = None
+    shared_prefix: int = 0
+    request_timeout: float = 600.0
+    slo_ttft_ms: float | None = None
+    slo_itl_ms: float | None = None
+
+    def validate(self) -> "ServeOptions":
+        if self.rate is not None and not self.rate > 0:
+            raise InputError("--rate must be a positive number of requests per second")
+        if self.shared_prefix < 0:
+            raise InputError("--shared-prefix must not be negative")
+        if not self.request_timeout > 0:
+            raise InputError("--request-timeout must be positive")
+        for flag, v in (("--slo-ttft", self.slo_ttft_ms), ("--slo-itl", self.slo_itl_ms)):
+            if v is not None and not v > 0:
+                raise InputError(f"{flag} must be a positive number of milliseconds")
+        return self
+
+
+def servers(opts: ServeOptions) -> list[Server]:
+    """Every endpoint probed before any case runs (a wrong URL or a stopped server: one line, exit 2);
+    two endpoints may not share a name."""
+    found = [probe(parse_endpoint(e, opts.api_key)) for e in opts.endpoints]
+    names = [s.name for s in found]
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup:
+        raise InputError(f"two endpoints are both named {dup!r}; name them with --endpoint NAME=URL")
+    return found
+
+
+def kind_of(server: Server) -> str | None:
+    """hybrid or dense, when the subject's name or the served model names a known profile (the pairing
+    behind hybrid-vs-dense ratios); None otherwise."""
+    from granite_cli.config.files import load_config, profile_names
+    from granite_cli.hub import model_name
+
+    known = set(profile_names())
+    for cand in (server.name, server.served_model):
+        stem = cand.rsplit("/", 1)[-1].removesuffix(".gguf")
+        for n in (cand, stem, model_name(cand) if "/" in cand else stem):
+            if n in known:
+                return "hybrid" if load_config(n).is_hybrid else "dense"
+    return None
+
+
+def case_key(server: Server, batch: int, ctx: int) -> tuple:
+    return (server.name, "server", "endpoint", batch, ctx, PHASE)
+
+
+def run_endpoints(found: list[Server], spec: SweepSpec, opts: ServeOptions, env: dict,
+                  on_row: Callable[[dict], None], on_case: Callable[[dict], None], done: set) -> None:
+    """Each server's cases, batch-major then context; a server that stops answering ends the sweep
+    (ServerGone, exit 1) after its row is kept."""
+    for server in found:
+        kind = kind_of(server)
+        warmed = False
+        for b in spec.batch:
+            for c in spec.ctx:
+                if case_key(server, b, c) in done:
+                    continue
+                on_case({"model": server.name, "batch": b, "ctx": c})
+                row = _base(server, kind, spec, b, c, env)
+                if server.n_ctx and c + spec.gen > server.n_ctx:
+                    row.update(status="skipped", error=f"prompt + output ({c} + {spec.gen}) exceeds the server's "
+                                                       f"context per request ({server.n_ctx})")
+                    on_row(row)
+                    continue
+                if not warmed:
+                    _warm(server, spec, opts)
+                    warmed = True
+                w = Workload(ctx=c, concurrency=b, gen=spec.gen, reps=spec.reps, shared_prefix=opts.shared_prefix,
+                             rate=opts.rate, timeout=opts.request_timeout, seed=spec.seed)
+                row.update(run_case(server, w))
+                on_row(row)
+                if row["status"] == "error" and not still_there(server):
+                    raise ServerGone(f"{server.name} at {server.endpoint.url} stopped answering during batch {b} "
+                                     f"ctx {c}; the finished rows are kept (rerun with --resume)")
+
+
+def _warm(server: Server, spec: SweepSpec, opts: ServeOptions) -> None:
+    """Untimed requests before the server's first case (first-request allocations, graph capture)."""
+    for i in range(spec.warmup):
+        try:
+            stream_completion(server.endpoint, {"model": server.served_model, "prompt": [1 + i] * 16, "max_tokens": 4,
+                                                "ignore_eos": True}, opts.request_timeout)
+        except HTTPFailure:
+            return  # the case itself will count and report the failure
+
+
+def _base(server: Server, kind: str | None, spec: SweepSpec, b: int, c: int, env: dict) -> dict:
+    return {"schema_version": SCHEMA_VERSION, "model": server.name, "kind": kind, "dtype": "server",
+            "device": "endpoint", "batch": b, "ctx": c, "phase": PHASE, "gen": spec.gen, "ubatch": None,
+            "reps": spec.reps, "status": "ok", "error": None, "tokens_per_s": None, "latency_ms": None,
+            "median_s": None, **server.fields(), **env, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}

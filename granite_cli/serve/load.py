@@ -1,0 +1,243 @@
+"""What is sent to a server and what a case measures.
+
+A case is (prompt tokens, concurrent sessions, output tokens, requests per session). Closed loop: each
+session sends its next request when its previous one has finished. Open loop (`rate`): sessions x
+requests arrive as a Poisson process at `rate` per second, whatever is still running. Prompts are
+random token ids of exactly the requested length, each request's own from its first token (a server
+answers a repeated prompt from its cache), unless `shared_prefix` leading tokens are meant to be shared.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from granite_cli.errors import GraniteError, InputError
+from granite_cli.serve.http import Endpoint, HTTPFailure, Timed, get_json, stream_completion
+from granite_cli.serve.metrics import Sampler, scrape
+
+# Token ids valid in every vocabulary a server is likely to hold, for a server that does not say its size
+FALLBACK_VOCAB = 256
+
+
+@dataclass
+class Server:
+    """What the probe learned of a running server."""
+
+    endpoint: Endpoint
+    name: str
+    served_model: str
+    engine: str | None = None
+    version: str | None = None
+    n_vocab: int | None = None
+    n_ctx: int | None = None          # the longest prompt + output one request may have, where reported
+    slots: int | None = None
+    metrics: bool = False
+
+    def fields(self) -> dict:
+        return {"endpoint": self.endpoint.url, "engine": self.engine, "server_version": self.version,
+                "served_model": self.served_model, "server_slots": self.slots}
+
+
+_UNREACHABLE = ("refused", "unknown_host", "timeout", "connection", "cut")
+
+
+def probe(ep: Endpoint, timeout: float = 10.0) -> Server:
+    """Ask the server what it serves; any failure here is the user's URL or server, one line, exit 2."""
+    where = f"--endpoint {ep.url}"
+    try:
+        models = get_json(ep, "/v1/models", timeout)
+    except HTTPFailure as e:
+        hint = {"refused": "connection refused; is the server running, and on this port?",
+                "unknown_host": "unknown host; check the URL", "timeout": f"no answer in {timeout:.0f} s"}
+        raise InputError(f"{where}: {hint.get(e.kind, e.kind + ' (' + e.detail[:80] + ')')}") from None
+    if models is None:
+        status = _status(ep, "/v1/models", timeout)
+        if status in (401, 403):
+            raise InputError(f"{where}: the server refused the API key (HTTP {status}); give --api-key or set "
+                             "GRANITE_API_KEY")
+        raise InputError(f"{where}: GET /v1/models answered HTTP {status}, not a model list; is this an "
+                         "OpenAI-compatible server (vLLM, SGLang, llama.cpp's llama-server, TGI)?")
+    data = [m for m in models.get("data") or [] if isinstance(m, dict) and m.get("id")]
+    if not data:
+        raise InputError(f"{where}: the server lists no model under /v1/models")
+    m = data[0]
+    meta = m.get("meta") if isinstance(m.get("meta"), dict) else {}
+    owner = str(m.get("owned_by") or "") or None
+    s = Server(ep, ep.name or str(m["id"]), str(m["id"]), engine={"llamacpp": "llama.cpp"}.get(owner, owner),
+               n_vocab=meta.get("n_vocab"), n_ctx=m.get("max_model_len") or meta.get("n_ctx"))
+    props = _json_or_none(ep, "/props", timeout)
+    if props:
+        s.version, s.slots = props.get("build_info"), props.get("total_slots")
+        s.n_ctx = (props.get("default_generation_settings") or {}).get("n_ctx") or s.n_ctx
+    version = _json_or_none(ep, "/version", timeout)
+    if version and not s.version:
+        s.version = version.get("version")
+    s.metrics = scrape(ep, timeout) is not None
+    return s
+
+
+def _status(ep: Endpoint, path: str, timeout: float) -> int | None:
+    from granite_cli.serve.http import get
+
+    try:
+        return get(ep, path, timeout)[0]
+    except HTTPFailure:
+        return None
+
+
+def _json_or_none(ep: Endpoint, path: str, timeout: float) -> dict | None:
+    try:
+        return get_json(ep, path, timeout)
+    except HTTPFailure:
+        return None
+
+
+@dataclass
+class Workload:
+    ctx: int
+    concurrency: int
+    gen: int
+    reps: int = 1                    # requests per session (closed loop)
+    shared_prefix: int = 0
+    rate: float | None = None        # open loop: requests per second
+    timeout: float = 600.0
+    seed: int = 0
+
+    @property
+    def requests(self) -> int:
+        return self.concurrency * self.reps
+
+
+def prompts(w: Workload, vocab: int, salt: str) -> list[list[int]]:
+    """One prompt per request, `w.ctx` token ids each; the first `w.shared_prefix` shared by all."""
+    if w.shared_prefix > w.ctx:
+        raise InputError(f"--shared-prefix {w.shared_prefix} is longer than the prompt ({w.ctx} tokens)")
+    rng = random.Random(f"{w.seed}/{salt}/{w.ctx}/{w.concurrency}")
+    prefix = [rng.randrange(vocab) for _ in range(w.shared_prefix)]
+    return [prefix + [rng.randrange(vocab) for _ in range(w.ctx - w.shared_prefix)] for _ in range(w.requests)]
+
+
+@dataclass
+class _Log:
+    done: list[Timed] = field(default_factory=list)
+    errors: dict[str, int] = field(default_factory=dict)
+    first_error: str | None = None
+    cpu_s: float = 0.0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, t: Timed | None, e: HTTPFailure | None, cpu: float) -> None:
+        with self.lock:
+            self.cpu_s += cpu
+            if t is not None:
+                self.done.append(t)
+            else:
+                self.errors[e.kind] = self.errors.get(e.kind, 0) + 1
+                self.first_error = self.first_error or str(e)[:200]
+
+
+def run_case(server: Server, w: Workload) -> dict:
+    """Send the case's requests and return its row fields: latency percentiles, throughput, errors by
+    kind, the server's own metrics, and the client's own cost."""
+    vocab = server.n_vocab or FALLBACK_VOCAB
+    ps = prompts(w, vocab, server.name)
+    body = {"model": server.served_model, "max_tokens": w.gen, "min_tokens": w.gen, "ignore_eos": True,
+            "temperature": 0.0}
+    log = _Log()
+
+    def one(prompt: list[int]) -> None:
+        c0 = time.thread_time()
+        try:
+            t, e = stream_completion(server.endpoint, {**body, "prompt": prompt}, w.timeout), None
+        except HTTPFailure as err:
+            t, e = None, err
+        log.add(t, e, time.thread_time() - c0)
+
+    def session(mine: list[list[int]]) -> None:
+        for p in mine:
+            one(p)
+
+    sampler = Sampler(server.endpoint).start() if server.metrics else None
+    t0 = time.perf_counter()
+    if w.rate:
+        gaps = random.Random(f"{w.seed}/arrivals").expovariate
+        threads = []
+        for p in ps:
+            threads.append(threading.Thread(target=one, args=(p,), daemon=True))
+            threads[-1].start()
+            time.sleep(gaps(w.rate))
+    else:
+        threads = [threading.Thread(target=session, args=(ps[i:: w.concurrency],), daemon=True)
+                   for i in range(w.concurrency)]
+        for t in threads:
+            t.start()
+    for t in threads:
+        t.join()
+    row = summarize(log, w, t0)
+    row["client_row_ms"] = (time.perf_counter() - max([t0] + [d.done for d in log.done])) * 1e3
+    row.update(sampler.stop() if sampler else {"server_metrics": "none (the server exposes no /metrics)"})
+    row["token_ids_from"] = f"0..{vocab - 1}" + ("" if server.n_vocab else " (the server does not say its size)")
+    return row
+
+
+def _pct(xs: list[float], name: str) -> dict:
+    if not xs:
+        return {f"{name}_p50": None, f"{name}_p90": None, f"{name}_p99": None}
+    a = np.asarray(xs) * 1e3
+    return {f"{name}_p50": float(np.percentile(a, 50)), f"{name}_p90": float(np.percentile(a, 90)),
+            f"{name}_p99": float(np.percentile(a, 99))}
+
+
+def summarize(log: _Log, w: Workload, t0: float) -> dict:
+    ok = [d for d in log.done if d.chunks]
+    ends = [d.done for d in log.done]
+    wall = (max(ends) - t0) if ends else None
+    ttft = [d.chunks[0] - d.sent for d in ok]
+    itl = [b - a for d in ok for a, b in zip(d.chunks, d.chunks[1:])]
+    tpot = [(d.chunks[-1] - d.chunks[0]) / (n - 1) for d in ok if (n := d.completion_tokens or len(d.chunks)) > 1]
+    out_tokens = sum(d.completion_tokens or len(d.chunks) for d in log.done)
+    prompt_tokens = [d.prompt_tokens for d in log.done if d.prompt_tokens is not None]
+    spans = sorted([(d.sent, 1) for d in log.done] + [(d.done, -1) for d in log.done], key=lambda x: (x[0], x[1]))
+    live = peak = 0
+    for _, step in spans:
+        live += step
+        peak = max(peak, live)
+    n_err = sum(log.errors.values())
+    row = {
+        "requests": w.requests, "requests_ok": len(log.done), "errors": dict(log.errors) or None,
+        "error": (f"{n_err} of {w.requests} request(s) failed: {log.first_error}" if n_err else None),
+        "status": "ok" if log.done else "error", "wall_s": wall,
+        "prompt_tokens_measured": (min(prompt_tokens), max(prompt_tokens)) if prompt_tokens else None,
+        "prompt_tokens_exact": (all(p == w.ctx for p in prompt_tokens) if prompt_tokens else None),
+        "output_tokens": out_tokens,
+        "output_tokens_min": min((d.completion_tokens or len(d.chunks) for d in log.done), default=None),
+        "cached_prompt_tokens": sum(d.cached_tokens or 0 for d in log.done) if log.done else None,
+        **_pct(ttft, "ttft_ms"), **_pct(itl, "itl_ms"), **_pct(tpot, "tpot_ms"),
+        **_pct([d.done - d.sent for d in log.done], "e2e_ms"),
+        "output_tokens_per_s": out_tokens / wall if wall else None,
+        "total_tokens_per_s": (out_tokens + sum(prompt_tokens or [w.ctx * len(log.done)])) / wall if wall else None,
+        "requests_per_s": len(log.done) / wall if wall else None,
+        "max_in_flight": peak,
+        "client_cpu_ms_per_request": log.cpu_s / max(1, w.requests) * 1e3,
+        "rate_rps": w.rate, "shared_prefix": w.shared_prefix or None,
+    }
+    row["tokens_per_s"] = row["output_tokens_per_s"]
+    row["median_s"] = row["ttft_ms_p50"] / 1e3 if row["ttft_ms_p50"] is not None else None
+    row["latency_ms"] = row["tpot_ms_p50"]
+    return row
+
+
+class ServerGone(GraniteError):
+    """The server stopped answering mid-sweep (exit 1); the finished rows are kept."""
+
+
+def still_there(server: Server) -> bool:
+    try:
+        get_json(server.endpoint, "/v1/models", 10.0)
+        return True
+    except HTTPFailure as e:
+        return e.kind not in _UNREACHABLE

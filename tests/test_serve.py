@@ -1,0 +1,225 @@
+"""`granite bench --endpoint` against llama.cpp's real server (the xllamacpp wheel, started here on a
+free port and stopped after), serving GGUFs that `granite convert` writes; and the fault cases against a
+small fake server that fails on purpose.
+
+Run: python -m pytest -q tests/test_serve.py
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.fake_server import FakeServer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def granite(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "granite_cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _one_line(r, code: int, *words):
+    assert r.returncode == code, (r.returncode, r.stderr[-2000:])
+    assert "Traceback" not in r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, r.stderr
+    for w in words:
+        assert w in errors[0], errors[0]
+    return errors[0]
+
+
+class LlamaServer:
+    def __init__(self, gguf: Path, slots: int = 4, ctx_per_slot: int = 1024) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "llama_server.py"), str(gguf),
+                                      "--port", str(self.port), "--slots", str(slots), "--ctx-per-slot",
+                                      str(ctx_per_slot), "--threads", "1"],
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.2)
+        self.stop()
+        raise RuntimeError("llama.cpp's server did not come up")
+
+    def complete(self, body: dict) -> dict:
+        req = urllib.request.Request(self.url + "/v1/completions", json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return json.loads(r.read())
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def ggufs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("serve")
+    for name in ("tiny-hybrid", "tiny-dense"):
+        r = granite("convert", "--from-profile", name, str(d / f"{name}.gguf"), "--no-verify", "-f", "json")
+        assert r.returncode == 0, r.stderr
+    return d
+
+
+@pytest.fixture(scope="module")
+def servers(ggufs):
+    pytest.importorskip("xllamacpp")
+    started = []
+    try:
+        for name in ("tiny-hybrid", "tiny-dense"):
+            started.append(LlamaServer(ggufs / f"{name}.gguf"))
+        yield started
+    finally:
+        for s in started:
+            s.stop()
+
+
+def test_a_converted_random_gguf_generates_in_the_real_server(servers):
+    out = servers[0].complete({"prompt": "hello", "max_tokens": 32, "ignore_eos": True, "temperature": 0})
+    assert out["usage"]["completion_tokens"] == 32
+    assert out["usage"]["prompt_tokens"] == 5  # 5 ASCII characters, 5 byte tokens
+
+
+def test_endpoint_sweep_exact_prompts_real_concurrency_and_metrics(servers, tmp_path):
+    h, d = servers
+    r = granite("bench", "--endpoint", f"tiny-hybrid={h.url}", "--endpoint", f"tiny-dense={d.url}",
+                "--ctx", "37,300", "--batch", "1,4", "--gen", "6", "--reps", "2", "--warmup", "0",
+                "--out", str(tmp_path / "rep"), "-f", "json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout)
+    rows = res["rows"]
+    assert len(rows) == 8 and {x["phase"] for x in rows} == {"serve"}
+    for x in rows:
+        assert x["status"] == "ok" and x["errors"] is None, x
+        # the server's own usage confirms every prompt had exactly the requested length
+        assert x["prompt_tokens_measured"] == [x["ctx"], x["ctx"]] and x["prompt_tokens_exact"] is True
+        assert x["output_tokens_min"] == 6 and x["output_tokens"] == 6 * x["batch"] * 2
+        assert x["engine"] == "llama.cpp" and x["server_slots"] == 4
+        assert x["server_metrics"].startswith("/metrics")
+        assert x["ttft_ms_p50"] > 0 and x["itl_ms_p50"] > 0 and x["e2e_ms_p50"] >= x["ttft_ms_p50"]
+        assert x["kind"] == ("hybrid" if x["model"] == "tiny-hybrid" else "dense")
+        assert x["endpoint"] in (h.url, d.url)
+    # four sessions really ran at once: four requests in flight together
+    assert all(x["max_in_flight"] == x["batch"] for x in rows)
+    v = "\n".join(res["verdicts"])
+    assert "tiny-hybrid c1 time to first token:" in v
+    assert "tiny-hybrid vs tiny-dense c4 prompt 300: time to first token" in v
+    assert "saturates at concurrency" in v or "still growing at concurrency" in v
+    assert (tmp_path / "rep" / "report.md").is_file()
+    stored = [json.loads(x) for x in (tmp_path / "rep" / "rows.jsonl").read_text().splitlines()]
+    assert len(stored) == 8
+
+
+def test_shared_prefix_is_served_from_the_cache(servers):
+    # the dense model: llama.cpp cannot roll a recurrent state back to a partial prefix, so its hybrid
+    # recomputes the whole prompt (cached_prompt_tokens 0), which is what this option exists to show
+    r = granite("bench", "--endpoint", servers[1].url, "--ctx", "200", "--batch", "1", "--gen", "2", "--reps", "3",
+                "--warmup", "0", "--shared-prefix", "150", "-f", "json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    row = json.loads(r.stdout)["rows"][0]
+    assert row["shared_prefix"] == 150
+    # the same slot holds the previous request's tokens: the shared part of later prompts is not recomputed
+    assert row["cached_prompt_tokens"] >= 150
+
+
+def test_unreachable_endpoint_is_one_line_exit_2():
+    port = _free_port()
+    _one_line(granite("bench", "--endpoint", f"http://127.0.0.1:{port}", "--ctx", "32"), 2, "connection refused")
+    _one_line(granite("bench", "--endpoint", "ftp://x", "--ctx", "32"), 2, "not an http(s) URL")
+
+
+def test_api_key_is_sent_and_never_printed(tmp_path):
+    fake = FakeServer()
+    try:
+        r = granite("bench", "--endpoint", f"f={fake.url}", "--api-key", "s3cret-token", "--ctx", "8", "--batch",
+                    "1", "--gen", "2", "--reps", "1", "--jsonl", str(tmp_path / "r.jsonl"), "-f", "json")
+    finally:
+        fake.stop()
+    assert r.returncode == 0, r.stderr
+    assert fake.auth == {"Bearer s3cret-token"}
+    assert "s3cret" not in r.stdout + r.stderr + (tmp_path / "r.jsonl").read_text()
+
+
+def test_failed_requests_are_counted_by_kind(tmp_path):
+    modes = {0: "500", 1: "cut", 2: "slow"}
+    fake = FakeServer(mode=lambda n: modes.get(n % 4, "ok"), slow_s=3.0)
+    try:
+        r = granite("bench", "--endpoint", f"f={fake.url}", "--ctx", "8", "--batch", "1", "--gen", "4", "--reps",
+                    "4", "--warmup", "0", "--request-timeout", "1", "-f", "json")
+    finally:
+        fake.stop()
+    assert r.returncode == 0, r.stderr  # one request in four succeeded: the case has a row, not a failure
+    row = json.loads(r.stdout)["rows"][0]
+    assert row["errors"] == {"http_500": 1, "cut": 1, "timeout": 1}
+    assert row["requests_ok"] == 1 and row["status"] == "ok"
+    assert "3 request(s) failed" in "\n".join(json.loads(r.stdout)["verdicts"])
+
+
+def test_a_case_where_every_request_fails_exits_1_with_its_row(tmp_path):
+    fake = FakeServer(mode=lambda n: "500")
+    try:
+        r = granite("bench", "--endpoint", f"f={fake.url}", "--ctx", "8", "--batch", "2", "--gen", "2", "--reps",
+                    "1", "--warmup", "0", "--jsonl", str(tmp_path / "r.jsonl"), "-f", "json")
+    finally:
+        fake.stop()
+    _one_line(r, 1, "errored")
+    row = json.loads((tmp_path / "r.jsonl").read_text())
+    assert row["status"] == "error" and row["errors"] == {"http_500": 2}
+
+
+def test_a_server_that_dies_mid_sweep_ends_it_with_the_finished_rows_kept(tmp_path):
+    fake = FakeServer(stop_after=2)
+    try:
+        r = granite("bench", "--endpoint", f"f={fake.url}", "--ctx", "8,16,32", "--batch", "1", "--gen", "2",
+                    "--reps", "2", "--warmup", "0", "--jsonl", str(tmp_path / "r.jsonl"), "-f", "json")
+    finally:
+        fake.stop()
+    _one_line(r, 1, "stopped answering")
+    rows = [json.loads(x) for x in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert rows[0]["ctx"] == 8 and rows[0]["status"] == "ok"
+    assert rows[-1]["status"] == "error" and len(rows) == 2
+
+
+def test_synthetic_vocabulary_is_a_real_byte_level_tokenizer(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    gguf = pytest.importorskip("gguf")
+    r = granite("convert", "--from-profile", "cpu-hybrid", str(tmp_path / "h"), "--no-verify", "-f", "json")
+    assert r.returncode == 0 and "synthetic byte-level vocabulary" in r.stderr
+    tok = tokenizers.Tokenizer.from_file(str(tmp_path / "h" / "tokenizer.json"))
+    text = "Granite 4.0, hybrid!"
+    ids = tok.encode(text).ids
+    assert len(ids) == len(text) and tok.decode(ids) == text
+    cfg = json.loads((tmp_path / "h" / "config.json").read_text())
+    assert cfg["eos_token_id"] == cfg["bos_token_id"] == 1023 and cfg["pad_token_id"] == 1022
+    assert tok.id_to_token(1023) == "<|end_of_text|>"
+    # the folder's tokenizer is carried into the GGUF, and a GGUF's vocabulary into the next GGUF
+    assert granite("convert", str(tmp_path / "h"), str(tmp_path / "h.gguf"), "--no-verify").returncode == 0
+    assert granite("convert", str(tmp_path / "h.gguf"), str(tmp_path / "h2.gguf"), "--no-verify").returncode == 0
+    a, b = gguf.GGUFReader(str(tmp_path / "h.gguf")), gguf.GGUFReader(str(tmp_path / "h2.gguf"))
+    assert a.fields["tokenizer.ggml.model"].contents() == "gpt2"
+    assert a.fields["tokenizer.ggml.tokens"].contents() == b.fields["tokenizer.ggml.tokens"].contents()
+    assert a.fields["tokenizer.ggml.eos_token_id"].contents() == 1023
+    r = granite("convert", "--from-profile", "tiny-hybrid", str(tmp_path / "n.gguf"), "--no-vocab", "--no-verify")
+    assert r.returncode == 0
+    assert gguf.GGUFReader(str(tmp_path / "n.gguf")).fields["tokenizer.ggml.model"].contents() == "none"
