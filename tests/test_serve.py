@@ -211,7 +211,8 @@ def test_synthetic_vocabulary_is_a_real_byte_level_tokenizer(tmp_path):
     ids = tok.encode(text).ids
     assert len(ids) == len(text) and tok.decode(ids) == text
     cfg = json.loads((tmp_path / "h" / "config.json").read_text())
-    assert cfg["eos_token_id"] == cfg["bos_token_id"] == 1023 and cfg["pad_token_id"] == 1022
+    assert cfg["eos_token_id"] == cfg["bos_token_id"] == cfg["pad_token_id"] == 1023
+    assert tok.id_to_token(300) is not None  # every id decodes to text (a server streams nothing for an empty one)
     assert tok.id_to_token(1023) == "<|end_of_text|>"
     # the folder's tokenizer is carried into the GGUF, and a GGUF's vocabulary into the next GGUF
     assert granite("convert", str(tmp_path / "h"), str(tmp_path / "h.gguf"), "--no-verify").returncode == 0

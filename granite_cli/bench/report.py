@@ -16,7 +16,13 @@ PLOTS = {
     "memory": "Total peak memory vs context (weights + cache + working set; dashed: predicted)",
     "batch": "Prefill throughput vs batch",
     "attribution": "Prefill time by layer type",
+    "serve_ttft": "Servers: time to first token vs prompt length (median, log-log; dotted: fitted)",
+    "serve_itl": "Servers: inter-token latency vs prompt length (median)",
+    "serve_throughput": "Servers: output tokens/s vs concurrent sessions",
 }
+SERVE_COLUMNS = ["model", "batch", "ctx", "status", "ttft_ms_p50", "ttft_ms_p90", "ttft_ms_p99", "itl_ms_p50",
+                 "itl_ms_p90", "tpot_ms_p50", "e2e_ms_p50", "output_tokens_per_s", "requests_per_s", "max_in_flight",
+                 "server_running_max", "errors"]
 
 
 # What a report folder may hold of granite's (fsutil checks an existing --out against it up front).
@@ -38,8 +44,15 @@ def _plots(rows: list[dict], analysis: dict, out: Path) -> list[str]:
     made = []
     for name, fig in (("prefill_time", _prefill_plot(plt, series, analysis)), ("decode_tps", _decode_plot(plt, series)),
                       ("memory", _memory_plot(plt, series, analysis)), ("batch", _batch_plot(plt, ok)),
-                      ("attribution", _attribution_plot(plt, ok))):
+                      ("attribution", _attribution_plot(plt, ok)), ("serve_ttft", _serve_ttft_plot(plt, series,
+                                                                                                   analysis)),
+                      ("serve_itl", _serve_line_plot(plt, series, "itl_ms_p50", "inter-token latency (ms)",
+                                                     "serve_itl")),
+                      ("serve_throughput", _serve_throughput_plot(plt, ok))):
         if fig is None:
+            continue
+        if not any(ax.has_data() for ax in fig.axes):  # nothing of this kind in the sweep
+            plt.close(fig)
             continue
         fig.tight_layout()
         fig.savefig(out / f"{name}.png", dpi=110)
@@ -114,6 +127,49 @@ def _attribution_plot(plt, ok: list[dict]):
     return fig
 
 
+def _serve_ttft_plot(plt, series: dict, analysis: dict):
+    fits = {(f["model"], f["batch"]): f for f in analysis["fits"] if f.get("part") == "ttft" and "a" in f}
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for (m, b, p), rs in sorted(series.items()):
+        rs = [r for r in rs if r.get("ttft_ms_p50")]
+        if p != "serve" or not rs:
+            continue
+        x = [r["ctx"] for r in rs]
+        line = ax.plot(x, [r["ttft_ms_p50"] for r in rs], "o-", label=f"{m} c{b}")[0]
+        f = fits.get((m, b))
+        if f and f.get("doubling") and len(x) > 1:
+            xs = [x[0] * (x[-1] / x[0]) ** (i / 40) for i in range(41)]
+            ax.plot(xs, [(f["a"] + f["b"] * n + f["c"] * n * n) * 1e3 for n in xs], ":", color=line.get_color())
+            line.set_label(f"{m} c{b} (doubling {f['doubling']:.2f}x)")
+    _finish(ax, xscale="log", yscale="log", xlabel="prompt (tokens)", ylabel="time to first token (ms)",
+            title=PLOTS["serve_ttft"])
+    return fig
+
+
+def _serve_line_plot(plt, series: dict, key: str, ylabel: str, name: str):
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for (m, b, p), rs in sorted(series.items()):
+        rs = [r for r in rs if r.get(key)]
+        if p == "serve" and rs:
+            ax.plot([r["ctx"] for r in rs], [r[key] for r in rs], "o-", label=f"{m} c{b}")
+    _finish(ax, xscale="log", xlabel="prompt (tokens)", ylabel=ylabel, title=PLOTS[name])
+    return fig
+
+
+def _serve_throughput_plot(plt, ok: list[dict]):
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    byc = defaultdict(list)
+    for r in ok:
+        if r["phase"] == "serve" and r.get("output_tokens_per_s"):
+            byc[(r["model"], r["ctx"])].append(r)
+    for (m, c), rs in sorted(byc.items()):
+        if len(rs) > 1:
+            rs.sort(key=lambda r: r["batch"])
+            ax.plot([r["batch"] for r in rs], [r["output_tokens_per_s"] for r in rs], "o-", label=f"{m} prompt {c}")
+    _finish(ax, xscale="log", xlabel="concurrent sessions", ylabel="output tokens/s", title=PLOTS["serve_throughput"])
+    return fig
+
+
 def _memory_plot(plt, series: dict, analysis: dict):
     """Left: each model's total peak memory per phase vs context (measured, solid; predicted, dashed).
     Right: the hybrid/dense ratio of the measured totals, with the 0.3 line of IBM's 70% claim.
@@ -173,6 +229,26 @@ def memory_claims(ratios: list[dict]) -> list[str]:
     return out
 
 
+def _serve_section(rows: list[dict]) -> list[str]:
+    """The servers' rows: who served what, then latency percentiles (ms) and throughput per case."""
+    served = [r for r in rows if r["phase"] == "serve"]
+    if not served:
+        return []
+    who = {r["model"]: r for r in served}
+    out = ["", "## Servers", "", "Prompt = `ctx` tokens, `batch` = concurrent sessions (closed loop), latencies in ms "
+           "on the client's clock (p50/p90/p99 over every request of the case); `server_running_max` from the "
+           "server's /metrics.", ""]
+    out += [f"- {m}: {r.get('engine') or 'unknown engine'} {r.get('server_version') or ''}, serving "
+            f"`{r.get('served_model')}` at {r.get('endpoint')}, {r.get('server_slots') or '?'} slot(s); client CPU "
+            f"`{r.get('cpu')}`" for m, r in who.items()]
+    fmt = {k: (lambda v: None if v is None else round(v, 1)) for k in SERVE_COLUMNS if k.endswith(("_ms_p50", "_ms_p90",
+                                                                                                 "_ms_p99", "_per_s"))}
+    table = [{**r, **{k: f(r.get(k)) for k, f in fmt.items()},
+              "errors": ", ".join(f"{k}: {n}" for k, n in sorted((r.get("errors") or {}).items())) or None}
+             for r in served]
+    return out + ["", to_markdown(table, SERVE_COLUMNS)]
+
+
 def write_report(out_dir: Path, rows: list[dict], analysis: dict, spec_dict: dict, wall_s: float | None = None) -> Path:
     out_dir = Path(out_dir)
     with report_dir(out_dir, REPORT_FILES) as tmp:
@@ -184,11 +260,11 @@ def write_report(out_dir: Path, rows: list[dict], analysis: dict, spec_dict: dic
                   "latency_ms": round(r["latency_ms"], 2) if r.get("latency_ms") else None,
                   "stdev_s": round(r["stdev_s"], 4) if r.get("stdev_s") is not None else None,
                   **{k: human_bytes(r[k]) if r.get(k) is not None else None for k in sizes}}
-                 for r in rows]
+                 for r in rows if r["phase"] != "serve"]
         env_keys = ("device", "cpu", "gpu", "threads", "torch", "kernel_impl", "commit", "dirty")
         env = {k: rows[0].get(k) for k in env_keys} if rows else {}
         lines = ["# granite bench report", ""]
-        lines += [f"- {k}: `{v}`" for k, v in env.items()]
+        lines += [f"- {k}: `{v}`" for k, v in env.items() if v is not None]
         lines += [f"- sweep: `{json.dumps(spec_dict)}`"]
         if wall_s is not None:
             lines.append(f"- wall time: {wall_s:.0f} s")
@@ -197,10 +273,12 @@ def write_report(out_dir: Path, rows: list[dict], analysis: dict, spec_dict: dic
             lines += ["", "## IBM's memory claim (70-80% less than a comparable Transformer)", "",
                       "Measured total peaks (weights + cache + working set; on a CPU the live-tensor tracker's, "
                       "on a GPU the allocator's), hybrid against its dense twin:", ""] + [f"- {c}" for c in claims]
-        lines += ["", "## Results", "",
-                  "peak_total: the phase's total peak memory of record (`peak_total_source`); predicted_total: "
-                  "memory-report's model of it; peak_delta: the peak's increase over the phase's baseline "
-                  "(RSS on a CPU), which leaves out the weights and the cache.", "", to_markdown(table, cols)]
+        if table:
+            lines += ["", "## Results", "",
+                      "peak_total: the phase's total peak memory of record (`peak_total_source`); predicted_total: "
+                      "memory-report's model of it; peak_delta: the peak's increase over the phase's baseline "
+                      "(RSS on a CPU), which leaves out the weights and the cache.", "", to_markdown(table, cols)]
+        lines += _serve_section(rows)
         for name in plots:
             lines += [f"## {PLOTS[name]}", "", f"![{name}]({name}.png)", ""]
         (tmp / "report.md").write_text("\n".join(lines) + "\n")

@@ -130,7 +130,12 @@ def run_sweep(spec: SweepSpec, *, out: Path | None = None, jsonl: Path | None = 
     result = an.analyse(rows, slo_ttft_ms=serve.slo_ttft_ms if serve else None,
                         slo_itl_ms=serve.slo_itl_ms if serve else None)
     if out:
-        write_report(out, rows, result, spec.as_dict(), wall)
+        sweep = spec.as_dict()
+        if found:  # what was asked of the servers (the key stays out of reports)
+            sweep["endpoints"] = {s.name: s.endpoint.url for s in found}
+            sweep.update({k: getattr(serve, k) for k in ("rate", "shared_prefix", "request_timeout", "slo_ttft_ms",
+                                                          "slo_itl_ms")})
+        write_report(out, rows, result, sweep, wall)
         say(f"report written to {Path(out) / 'report.md'}")
     gates = an.check_claims(rows, result) if check else []
     if base_rows is not None and threshold is not None:

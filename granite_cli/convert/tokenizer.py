@@ -87,22 +87,44 @@ def byte_symbols() -> list[str]:
     return out
 
 
+def _fillers(bytes_: list[str], n: int) -> list[str]:
+    """The 256 byte tokens, then distinct multi-letter tokens (aa, ab, ..., aaa, ...) up to `n`. No merge
+    makes the longer ones, so text still encodes a byte per token; but every id a random model may
+    generate decodes to text, so a server streams a chunk for each (it sends none for an unused id)."""
+    out = bytes_[:n]
+    letters = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+    width = 2
+    while len(out) < n:
+        for k in range(len(letters) ** width):
+            if len(out) == n:
+                break
+            word = ""
+            for _ in range(width):
+                k, r = divmod(k, len(letters))
+                word = letters[r] + word
+            out.append(word)
+        width += 1
+    return out
+
+
 def synthetic_vocab(vocab_size: int, hf_config: dict) -> Vocab:
     """A byte-level BPE vocabulary for random-weight models: 256 byte tokens and no merges (so N ASCII
-    characters are exactly N tokens), `<|end_of_text|>` as bos and eos and `<|pad|>` as pad at the config's ids
-    or else the last two ids, the rest left unused. It exists so llama.cpp's servers, which abort on a model
-    without a vocabulary, can serve the checkpoint; the text it produces is random bytes."""
+    characters are exactly N tokens), `<|end_of_text|>` as bos, eos and pad at the config's ids or else the
+    last id, every other id a multi-letter token. It exists so llama.cpp's servers, which
+    abort on a model without a vocabulary, can serve the checkpoint; the text it produces is random."""
     special: dict[str, int] = {}
     for key, name in (("bos_token_id", "bos"), ("eos_token_id", "eos"), ("pad_token_id", "padding")):
         v = hf_config.get(key)
         v = v[0] if isinstance(v, list) and v else v
         if isinstance(v, int) and not isinstance(v, bool) and 0 <= v < vocab_size:
             special[name] = v
-    if not special and vocab_size >= 258:
-        special = {"bos": vocab_size - 1, "eos": vocab_size - 1, "padding": vocab_size - 2}
+    if not special and vocab_size >= 257:
+        # one special token: a random model's greedy output often repeats one id, and a server streams
+        # nothing for a control token's empty text, but ignore_eos keeps the end token from being chosen
+        special = {"bos": vocab_size - 1, "eos": vocab_size - 1, "padding": vocab_size - 1}
     taken = set(special.values())
-    ids = [i for i in range(vocab_size) if i not in taken][:256]
-    vocab = {sym: i for sym, i in zip(byte_symbols(), ids)}
+    ids = [i for i in range(vocab_size) if i not in taken]
+    vocab = dict(zip(_fillers(byte_symbols(), len(ids)), ids))
     # Granite's own names; a bos with an id of its own (not eos's) is a begin token
     names = {"eos": "<|end_of_text|>", "padding": "<|pad|>",
              "bos": "<|end_of_text|>" if special.get("bos") == special.get("eos") else "<|begin_of_text|>"}

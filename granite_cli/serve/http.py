@@ -136,6 +136,7 @@ class Timed:
     prompt_tokens: int | None      # from the response's usage, when the server reports it
     completion_tokens: int | None
     cached_tokens: int | None
+    server_timings: dict | None = None  # llama.cpp's own: prompt_ms, predicted_per_token_ms, ...
 
 
 def stream_completion(ep: Endpoint, body: dict, timeout: float) -> Timed:
@@ -145,7 +146,7 @@ def stream_completion(ep: Endpoint, body: dict, timeout: float) -> Timed:
     conn = ep.connection(timeout)
     sent = time.perf_counter()
     chunks: list[float] = []
-    finish = usage = None
+    finish = usage = timings = None
     try:
         conn.request("POST", ep.prefix + "/v1/completions", body=payload, headers=ep.headers(body=True))
         r = conn.getresponse()
@@ -176,6 +177,7 @@ def stream_completion(ep: Endpoint, body: dict, timeout: float) -> Timed:
                     chunks.append(now)
                 finish = c.get("finish_reason") or finish
             usage = ev.get("usage") or usage
+            timings = ev.get("timings") or timings
         if not finished or finish is None:
             raise HTTPFailure("cut", f"stream ended after {len(chunks)} token(s) without "
                                      f"{'a finish reason' if finish is None else '[DONE]'}")
@@ -186,4 +188,4 @@ def stream_completion(ep: Endpoint, body: dict, timeout: float) -> Timed:
     u = usage or {}
     cached = (u.get("prompt_tokens_details") or {}).get("cached_tokens")
     return Timed(sent, chunks, time.perf_counter(), finish, u.get("prompt_tokens"), u.get("completion_tokens"),
-                 cached)
+                 cached, timings if isinstance(timings, dict) else None)

@@ -145,14 +145,18 @@ def run_case(server: Server, w: Workload) -> dict:
     kind, the server's own metrics, and the client's own cost."""
     vocab = server.n_vocab or FALLBACK_VOCAB
     ps = prompts(w, vocab, server.name)
+    # Sampled, not greedy: a random-weight model's greedy output tends to repeat one token, and a server
+    # streams no chunk while a repeated byte token leaves its text incomplete UTF-8. Seeded per request.
     body = {"model": server.served_model, "max_tokens": w.gen, "min_tokens": w.gen, "ignore_eos": True,
-            "temperature": 0.0}
+            "temperature": 1.0}
     log = _Log()
+    seeds = iter(range(10**6))
 
     def one(prompt: list[int]) -> None:
         c0 = time.thread_time()
+        req = {**body, "prompt": prompt, "seed": w.seed * 10**6 + next(seeds)}
         try:
-            t, e = stream_completion(server.endpoint, {**body, "prompt": prompt}, w.timeout), None
+            t, e = stream_completion(server.endpoint, req, w.timeout), None
         except HTTPFailure as err:
             t, e = None, err
         log.add(t, e, time.thread_time() - c0)
@@ -222,6 +226,9 @@ def summarize(log: _Log, w: Workload, t0: float) -> dict:
         "total_tokens_per_s": (out_tokens + sum(prompt_tokens or [w.ctx * len(log.done)])) / wall if wall else None,
         "requests_per_s": len(log.done) / wall if wall else None,
         "max_in_flight": peak,
+        # tokens the server streamed no chunk for (a control token's empty text): TTFT and ITL then skip them
+        "tokens_without_chunk": sum(max(0, (d.completion_tokens or 0) - len(d.chunks)) for d in log.done),
+        **_server_timings(log.done),
         "client_cpu_ms_per_request": log.cpu_s / max(1, w.requests) * 1e3,
         "rate_rps": w.rate, "shared_prefix": w.shared_prefix or None,
     }
@@ -229,6 +236,16 @@ def summarize(log: _Log, w: Workload, t0: float) -> dict:
     row["median_s"] = row["ttft_ms_p50"] / 1e3 if row["ttft_ms_p50"] is not None else None
     row["latency_ms"] = row["tpot_ms_p50"]
     return row
+
+
+def _server_timings(done: list[Timed]) -> dict:
+    """llama.cpp's own timings, where it reports them: its prompt processing and per-token decode time,
+    the engine-side counterparts of TTFT and TPOT (the difference is the HTTP path and the client)."""
+    ts = [d.server_timings for d in done if d.server_timings]
+    return {**_pct([t["prompt_ms"] / 1e3 for t in ts if isinstance(t.get("prompt_ms"), (int, float))],
+                   "server_prompt_ms"),
+            **_pct([t["predicted_per_token_ms"] / 1e3 for t in ts
+                    if isinstance(t.get("predicted_per_token_ms"), (int, float))], "server_tpot_ms")}
 
 
 class ServerGone(GraniteError):
