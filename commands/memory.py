@@ -33,19 +33,27 @@ def memory_report(
                       typer.Option(help="Exit 3 if any row's total exceeds this, e.g. 10GiB or 24GB.")] = None,
     out: Annotated[Optional[Path],
                    typer.Option(help="Write report.md, report.json and plots into this folder.")] = None,
+    tp: Annotated[int, typer.Option(
+        help="Tensor-parallel GPUs: every row is then one GPU's share, sharded as vLLM shards (attention and KV "
+             "heads, Mamba heads and state, expert and MLP widths, vocabulary split; see docs/sharding.md).")] = 1,
+    gpus: Annotated[int, typer.Option(help="GPUs per node for the sessions-per-node table (1 to this many).")] = 8,
+    gpu_mem: Annotated[str, typer.Option(help="Memory of one GPU for the sessions-per-node table.")] = "80GB",
     fmt: FormatOpt = Format.table,
 ) -> None:
     """Weights, KV cache, Mamba state and activations per model, context and batch; capacity; IBM's claims.
 
-    Examples: granite memory-report;  granite memory-report -m granite-4.0-h-tiny --ctx 128k --batch 4 --budget 24GB
+    Examples: granite memory-report;  granite memory-report -m granite-4.0-h-tiny --ctx 128k --batch 4 --budget 24GB;
+    granite memory-report -m granite-4.0-h-small --ctx 128k --batch 32 --tp 4 --budget 80GB  (per GPU)
     """
     from granite_cli.memory import report as R
     from granite_cli.render import human_bytes
 
     outcome = R.run_report(model, ctx, batch, weights=weights, kv=kv, state=state, ubatch=ubatch, trace=trace,
-                           measure=measure, device=device, out=out, budget=budget, say=say)
+                           measure=measure, device=device, out=out, budget=budget, tp=tp, gpus=gpus,
+                           gpu_mem=gpu_mem, say=say)
     rep = outcome.report
-    cols = ["model", "ctx", "batch", "weights_bytes", "kv_bytes", "state_bytes", "activation_bytes", "total_bytes"]
+    cols = ["model", *(["tp"] if tp > 1 else []), "ctx", "batch", "weights_bytes", "kv_bytes", "state_bytes",
+            "activation_bytes", "total_bytes"]
     cols += [c for c in ("traced_total_bytes", "measured_total_bytes") if any(c in r for r in rep["rows"])]
     hb = lambda v: human_bytes(v) if isinstance(v, (int, float)) else ""  # noqa: E731
     emit_rows(rep["rows"], fmt, columns=cols,

@@ -205,3 +205,94 @@ def test_allocation_replay_peak_equals_the_trackers_over_a_real_run(name, ctx, b
     assert replay.peak == real.peak > 0
     assert (len(routing) > 0) == bool(model.cfg.num_local_experts)
     assert all(torch.equal(t, saved) for t, saved in zip(tensors, state))
+
+
+def _shard(name: str, t: torch.Tensor, cfg, tp: int, rank: int) -> torch.Tensor:
+    """Rank `rank`'s piece of checkpoint tensor `name` under tensor parallelism, by the rules of
+    docs/sharding.md, applied to the tensor itself (the oracle for memory.shard's per-rank formulas)."""
+    def split(x, dim):
+        return x.chunk(tp, dim)[rank]
+
+    def heads_or_one(x, n, dim=0):  # n heads (or groups) along dim: split, or the one this rank keeps
+        if n % tp == 0:
+            return split(x, dim)
+        return x.unflatten(dim, (n, -1)).select(dim, rank * n // tp)
+
+    di, gn, h = cfg.d_inner, cfg.mamba_n_groups * cfg.mamba_d_state, cfg.mamba_n_heads
+    if name.endswith(("embed_tokens.weight", "lm_head.weight")):
+        rows = -(-t.shape[0] // tp) * tp  # the vocabulary padded to a multiple of the ranks
+        return split(torch.cat([t, t.new_empty(rows - t.shape[0], *t.shape[1:])]), 0)
+    if name.endswith(("q_proj.weight", "mamba.dt_bias", "mamba.A_log", "mamba.D", "mamba.norm.weight")):
+        return split(t, 0)
+    if name.endswith(("o_proj.weight", "mamba.out_proj.weight", "shared_mlp.output_linear.weight")):
+        return split(t, 1)
+    if name.endswith(("k_proj.weight", "v_proj.weight")):
+        return heads_or_one(t, cfg.num_key_value_heads)
+    if name.endswith(("mamba.in_proj.weight", "mamba.conv1d.weight", "mamba.conv1d.bias")):
+        sizes = [di, di, gn, gn, h] if "in_proj" in name else [di, gn, gn]
+        parts = list(t.split(sizes, 0))
+        bc = len(parts) - 3 if "in_proj" in name else 1  # where B and C start
+        return torch.cat([heads_or_one(p, cfg.mamba_n_groups) if bc <= i < bc + 2 else split(p, 0)
+                          for i, p in enumerate(parts)])
+    if name.endswith("block_sparse_moe.input_linear.weight") or name.endswith("shared_mlp.input_linear.weight"):
+        dim = t.dim() - 2
+        gate, up = t.chunk(2, dim)
+        return torch.cat([split(gate, dim), split(up, dim)], dim)
+    if name.endswith("block_sparse_moe.output_linear.weight"):
+        return split(t, 2)
+    assert name.endswith(("norm.weight", "layernorm.weight", "router.layer.weight")), name
+    return t  # replicated
+
+
+@pytest.mark.parametrize("groups,tp", [(1, 2), (1, 4), (2, 2), (2, 4)])
+def test_tensor_parallel_bytes_per_rank_match_sharding_the_tensors(groups, tp):
+    from granite_cli.checkpoint.names import checkpoint_entries
+    from granite_cli.memory.shard import rank_config
+    from tests.conftest import tiny
+
+    cfg = tiny("granitemoehybrid", vocab_size=130, mamba_n_groups=groups, tie_word_embeddings=False)
+    rank = rank_config(cfg, tp)
+    want = weight_bytes(rank, "bf16")["total"]
+    for r in range(tp):
+        pieces = {e.ckpt: _shard(e.ckpt, torch.empty(e.shape, dtype=torch.bfloat16, device="meta"), cfg, tp, r)
+                  for e in checkpoint_entries(cfg)}
+        assert sum(p.numel() * 2 for p in pieces.values()) == want, f"rank {r}"
+        # the caches follow the sharded projections: KV heads from k_proj, conv channels from conv1d, SSM heads
+        kv_rows = pieces["model.layers.1.self_attn.k_proj.weight"].shape[0]
+        assert kv_bytes(rank, 1, 1, "bf16") == 2 * len(cfg.attention_layers) * kv_rows * 2
+        conv_ch = pieces["model.layers.0.mamba.conv1d.weight"].shape[0]
+        heads = pieces["model.layers.0.mamba.A_log"].shape[0]
+        st = state_bytes(rank, 1, "fp32", "bf16")
+        assert st["conv"] == len(cfg.mamba_layers) * conv_ch * (cfg.mamba_d_conv - 1) * 2
+        assert st["ssm"] == len(cfg.mamba_layers) * heads * cfg.mamba_d_head * cfg.mamba_d_state * 4
+    assert want < weight_bytes(cfg, "bf16")["total"]
+
+
+def test_tp_that_does_not_divide_the_heads_is_refused_and_node_capacity_grows_with_gpus():
+    from granite_cli.memory.report import node_capacity
+    from granite_cli.memory.shard import rank_config
+
+    with pytest.raises(InputError, match="cannot be split over 3 GPUs: its 32 attention heads"):
+        rank_config(load_config("granite-4.0-h-small"), 3)
+    rows = node_capacity(["granite-4.0-h-small"], [131072], gpus=8, gpu_bytes=80e9)
+    by = {r["gpus"]: r for r in rows}
+    assert by[1]["sessions@128k"] == max_batch(load_config("granite-4.0-h-small"), 80e9, 131072)
+    assert by[8]["sessions@128k"] > by[4]["sessions@128k"] > by[2]["sessions@128k"] > by[1]["sessions@128k"]
+    assert 3 in by and by[3]["tp"] in (1,)  # 3 GPUs: three single-GPU replicas (32 heads do not split in 3)
+
+
+def test_memory_report_tp_rows_are_per_gpu():
+    def run(*extra):
+        r = subprocess.run([sys.executable, "-m", "granite_cli", "memory-report", "-m", "granite-4.0-h-small", "--ctx",
+                            "128k", "--batch", "8", "-f", "json", *extra], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)["rows"][0]
+
+    one, four = run(), run("--tp", "4")
+    assert four["tp"] == 4 and one["tp"] == 1
+    # KV heads (8) and Mamba heads split four ways; the replicated norms and router keep it above a quarter
+    assert four["kv_bytes"] == one["kv_bytes"] / 4 and four["state_bytes"] < one["state_bytes"] / 3
+    assert one["weights_bytes"] / 4 < four["weights_bytes"] < one["weights_bytes"] / 3.9
+    r = subprocess.run([sys.executable, "-m", "granite_cli", "memory-report", "-m", "granite-4.0-h-small", "--tp", "3"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "cannot be split over 3 GPUs" in r.stderr and "Traceback" not in r.stderr

@@ -7,9 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from granite_cli.config import load_config
+from granite_cli.errors import InputError
 from granite_cli.fsutil import report_dir
 from granite_cli.memory.claims import all_claims, max_batch, max_context
 from granite_cli.memory.predict import activation_bytes, kv_state_crossover, norm_dtype, predict, weight_bytes
+from granite_cli.memory.shard import MAX_TP, rank_config
 from granite_cli.render import human_bytes, json_safe, to_markdown
 
 DEFAULT_MODELS = [
@@ -22,17 +24,19 @@ GPU_SIZES_GB = [24, 48, 80, 141]
 # What a report folder may hold of granite's (fsutil checks an existing --out against it up front).
 REPORT_FILES = ("report.md", "report.json", "*.png")
 
-def rows_for(models, ctxs, batches, weights="bf16", kv="bf16", state="fp32", ubatch=4096) -> list[dict]:
+def rows_for(models, ctxs, batches, weights="bf16", kv="bf16", state="fp32", ubatch=4096, tp: int = 1) -> list[dict]:
+    """One row per model, context and batch; with tp > 1 every byte count is one GPU's of `tp`."""
     for d in (weights, kv, state):
         norm_dtype(d)
     out = []
     for m in models:
-        cfg = load_config(m)
+        full = load_config(m)
+        cfg = rank_config(full, tp)
         for c in ctxs:
             for b in batches:
                 p = predict(cfg, c, b, weights, kv, state, ubatch)
                 out.append({
-                    "model": cfg.name, "kind": "hybrid" if cfg.is_hybrid else "dense", "ctx": c, "batch": b,
+                    "model": full.name, "kind": "hybrid" if cfg.is_hybrid else "dense", "ctx": c, "batch": b, "tp": tp,
                     "weights_dtype": weights, "kv_dtype": kv, "state_dtype": state,
                     "weights_bytes": p.weights_bytes, "kv_bytes": p.kv_bytes, "state_bytes": p.state_bytes,
                     "activation_bytes": p.activation_bytes, "total_bytes": p.total_bytes,
@@ -134,6 +138,29 @@ def capacity(models, ctxs, gpu_gb=GPU_SIZES_GB, weights="bf16", kv="bf16", state
     return out
 
 
+def node_capacity(models, ctxs, gpus: int = 8, gpu_bytes: float = 80e9, weights="bf16", kv="bf16",
+                  state="fp32") -> list[dict]:
+    """Sessions per node of 1..`gpus` GPUs of `gpu_bytes` each: for each GPU count, the best split into
+    tensor-parallel groups (tp dividing the count and the model) times the sessions one group holds."""
+    out = []
+    for m in models:
+        full = load_config(m)
+        for n in range(1, gpus + 1):
+            best = None
+            for tp in (t for t in range(1, n + 1) if n % t == 0):
+                try:
+                    cfg = rank_config(full, tp)
+                except InputError:
+                    continue
+                per = {c: n // tp * max_batch(cfg, gpu_bytes, c, weights, kv, state) for c in ctxs}
+                if best is None or per[max(ctxs)] > best[1][max(ctxs)]:
+                    best = (tp, per)
+            if best:
+                out.append({"model": full.name, "gpus": n, "tp": best[0],
+                            **{f"sessions@{c // 1024}k": v for c, v in best[1].items()}})
+    return out
+
+
 def crossovers(models, kv="bf16", state="fp32") -> list[dict]:
     out = []
     for m in models:
@@ -148,16 +175,22 @@ def budget_failures(rows: list[dict], budget: float) -> list[str]:
     fails = []
     for r in rows:
         if r["total_bytes"] > budget:
-            fails.append(f"{r['model']} at ctx {r['ctx']} x batch {r['batch']} needs {human_bytes(r['total_bytes'])}, "
-                         f"{human_bytes(r['total_bytes'] - budget)} over the {human_bytes(budget)} budget")
+            per = f" per GPU of {r['tp']}" if r.get("tp", 1) > 1 else ""
+            fails.append(f"{r['model']} at ctx {r['ctx']} x batch {r['batch']} needs "
+                         f"{human_bytes(r['total_bytes'])}{per}, {human_bytes(r['total_bytes'] - budget)} over the "
+                         f"{human_bytes(budget)} budget")
     return fails
 
 
-def full_report(models, ctxs, batches, weights, kv, state, ubatch) -> dict:
-    rows = rows_for(models, ctxs, batches, weights, kv, state, ubatch)
+def full_report(models, ctxs, batches, weights, kv, state, ubatch, tp: int = 1, gpus: int = 8,
+                gpu_bytes: float = 80e9) -> dict:
+    rows = rows_for(models, ctxs, batches, weights, kv, state, ubatch, tp)
+    long = [c for c in ctxs if c >= 4096] or ctxs
     return {
         "schema_version": 1, "rows": rows, "claims": all_claims(),
-        "capacity": capacity(models, [c for c in ctxs if c >= 4096] or ctxs, weights=weights, kv=kv, state=state),
+        "capacity": capacity(models, long, weights=weights, kv=kv, state=state),
+        "node_capacity": node_capacity(models, long, gpus, gpu_bytes, weights, kv, state),
+        "gpu_bytes": gpu_bytes,
         "crossover": crossovers(models, kv, state),
         "weights": [{"model": c.name, **weight_bytes(c, weights)} for c in map(load_config, models)],
     }
@@ -165,13 +198,12 @@ def full_report(models, ctxs, batches, weights, kv, state, ubatch) -> dict:
 
 def run_report(models: list[str] | None, ctx: str, batch: str, *, weights: str = "bf16", kv: str = "bf16",
                state: str = "fp32", ubatch: int = 4096, trace: bool = False, measure: bool = False,
-               device: str = "cpu", out: Path | None = None, budget: str | None = None,
-               say=lambda msg: None) -> "Outcome":
+               device: str = "cpu", out: Path | None = None, budget: str | None = None, tp: int = 1, gpus: int = 8,
+               gpu_mem: str = "80GB", say=lambda msg: None) -> "Outcome":
     """What `granite memory-report` runs: the options checked before any work (an --out holding files
     granite did not write is refused up front), the predicted report, optionally traced and measured
     rows, the report folder. Rows over `budget` are returned, not raised, so the caller shows the table
     before Outcome.raise_for_budget fails the job (exit 3)."""
-    from granite_cli.errors import InputError
     from granite_cli.fsutil import check_report_dir
     from granite_cli.render import parse_bytes
     from granite_cli.sizes import parse_list
@@ -183,9 +215,14 @@ def run_report(models: list[str] | None, ctx: str, batch: str, *, weights: str =
     limit = parse_bytes(budget) if budget is not None else None
     if device not in ("cpu", "cuda"):
         raise InputError(f"--device must be cpu or cuda, got {device!r}")
+    if not 1 <= gpus <= MAX_TP:
+        raise InputError(f"--gpus must be between 1 and {MAX_TP}, got {gpus}")
+    if tp > 1 and (trace or measure):
+        raise InputError("--trace and --measure run one device; use them without --tp")
+    gpu_bytes = parse_bytes(gpu_mem)
     if out:
         check_report_dir(out, REPORT_FILES)
-    rep = full_report(models, ctxs, batches, weights, kv, state, ubatch)
+    rep = full_report(models, ctxs, batches, weights, kv, state, ubatch, tp, gpus, gpu_bytes)
     if trace:
         say(f"tracing {len(rep['rows'])} case(s) on the meta device ...")
         add_traced(rep["rows"], ubatch)
@@ -265,7 +302,9 @@ def write_report_dir(out_dir: Path, report: dict) -> Path:
     out_dir = Path(out_dir)
     with report_dir(out_dir, REPORT_FILES) as tmp:
         plots = _plots(report, tmp)
-        cols = ["model", "ctx", "batch", "weights_bytes", "kv_bytes", "state_bytes", "activation_bytes", "total_bytes"]
+        tp = any(r.get("tp", 1) > 1 for r in report["rows"])
+        cols = ["model", *(["tp"] if tp else []), "ctx", "batch", "weights_bytes", "kv_bytes", "state_bytes",
+                "activation_bytes", "total_bytes"]
         extra = [c for c in ("traced_total_bytes", "measured_total_bytes", "measured_rss_peak_delta_bytes")
                  if any(c in r for r in report["rows"])]
         fmt = [{k: (human_bytes(v) if k.endswith("bytes") and isinstance(v, (int, float)) else v) for k, v in r.items()}
@@ -280,7 +319,12 @@ def write_report_dir(out_dir: Path, report: dict) -> Path:
                  to_markdown(report["claims"], ["claim", "conditions", "ratio", "reduction_range", "verdict"]),
                  "## Where a hybrid's KV cache overtakes its Mamba state", "", to_markdown(report["crossover"]),
                  "## Capacity: most concurrent sequences that fit (bf16 weights and KV, fp32 state)", "",
-                 to_markdown(report["capacity"]), "## Memory by model, context and batch", "",
+                 to_markdown(report["capacity"]),
+                 f"## Sessions per node ({human_bytes(report['gpu_bytes'])} GPUs, tensor parallel as vLLM shards; "
+                 "docs/sharding.md)", "",
+                 "For each GPU count, the tensor-parallel size (tp) that holds the most sessions at the longest "
+                 "context, times the groups of that size the node holds.", "",
+                 to_markdown(report["node_capacity"]), "## Memory by model, context and batch", "",
                  to_markdown(fmt, cols + extra)]
         for p in plots:
             lines += [f"![{p}]({p}.png)", ""]
