@@ -30,6 +30,8 @@ from granite_cli.params import count_params
 
 
 def upgrade(r: dict) -> dict:
+    if r.get("phase") == "serve":  # a server's row: nothing of ours to predict
+        return r
     if r.get("status") not in ("ok", "invalid") or r.get("predicted_total_bytes") is not None:
         return r
     cfg = load_config(r["model"])

@@ -15,8 +15,10 @@ class FakeServer:
     """mode(n) → what request n (from 0) gets: "ok", "500", "cut", "slow"; `stop_after` requests, the
     server closes its socket (as a crashed server)."""
 
-    def __init__(self, mode=lambda n: "ok", stop_after: int | None = None, slow_s: float = 3.0) -> None:
-        self.mode, self.stop_after, self.slow_s = mode, stop_after, slow_s
+    def __init__(self, mode=lambda n: "ok", stop_after: int | None = None, slow_s: float = 3.0,
+                 text_only: bool = False) -> None:
+        """text_only: refuse token-id prompts (HTTP 400) and offer /tokenize, one token per word."""
+        self.mode, self.stop_after, self.slow_s, self.text_only = mode, stop_after, slow_s, text_only
         self.count = 0
         self.auth: set[str | None] = set()  # the Authorization headers requests carried
         self.lock = threading.Lock()
@@ -47,6 +49,15 @@ class FakeServer:
                 fake.auth.add(self.headers.get("Authorization"))
                 n = int(self.headers.get("Content-Length") or 0)
                 body = json.loads(self.rfile.read(n))
+                prompt = body.get("prompt")
+                if self.path == "/tokenize" and fake.text_only:
+                    return self._send(200, {"tokens": list(range(len(body["content"].split())))})
+                if fake.text_only and isinstance(prompt, list):
+                    return self._send(400, {"error": {"message": "prompt must be a string"}})
+                n_prompt = len(prompt.split()) if isinstance(prompt, str) else len(prompt)
+                if not body.get("stream"):  # the probe's one-token completion; not counted as a request
+                    return self._send(200, {"choices": [{"text": "x", "finish_reason": "length"}],
+                                            "usage": {"prompt_tokens": n_prompt, "completion_tokens": 1}})
                 with fake.lock:
                     k = fake.count
                     fake.count += 1
@@ -70,13 +81,17 @@ class FakeServer:
                     last = i == gen - 1
                     ev = {"choices": [{"text": "x", "index": 0, "finish_reason": "length" if last else None}]}
                     if last:
-                        ev["usage"] = {"prompt_tokens": len(body["prompt"]), "completion_tokens": gen}
+                        ev["usage"] = {"prompt_tokens": n_prompt, "completion_tokens": gen}
                     self.wfile.write(b"data: " + json.dumps(ev).encode() + b"\n\n")
                     self.wfile.flush()
                 self.wfile.write(b"data: [DONE]\n\n")
                 self.close_connection = True
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Quiet(ThreadingHTTPServer):
+            def handle_error(self, request, client_address):
+                pass  # a client that timed out or was interrupted closes mid-stream, which is the point
+
+        self.httpd = Quiet(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)

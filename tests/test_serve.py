@@ -224,3 +224,38 @@ def test_synthetic_vocabulary_is_a_real_byte_level_tokenizer(tmp_path):
     r = granite("convert", "--from-profile", "tiny-hybrid", str(tmp_path / "n.gguf"), "--no-vocab", "--no-verify")
     assert r.returncode == 0
     assert gguf.GGUFReader(str(tmp_path / "n.gguf")).fields["tokenizer.ggml.model"].contents() == "none"
+
+
+def test_a_server_without_token_id_prompts_gets_text_of_the_exact_length():
+    fake = FakeServer(text_only=True)
+    try:
+        r = granite("bench", "--endpoint", f"f={fake.url}", "--ctx", "50,300", "--batch", "2", "--gen", "3", "--reps",
+                    "1", "--warmup", "0", "-f", "json")
+    finally:
+        fake.stop()
+    assert r.returncode == 0, r.stderr
+    for row in json.loads(r.stdout)["rows"]:
+        assert row["prompt_mode"] == "text" and row["status"] == "ok"
+        assert row["prompt_tokens_measured"] == [row["ctx"], row["ctx"]] and row["prompt_tokens_exact"] is True
+
+
+def test_ctrl_c_keeps_the_finished_rows(tmp_path):
+    import signal
+
+    fake = FakeServer(mode=lambda n: "ok" if n < 2 else "slow", slow_s=30.0)
+    rows = tmp_path / "r.jsonl"
+    try:
+        p = subprocess.Popen([sys.executable, "-m", "granite_cli", "bench", "--endpoint", f"f={fake.url}", "--ctx",
+                              "8,16,32", "--batch", "1", "--gen", "2", "--reps", "2", "--warmup", "0", "--jsonl",
+                              str(rows)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 60
+        while time.time() < deadline and not (rows.exists() and rows.read_text().strip()):
+            time.sleep(0.1)
+        time.sleep(0.5)  # the second case is now waiting on its slow request
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=60)
+    finally:
+        fake.stop()
+    assert p.returncode == 130 and "Traceback" not in err, err
+    kept = [json.loads(x) for x in rows.read_text().splitlines()]
+    assert len(kept) == 1 and kept[0]["ctx"] == 8 and kept[0]["status"] == "ok"

@@ -57,12 +57,12 @@ def kind_of(server: Server) -> str | None:
     from granite_cli.config.files import load_config, profile_names
     from granite_cli.hub import model_name
 
-    known = set(profile_names())
+    known = {n.lower(): n for n in profile_names()}  # Hub ids spell them Qwen/Qwen3-32B
     for cand in (server.name, server.served_model):
         stem = cand.rsplit("/", 1)[-1].removesuffix(".gguf")
         for n in (cand, stem, model_name(cand) if "/" in cand else stem):
-            if n in known:
-                return "hybrid" if load_config(n).is_hybrid else "dense"
+            if n.lower() in known:
+                return "hybrid" if load_config(known[n.lower()]).is_hybrid else "dense"
     return None
 
 
@@ -104,7 +104,8 @@ def _warm(server: Server, spec: SweepSpec, opts: ServeOptions) -> None:
     """Untimed requests before the server's first case (first-request allocations, graph capture)."""
     for i in range(spec.warmup):
         try:
-            stream_completion(server.endpoint, {"model": server.served_model, "prompt": [1 + i] * 16, "max_tokens": 4,
+            prompt = [1 + i] * 16 if server.prompt_mode == "token_ids" else "warm up " * 8
+            stream_completion(server.endpoint, {"model": server.served_model, "prompt": prompt, "max_tokens": 4,
                                                 "ignore_eos": True}, opts.request_timeout)
         except HTTPFailure:
             return  # the case itself will count and report the failure

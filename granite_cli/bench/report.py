@@ -166,7 +166,13 @@ def _serve_throughput_plot(plt, ok: list[dict]):
         if len(rs) > 1:
             rs.sort(key=lambda r: r["batch"])
             ax.plot([r["batch"] for r in rs], [r["output_tokens_per_s"] for r in rs], "o-", label=f"{m} prompt {c}")
-    _finish(ax, xscale="log", xlabel="concurrent sessions", ylabel="output tokens/s", title=PLOTS["serve_throughput"])
+    _finish(ax, xscale="log", yscale="log", xlabel="concurrent sessions", ylabel="output tokens/s",
+            title=PLOTS["serve_throughput"])
+    cs = sorted({r["batch"] for rs in byc.values() for r in rs})
+    ax.set_xticks(cs, [str(c) for c in cs])
+    ax.xaxis.set_minor_locator(plt.NullLocator())
+    for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+        axis(plt.FuncFormatter(lambda v, _: f"{v:g}"))
     return fig
 
 

@@ -125,6 +125,24 @@ def get_json(ep: Endpoint, path: str, timeout: float = 10.0) -> dict | None:
     return d if isinstance(d, dict) else None
 
 
+def post_json(ep: Endpoint, path: str, body: dict, timeout: float = 30.0) -> tuple[int, dict | None]:
+    """(status, the JSON object answered or None) of a POST; HTTPFailure when there is no answer."""
+    conn = ep.connection(timeout)
+    try:
+        conn.request("POST", ep.prefix + path, body=json.dumps(body).encode(), headers=ep.headers(body=True))
+        r = conn.getresponse()
+        raw = r.read()
+    except Exception as e:  # noqa: BLE001
+        raise _classify(e) from None
+    finally:
+        conn.close()
+    try:
+        d = json.loads(raw)
+    except ValueError:
+        d = None
+    return r.status, d if isinstance(d, dict) else None
+
+
 @dataclass
 class Timed:
     """One streamed completion as the client saw it (perf_counter seconds)."""

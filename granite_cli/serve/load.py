@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from granite_cli.errors import GraniteError, InputError
-from granite_cli.serve.http import Endpoint, HTTPFailure, Timed, get_json, stream_completion
+from granite_cli.serve.http import Endpoint, HTTPFailure, Timed, get_json, post_json, stream_completion
 from granite_cli.serve.metrics import Sampler, scrape
 
 # Token ids valid in every vocabulary a server is likely to hold, for a server that does not say its size
@@ -37,10 +37,11 @@ class Server:
     n_ctx: int | None = None          # the longest prompt + output one request may have, where reported
     slots: int | None = None
     metrics: bool = False
+    prompt_mode: str = "token_ids"    # or "text": built with the server's /tokenize to the requested length
 
     def fields(self) -> dict:
         return {"endpoint": self.endpoint.url, "engine": self.engine, "server_version": self.version,
-                "served_model": self.served_model, "server_slots": self.slots}
+                "served_model": self.served_model, "server_slots": self.slots, "prompt_mode": self.prompt_mode}
 
 
 _UNREACHABLE = ("refused", "unknown_host", "timeout", "connection", "cut")
@@ -78,7 +79,59 @@ def probe(ep: Endpoint, timeout: float = 10.0) -> Server:
     if version and not s.version:
         s.version = version.get("version")
     s.metrics = scrape(ep, timeout) is not None
+    s.prompt_mode = _prompt_mode(s, timeout)
     return s
+
+
+def _prompt_mode(s: Server, timeout: float) -> str:
+    """token_ids where the server takes a prompt of token ids (vLLM, SGLang, llama.cpp); else text of the
+    requested length built with its /tokenize; else refused (exit 2)."""
+    try:
+        status, _ = post_json(s.endpoint, "/v1/completions", {"model": s.served_model, "prompt": [1, 2, 3, 4],
+                                                               "max_tokens": 1}, max(timeout, 60.0))
+    except HTTPFailure as e:
+        raise InputError(f"--endpoint {s.endpoint.url}: a one-token completion failed ({e}); is the model loaded?")
+    if status == 200:
+        return "token_ids"
+    if count_tokens(s, "hello world") is not None:
+        return "text"
+    raise InputError(f"--endpoint {s.endpoint.url}: the server refused a token-id prompt (HTTP {status}) and has no "
+                     "/tokenize to build text prompts of an exact length; granite bench needs one of the two")
+
+
+def count_tokens(s: Server, text: str) -> int | None:
+    """The server's token count of `text` (POST /tokenize, as llama.cpp and vLLM spell it), or None."""
+    try:
+        status, d = post_json(s.endpoint, "/tokenize", {"model": s.served_model, "content": text, "prompt": text,
+                                                         "add_special": False, "add_special_tokens": False})
+    except HTTPFailure:
+        return None
+    if status != 200 or d is None:
+        return None
+    if isinstance(d.get("tokens"), list):
+        return len(d["tokens"])
+    return d.get("count") if isinstance(d.get("count"), int) else None
+
+
+def text_prompt(s: Server, n: int, rng: random.Random) -> str:
+    """Text the server counts as `n` tokens where it can be built so (random lowercase words, then
+    single letters to make up the count); the row records the server's own count either way."""
+    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 7)))
+             for _ in range(2 * n + 8)]
+    per = max(0.2, (count_tokens(s, " ".join(words[:64])) or 64) / 64)
+    k = max(1, min(len(words), int(n / per)))
+    for _ in range(8):
+        got = count_tokens(s, " ".join(words[:k])) or n
+        if got == n or (got < n and k == len(words)):
+            break
+        k = max(1, min(len(words), k + (int((n - got) / per) or (1 if got < n else -1))))
+    text = " ".join(words[:k])
+    for _ in range(4):  # the last few tokens, a letter each
+        got = count_tokens(s, text) or n
+        if got >= n:
+            break
+        text += " a" * (n - got)
+    return text
 
 
 def _status(ep: Endpoint, path: str, timeout: float) -> int | None:
@@ -144,7 +197,12 @@ def run_case(server: Server, w: Workload) -> dict:
     """Send the case's requests and return its row fields: latency percentiles, throughput, errors by
     kind, the server's own metrics, and the client's own cost."""
     vocab = server.n_vocab or FALLBACK_VOCAB
-    ps = prompts(w, vocab, server.name)
+    if server.prompt_mode == "text":
+        rng = random.Random(f"{w.seed}/{server.name}/{w.ctx}/{w.concurrency}")
+        shared = text_prompt(server, w.shared_prefix, rng) + " " if w.shared_prefix else ""
+        ps = [shared + text_prompt(server, w.ctx - w.shared_prefix, rng) for _ in range(w.requests)]
+    else:
+        ps = prompts(w, vocab, server.name)
     # Sampled, not greedy: a random-weight model's greedy output tends to repeat one token, and a server
     # streams no chunk while a repeated byte token leaves its text incomplete UTF-8. Seeded per request.
     body = {"model": server.served_model, "max_tokens": w.gen, "min_tokens": w.gen, "ignore_eos": True,
@@ -152,7 +210,7 @@ def run_case(server: Server, w: Workload) -> dict:
     log = _Log()
     seeds = iter(range(10**6))
 
-    def one(prompt: list[int]) -> None:
+    def one(prompt: list[int] | str) -> None:
         c0 = time.thread_time()
         req = {**body, "prompt": prompt, "seed": w.seed * 10**6 + next(seeds)}
         try:
@@ -161,7 +219,7 @@ def run_case(server: Server, w: Workload) -> dict:
             t, e = None, err
         log.add(t, e, time.thread_time() - c0)
 
-    def session(mine: list[list[int]]) -> None:
+    def session(mine: list) -> None:
         for p in mine:
             one(p)
 
@@ -184,7 +242,8 @@ def run_case(server: Server, w: Workload) -> dict:
     row = summarize(log, w, t0)
     row["client_row_ms"] = (time.perf_counter() - max([t0] + [d.done for d in log.done])) * 1e3
     row.update(sampler.stop() if sampler else {"server_metrics": "none (the server exposes no /metrics)"})
-    row["token_ids_from"] = f"0..{vocab - 1}" + ("" if server.n_vocab else " (the server does not say its size)")
+    if server.prompt_mode == "token_ids":
+        row["token_ids_from"] = f"0..{vocab - 1}" + ("" if server.n_vocab else " (the server does not say its size)")
     return row
 
 
