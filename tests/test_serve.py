@@ -259,3 +259,39 @@ def test_ctrl_c_keeps_the_finished_rows(tmp_path):
     assert p.returncode == 130 and "Traceback" not in err, err
     kept = [json.loads(x) for x in rows.read_text().splitlines()]
     assert len(kept) == 1 and kept[0]["ctx"] == 8 and kept[0]["status"] == "ok"
+
+
+def test_open_loop_rate_and_slo_verdicts():
+    fake = FakeServer()
+    try:
+        r = granite("bench", "--endpoint", f"f={fake.url}", "--ctx", "8,16", "--batch", "1,2", "--gen", "3", "--reps",
+                    "2", "--warmup", "0", "--slo-ttft", "5000", "--slo-itl", "1000", "-f", "json")
+        o = granite("bench", "--endpoint", f"f={fake.url}", "--ctx", "8", "--batch", "3", "--gen", "3", "--reps",
+                    "2", "--warmup", "0", "--rate", "20", "-f", "json")
+    finally:
+        fake.stop()
+    assert r.returncode == 0, r.stderr
+    v = "\n".join(json.loads(r.stdout)["verdicts"])
+    assert "f prompt 8: 2 session(s) per server within TTFT p90 <= 5000 ms and ITL p90 <= 1000 ms" in v
+    assert o.returncode == 0, o.stderr
+    row = json.loads(o.stdout)["rows"][0]
+    assert row["rate_rps"] == 20 and row["requests_ok"] == 6 and row["requests"] == 6
+
+
+def test_prometheus_gauges_and_the_ttft_histogram_of_vllm():
+    from granite_cli.serve.http import parse_endpoint
+    from granite_cli.serve.metrics import Sampler, parse
+
+    def text(running, waiting, kv, n, total):
+        return (f'# HELP vllm:num_requests_running x\nvllm:num_requests_running{{model_name="m"}} {running}\n'
+                f'vllm:num_requests_waiting{{model_name="m"}} {waiting}\nvllm:kv_cache_usage_perc{{model_name="m"}} '
+                f'{kv}\nvllm:time_to_first_token_seconds_count{{model_name="m"}} {n}\n'
+                f'vllm:time_to_first_token_seconds_sum{{model_name="m"}} {total}\n'
+                f'vllm:time_to_first_token_seconds_bucket{{le="0.1",model_name="m"}} 1.0e+00\n')
+
+    s = Sampler(parse_endpoint("http://127.0.0.1:9"))  # never started: the samples are given
+    s.samples = [parse(text(0, 0, 0.0, 10, 2.0)), parse(text(4, 2, 0.5, 12, 2.5)), parse(text(1, 0, 0.25, 14, 3.0))]
+    got = s.summary()
+    assert got["server_running_max"] == 4 and got["server_waiting_max"] == 2 and got["server_kv_cache_usage_max"] == 0.5
+    assert got["server_ttft_mean_ms"] == pytest.approx(250.0)  # (3.0 - 2.0) s over 14 - 10 requests
+    assert got["server_busy_slots_per_decode_max"] is None
