@@ -139,7 +139,8 @@ def bench(
     result = outcome.analysis
     emit_rows(outcome.rows, fmt, columns=_columns(outcome.rows), headers=HEADERS,
               json_obj={"schema_version": 1, "rows": outcome.rows, "verdicts": result["verdicts"],
-                        "fits": result["fits"], "ratios": result["ratios"], "wall_s": outcome.wall_s},
+                        "fits": result["fits"], "ratios": result["ratios"],
+                        "serve_ratios": result["serve_ratios"], "wall_s": outcome.wall_s},
               formatters=FORMATTERS)
     if fmt is Format.table:
         for v in result["verdicts"]:

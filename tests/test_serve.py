@@ -125,6 +125,7 @@ def test_endpoint_sweep_exact_prompts_real_concurrency_and_metrics(servers, tmp_
     v = "\n".join(res["verdicts"])
     assert "tiny-hybrid c1 time to first token:" in v
     assert "tiny-hybrid vs tiny-dense c4 prompt 300: time to first token" in v
+    assert {(x["batch"], x["ctx"]) for x in res["serve_ratios"]} == {(1, 37), (1, 300), (4, 37), (4, 300)}
     assert "saturates at concurrency" in v or "still growing at concurrency" in v
     assert (tmp_path / "rep" / "report.md").is_file()
     stored = [json.loads(x) for x in (tmp_path / "rep" / "rows.jsonl").read_text().splitlines()]

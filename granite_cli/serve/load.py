@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from granite_cli.errors import GraniteError, InputError
-from granite_cli.serve.http import Endpoint, HTTPFailure, Timed, get_json, post_json, stream_completion
+from granite_cli.serve.http import Endpoint, HTTPFailure, Timed, get, get_json, post_json, stream_completion
 from granite_cli.serve.metrics import Sampler, scrape
 
 # Token ids valid in every vocabulary a server is likely to hold, for a server that does not say its size
@@ -135,8 +135,6 @@ def text_prompt(s: Server, n: int, rng: random.Random) -> str:
 
 
 def _status(ep: Endpoint, path: str, timeout: float) -> int | None:
-    from granite_cli.serve.http import get
-
     try:
         return get(ep, path, timeout)[0]
     except HTTPFailure:
