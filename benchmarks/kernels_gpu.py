@@ -2,6 +2,16 @@
 achieved GB/s and TFLOP/s, and the fraction of the device's *measured* ceilings (a large
 device-to-device copy for bandwidth, a large bf16 matmul for compute). Writes kernels.json and
 kernels.md into --out. Run by scripts/gpu-check; on a machine without CUDA it says so and exits 2.
+
+Anchors, on the same inputs in the same process:
+- SSD: mamba_ssm's Triton `mamba_chunk_scan_combined` at 4k, 16k and 64k tokens with h-micro (64),
+  h-tiny (48) and h-small (128) head counts, loaded without mamba_ssm's package root, which imports a
+  CUDA extension that a MAMBA_SKIP_CUDA_BUILD wheel (scripts/build-gpu-wheels) lacks;
+- MoE: `torch._grouped_mm` where this torch has it, else a per-expert bf16 `torch.mm` loop.
+
+--tune sweeps the grouped GEMM's tiles on the device at h-tiny's and h-small's expert shapes and
+writes the winners to granite_cli/ops/moe_tiles.json (or --tiles-out). --dry-run prints all of it
+and runs nothing, anywhere.
 """
 
 from __future__ import annotations
@@ -79,16 +89,173 @@ def cases():
            hit * (wi[0].numel() + wo[0].numel()) * 2, 2 * 8 * 6 * (1024 * 1536 + 1536 * 512))
 
 
+SSD_ANCHOR = [(t, h) for t in (4096, 16384, 65536) for h in (64, 48, 128)]   # tokens x (h-micro, h-tiny, h-small) heads
+# (label, tokens routed, experts, expert width, hidden, top-k): h-tiny and h-small expert shapes, prefill and decode
+MOE_SHAPES = [("h-tiny 4k", 4096, 64, 512, 1536, 6), ("h-tiny decode b8", 8, 64, 512, 1536, 6),
+              ("h-small 4k", 4096, 72, 768, 4096, 10), ("h-small decode b8", 8, 72, 768, 4096, 10)]
+TILE_GRID = [(bm, bn, bk) for bm in (16, 32, 64, 128) for bn in (32, 64, 128) for bk in (32, 64, 128)]
+
+
+def load_mamba_ssd():
+    """mamba_ssm's mamba_chunk_scan_combined, or None with the reason. The package root is replaced by
+    an empty module with the same search path, so only the Triton files (and einops) are imported."""
+    import importlib.util
+    import types
+
+    spec = importlib.util.find_spec("mamba_ssm")
+    if spec is None or not spec.submodule_search_locations:
+        return None, "mamba_ssm is not installed (scripts/build-gpu-wheels builds its wheel into .whl/)"
+    if "mamba_ssm" not in sys.modules:
+        root = types.ModuleType("mamba_ssm")
+        root.__path__ = list(spec.submodule_search_locations)
+        sys.modules["mamba_ssm"] = root
+    try:
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+    except Exception as e:  # noqa: BLE001 -- a missing dependency (einops) is a reason, not a crash
+        return None, f"mamba_ssm's Triton SSD did not import: {type(e).__name__}: {e}"
+    return mamba_chunk_scan_combined, None
+
+
+def moe_anchor():
+    """(name, fn(x_sorted, w, counts) -> out) for the grouped GEMM anchor."""
+    if hasattr(torch, "_grouped_mm"):
+        def grouped(xs, w, offs):
+            return torch._grouped_mm(xs, w.transpose(1, 2), offs=offs)
+        return "torch._grouped_mm", grouped
+
+    def loop(xs, w, offs):
+        out, start = [], 0
+        for e, end in enumerate(offs.tolist()):
+            out.append(xs[start:end] @ w[e].T)
+            start = end
+        return torch.cat(out)
+    return "per-expert torch.mm", loop
+
+
+def plan() -> str:
+    from granite_cli.ops.dispatch import OPS
+
+    lines = ["kernels_gpu plan:", "  ceilings: 1 GiB device copy, 8192^3 bf16 matmul",
+             "  each kernel against its torch reference: " + ", ".join(OPS),
+             "  SSD anchor (mamba_ssm mamba_chunk_scan_combined; bf16, chunk 256, head dim 64, state 128, 1 group): "
+             + ", ".join(f"{t // 1024}k x {h} heads" for t, h in SSD_ANCHOR),
+             f"  MoE anchor ({moe_anchor()[0]} here): " + ", ".join(m[0] for m in MOE_SHAPES),
+             f"  --tune: {len(TILE_GRID)} (BM, BN, BK) tilings x {len(MOE_SHAPES)} shapes x 2 projections, "
+             "winners to granite_cli/ops/moe_tiles.json"]
+    fn, why = load_mamba_ssd()
+    lines.append("  mamba_ssm here: " + ("importable" if fn else why))
+    return "\n".join(lines)
+
+
+def ssd_anchor_rows(T, ceil) -> list[dict]:
+    fn, why = load_mamba_ssd()
+    rows = []
+    g = torch.Generator(device="cuda").manual_seed(1)
+    for t, h in SSD_ANCHOR:
+        x = torch.randn(1, t, h, 64, device="cuda", generator=g).bfloat16()
+        B, C = (torch.randn(1, t, 1, 128, device="cuda", generator=g).bfloat16() for _ in range(2))
+        dt = torch.rand(1, t, h, device="cuda", generator=g) * 0.1
+        A = -torch.rand(h, device="cuda", generator=g) - 0.5
+        ours = timed(lambda: T.ssd_chunked(x, dt, A, B, C, 256), reps=10)
+        theirs = timed(lambda: fn(x, dt, A, B, C, 256), reps=10) if fn else None
+        ht = t * h / 1e9
+        rows.append({"shape": f"{t // 1024}k x {h} heads", "ours_ms": ours * 1e3, "ours_Ghead_tok_s": ht / ours,
+                     "mamba_ssm_ms": theirs and theirs * 1e3, "mamba_ssm_Ghead_tok_s": theirs and ht / theirs,
+                     "ours_vs_mamba_ssm": theirs and theirs / ours, "note": why})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def _moe_inputs(tokens, e, w_, d, k, g):
+    from granite_cli.arch import Routing
+    from granite_cli.ops import basic
+
+    x = torch.randn(tokens, d, device="cuda", generator=g).bfloat16()
+    w_in = (torch.randn(e, 2 * w_, d, device="cuda", generator=g) * 0.02).bfloat16()
+    wts, ids = basic.route(torch.randn(tokens, e, device="cuda", generator=g), k, Routing.TOPK_SOFTMAX)
+    flat = ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=e)
+    offsets = torch.zeros(e + 1, dtype=torch.int32, device="cuda")
+    offsets[1:] = torch.cumsum(counts, 0)
+    return x, w_in, (order // k).to(torch.int32), offsets, int(counts.max())
+
+
+def moe_anchor_rows(T, ceil) -> list[dict]:
+    name, anchor = moe_anchor()
+    g = torch.Generator(device="cuda").manual_seed(2)
+    rows = []
+    for label, tokens, e, w_, d, k in MOE_SHAPES:
+        x, w_in, src, offsets, max_rows = _moe_inputs(tokens, e, w_, d, k, g)
+        xs = x[src.long()].contiguous()
+        ours = timed(lambda: T.grouped_gemm(x, src, w_in, offsets, max_rows), reps=10)
+        theirs = timed(lambda: anchor(xs, w_in, offsets[1:]), reps=10)
+        flops = 2 * src.numel() * 2 * w_ * d
+        rows.append({"shape": f"{label} (input projection)", "ours_ms": ours * 1e3, "anchor": name,
+                     "anchor_ms": theirs * 1e3, "ours_TFLOPs": flops / ours / 1e12,
+                     "flop_fraction": flops / ours / 1e12 / ceil["bf16_matmul_TFLOPs"],
+                     "ours_vs_anchor": theirs / ours})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def tune(T, out: Path) -> dict:
+    """The fastest valid tiling per shape and projection on this device, merged into the table at `out`."""
+    from granite_cli.ops.tiles import shape_key
+
+    g = torch.Generator(device="cuda").manual_seed(3)
+    dev = torch.cuda.get_device_name()
+    table = json.loads(out.read_text()) if out.is_file() else {}
+    mine = table.setdefault(dev, {})
+    for label, tokens, e, w_, d, k in MOE_SHAPES:
+        x, w_in, src, offsets, max_rows = _moe_inputs(tokens, e, w_, d, k, g)
+        w_out = (torch.randn(e, d, w_, device="cuda", generator=g) * 0.02).bfloat16()
+        m = torch.randn(src.numel(), w_, device="cuda", generator=g).bfloat16()
+        seq = torch.arange(src.numel(), dtype=torch.int32, device="cuda")
+        for a, rows, w in ((x, src, w_in), (m, seq, w_out)):
+            best = None
+            ref = T.grouped_gemm(a, rows, w, offsets, max_rows, tiles=(16, 64, 64))
+            for tiles in TILE_GRID:
+                try:
+                    got = T.grouped_gemm(a, rows, w, offsets, max_rows, tiles=tiles)
+                    if not torch.allclose(got.float(), ref.float(), rtol=2e-2, atol=2e-2):
+                        continue
+                    t = timed(lambda: T.grouped_gemm(a, rows, w, offsets, max_rows, tiles=tiles), reps=10)
+                except Exception:  # noqa: BLE001 -- a tiling that does not compile or fit is skipped
+                    continue
+                if best is None or t < best[0]:
+                    best = (t, tiles)
+            if best:
+                mine[shape_key(rows.numel(), w.shape[1], w.shape[2], a.dtype)] = list(best[1])
+                print(json.dumps({"shape": label, "n": w.shape[1], "k": w.shape[2], "tiles": best[1],
+                                  "ms": best[0] * 1e3}), flush=True)
+    out.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+    return mine
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--dry-run", action="store_true", help="print the plan and measure nothing")
+    ap.add_argument("--tune", action="store_true", help="sweep the MoE grouped GEMM's tiles and write the winners")
+    ap.add_argument("--tiles-out", type=Path, default=Path(__file__).resolve().parents[1] / "granite_cli" / "ops" /
+                    "moe_tiles.json")
     a = ap.parse_args()
+    if a.dry_run:
+        print(plan())
+        return
+    if a.out is None:
+        sys.exit("--out DIR is needed (or --dry-run)")
     if not torch.cuda.is_available():
         sys.exit("no CUDA device: nothing to measure (scripts/gpu-check --dry-run shows the plan)")
     os.environ.setdefault("GRANITE_KERNELS", "triton")
     from granite_cli.ops import triton_ops as T
 
     ceil = ceilings()
+    if a.tune:
+        tuned = tune(T, a.tiles_out)
+        (a.out / "moe_tiles.json").write_text(json.dumps(tuned, indent=1) + "\n")
+        return
     rows = []
     for label, op, args, nbytes, flops in cases():
         # (ssd_step updates its state in place on every call; the values stay bounded, which is all timing needs)
@@ -99,8 +266,10 @@ def main() -> None:
                      "bw_fraction": nbytes / tk / 1e9 / ceil["copy_GBps"],
                      "flop_fraction": flops / tk / 1e12 / ceil["bf16_matmul_TFLOPs"]})
         print(json.dumps(rows[-1]), flush=True)
+    ssd_rows, moe_rows = ssd_anchor_rows(T, ceil), moe_anchor_rows(T, ceil)
     a.out.mkdir(parents=True, exist_ok=True)
-    res = {"device": torch.cuda.get_device_name(), "ceilings": ceil, "kernels": rows}
+    res = {"device": torch.cuda.get_device_name(), "ceilings": ceil, "kernels": rows, "ssd_anchor": ssd_rows,
+           "moe_anchor": moe_rows}
     (a.out / "kernels.json").write_text(json.dumps(res, indent=2) + "\n")
     lines = [f"device: {res['device']}; measured copy {ceil['copy_GBps']:.0f} GB/s, bf16 matmul "
              f"{ceil['bf16_matmul_TFLOPs']:.0f} TFLOP/s", "",
@@ -108,6 +277,17 @@ def main() -> None:
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['kernel']} | {r['triton_ms']:.3f} | {r['torch_ms']:.3f} | {r['speedup']:.1f}x | {r['GBps']:.0f} | "
               f"{r['TFLOPs']:.1f} | {r['bw_fraction']:.0%} | {r['flop_fraction']:.0%} |" for r in rows]
+    lines += ["", "SSD against mamba_ssm's Triton mamba_chunk_scan_combined (same inputs, bf16, chunk 256):", "",
+              "| shape | ours ms | G head-tok/s | mamba_ssm ms | G head-tok/s | ours / mamba_ssm speed |",
+              "|---|---:|---:|---:|---:|---:|"]
+    f = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+    lines += [f"| {r['shape']} | {r['ours_ms']:.3f} | {r['ours_Ghead_tok_s']:.2f} | {f(r['mamba_ssm_ms'], '.3f')} | "
+              f"{f(r['mamba_ssm_Ghead_tok_s'], '.2f')} | {f(r['ours_vs_mamba_ssm'], '.2f')} |" for r in ssd_rows]
+    lines += ["", f"MoE grouped GEMM against {moe_rows[0]['anchor'] if moe_rows else '-'} (bf16):", "",
+              "| shape | ours ms | anchor ms | TFLOP/s | of compute | ours / anchor speed |",
+              "|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['shape']} | {r['ours_ms']:.3f} | {r['anchor_ms']:.3f} | {r['ours_TFLOPs']:.1f} | "
+              f"{r['flop_fraction']:.0%} | {r['ours_vs_anchor']:.2f} |" for r in moe_rows]
     (a.out / "kernels.md").write_text("\n".join(lines) + "\n")
 
 

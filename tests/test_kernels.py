@@ -146,6 +146,37 @@ def test_moe_grouped_gemm_with_empty_experts():
     _close(out, T.moe_experts_ref(x, w_in, w_out, weights, ids))
 
 
+@pytest.mark.parametrize("tiles", [None, (16, 16, 16), (32, 64, 32), (64, 32, 64)])
+@pytest.mark.parametrize("lowp", [False, True])
+def test_grouped_gemm_tile_and_dot_variants(tiles, lowp):
+    # lowp=True is the GPU's bf16-operand path; here with fp32 operands, which the interpreter computes right
+    gen = torch.Generator().manual_seed(6)
+    e, n, k, rows = 5, 40, 72, 29
+    a = torch.randn(23, k, generator=gen)
+    src = torch.randint(0, 23, (rows,), generator=gen, dtype=torch.int32)
+    counts = torch.tensor([7, 0, 13, 9, 0])
+    offsets = torch.zeros(e + 1, dtype=torch.int32)
+    offsets[1:] = torch.cumsum(counts, 0)
+    w = torch.randn(e, n, k, generator=gen) * 0.1
+    scale = torch.rand(rows, generator=gen)
+    out = T.grouped_gemm(a, src, w, offsets, int(counts.max()), scale=scale, tiles=tiles, lowp=lowp)
+    expert = torch.repeat_interleave(torch.arange(e), counts)
+    ref = torch.einsum("rk,rnk->rn", a[src.long()].double(), w[expert].double()) * scale.double()[:, None]
+    _close(out, ref)
+
+
+def test_tile_table_picks_the_nearest_measured_shape(monkeypatch):
+    from granite_cli.ops import tiles
+
+    monkeypatch.setattr(tiles, "_TILES", {"": {tiles.shape_key(24576, 1024, 1536, torch.bfloat16): [64, 128, 64],
+                                               tiles.shape_key(48, 1024, 1536, torch.bfloat16): [16, 64, 128]}})
+    cpu = torch.device("cpu")  # the table's "" entry stands for the device here
+    assert tiles.grouped_gemm_tiles(24000, 1024, 1536, torch.bfloat16, cpu) == (64, 128, 64)
+    assert tiles.grouped_gemm_tiles(40, 1024, 1536, torch.bfloat16, cpu) == (16, 64, 128)
+    assert tiles.grouped_gemm_tiles(2000, 1024, 1536, torch.bfloat16, cpu) == (16, 64, 64)  # far from both
+    assert tiles.grouped_gemm_tiles(24576, 1024, 1536, torch.float32, cpu) == (16, 64, 64)  # other dtype
+
+
 @pytest.mark.any_device
 def test_references_share_signatures_and_docstrings():
     import inspect
@@ -260,6 +291,7 @@ def test_bf16_on_cuda_within_2x_of_torch(op):
 
 @pytest.mark.any_device
 def test_gpu_check_script_dry_run_prints_its_plan():
+    import re
     import subprocess
     import sys
     from pathlib import Path
@@ -270,6 +302,11 @@ def test_gpu_check_script_dry_run_prints_its_plan():
     assert r.returncode == 0, r.stderr
     assert "pytest -m gpu" in r.stdout and "kernels_gpu.py" in r.stdout and "granite-4.0-h-tiny" in r.stdout
     assert not Path("/nonexistent/x").exists()
+    # the anchors, the tile sweep and the memory claim are planned, inside the 9-minute call
+    assert "at most 540 s" in r.stdout and "--tune" in r.stdout and "mamba_chunk_scan_combined" in r.stdout
+    assert "--ctx 64k,128k --batch 4,8" in r.stdout and "granite-3.3-8b" in r.stdout
+    limits = [int(x) for x in re.findall(r"timeout -k 5 (\d+)", (root / "scripts" / "gpu-check").read_text())]
+    assert len(limits) == 9 and sum(limits) <= 530
 
 
 def test_self_test_passes_in_the_interpreter_and_reports_a_broken_kernel(monkeypatch):

@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from granite_cli.ops import basic, dispatch, ssd
+from granite_cli.ops.tiles import grouped_gemm_tiles
 
 _P2 = triton.next_power_of_2
 
@@ -323,7 +324,7 @@ def gated_rms_norm(y, z, weight, eps, group_size):
 def _grouped_gemm_kernel(a_ptr, rows_ptr, w_ptr, off_ptr, scale_ptr, o_ptr, Nn, Kk,
                          sab, swe, swn, swk,
                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, HAS_SCALE: tl.constexpr,
-                         PREC: tl.constexpr):
+                         PREC: tl.constexpr, LOWP: tl.constexpr):
     e = tl.program_id(0)
     mb = tl.program_id(1)
     nb = tl.program_id(2)
@@ -342,23 +343,34 @@ def _grouped_gemm_kernel(a_ptr, rows_ptr, w_ptr, off_ptr, scale_ptr, o_ptr, Nn, 
         mk = kk < Kk
         a = tl.load(a_ptr + src[:, None] * sab + kk[None, :], mask=mr[:, None] & mk[None, :], other=0.0)
         w = tl.load(w_ptr + e * swe + nn[:, None] * swn + kk[None, :] * swk, mask=mn[:, None] & mk[None, :], other=0.0)
-        acc += tl.dot(a.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision=PREC)
+        if LOWP:  # the tensor cores' bf16/fp16 operands, fp32 accumulation
+            acc += tl.dot(a, tl.trans(w), out_dtype=tl.float32)
+        else:
+            acc += tl.dot(a.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision=PREC)
     if HAS_SCALE:
         acc *= tl.load(scale_ptr + r, mask=mr, other=0.0).to(tl.float32)[:, None]
     tl.store(o_ptr + r[:, None] * Nn + nn[None, :], acc.to(o_ptr.dtype.element_ty), mask=mr[:, None] & mn[None, :])
 
 
-def _grouped_gemm(a, rows, w, offsets, max_rows, scale=None):
-    """out[r] = a[rows[r]] @ w[e(r)]ᵀ (× scale[r]) for rows r sorted by expert; one launch."""
+def low_precision_dots(t: torch.Tensor) -> bool:
+    """bf16/fp16 operands straight into the dot (fp32 accumulation) on a GPU. Triton's CPU interpreter
+    computes bf16 dots wrongly, so there (CI) the same kernel upcasts its operands to fp32 first."""
+    return t.is_cuda and t.dtype in (torch.bfloat16, torch.float16)
+
+
+def grouped_gemm(a, rows, w, offsets, max_rows, scale=None, tiles=None, lowp=None):
+    """out[r] = a[rows[r]] @ w[e(r)]ᵀ (× scale[r]) for rows r sorted by expert; one launch. `tiles`
+    (BM, BN, BK) and `lowp` (bf16/fp16 operands into the dots) default to the tile table and the device."""
     e, n, k = w.shape
     out = torch.empty(rows.shape[0], n, device=a.device, dtype=a.dtype)
     if rows.shape[0] == 0:
         return out
-    bm, bn, bk = 16, min(64, max(16, _P2(n))), min(64, max(16, _P2(k)))
+    bm, bn, bk = tiles or grouped_gemm_tiles(rows.shape[0], n, k, a.dtype, a.device)
     a = a.contiguous()
     _grouped_gemm_kernel[(e, triton.cdiv(max_rows, bm), triton.cdiv(n, bn))](
         a, rows, w, offsets, scale if scale is not None else a, out, n, k, a.stride(0), *w.stride(),
-        BM=bm, BN=bn, BK=bk, HAS_SCALE=scale is not None, PREC=_dot_precision(a))
+        BM=bm, BN=bn, BK=bk, HAS_SCALE=scale is not None, PREC=_dot_precision(a),
+        LOWP=(low_precision_dots(a) and a.dtype == w.dtype) if lowp is None else lowp)
     return out
 
 
@@ -377,10 +389,10 @@ def moe_experts(x, w_in, w_out, weights, ids):
     # Rows per expert are at most the token count; for a few tokens (decode) use that bound and
     # skip reading counts back to the host, so the step has no sync and can be a CUDA graph.
     max_rows = n if n <= 64 else int(counts.max())
-    h = _grouped_gemm(x, tok, w_in, offsets, max_rows)                       # [n·k, 2I]
+    h = grouped_gemm(x, tok, w_in, offsets, max_rows)                       # [n·k, 2I]
     m = (torch.nn.functional.silu(h[:, :i_w].float()) * h[:, i_w:].float()).to(x.dtype)
     seq = torch.arange(m.shape[0], dtype=torch.int32, device=x.device)
-    o = _grouped_gemm(m, seq, w_out, offsets, max_rows, scale=wsel)          # [n·k, D]
+    o = grouped_gemm(m, seq, w_out, offsets, max_rows, scale=wsel)          # [n·k, D]
     return torch.zeros_like(x).index_add_(0, tok.long(), o)
 
 
