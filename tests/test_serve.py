@@ -296,3 +296,15 @@ def test_prometheus_gauges_and_the_ttft_histogram_of_vllm():
     assert got["server_running_max"] == 4 and got["server_waiting_max"] == 2 and got["server_kv_cache_usage_max"] == 0.5
     assert got["server_ttft_mean_ms"] == pytest.approx(250.0)  # (3.0 - 2.0) s over 14 - 10 requests
     assert got["server_busy_slots_per_decode_max"] is None
+
+
+def test_endpoint_arguments():
+    from granite_cli.serve.http import parse_endpoint
+
+    e = parse_endpoint("h=http://user:s3cret@127.0.0.1:8000/v1/")
+    assert (e.name, e.url, e.api_key) == ("h", "http://127.0.0.1:8000", "s3cret")
+    assert "s3cret" not in repr(e)
+    e = parse_endpoint("https://gw.example/vllm/h-tiny?x=1", api_key="k")
+    assert (e.name, e.url, e.api_key, e.prefix) == ("", "https://gw.example/vllm/h-tiny", "k", "/vllm/h-tiny")
+    assert parse_endpoint("d=http://[::1]:8081").host == ("::1", 8081, False)
+    assert parse_endpoint("d=http://[::1]:8081").url == "http://[::1]:8081"

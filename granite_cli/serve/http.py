@@ -51,7 +51,7 @@ class Endpoint:
 def parse_endpoint(text: str, api_key: str | None = None) -> Endpoint:
     """`URL` or `NAME=URL`; credentials in the URL move to the Authorization header and out of every
     row, name and message; a trailing /v1 is dropped (paths are added per request)."""
-    name, _, url = text.rpartition("=") if "=" in text.split("://", 1)[0] else ("", "", text)
+    name, _, url = text.partition("=") if "=" in text.split("://", 1)[0] else ("", "", text)
     u = urlsplit(url.strip())
     if u.scheme not in ("http", "https") or not u.hostname:
         raise InputError(f"--endpoint {_redact(text)!r}: not an http(s) URL; give e.g. http://127.0.0.1:8080 or "
@@ -62,7 +62,8 @@ def parse_endpoint(text: str, api_key: str | None = None) -> Endpoint:
         raise InputError(f"--endpoint {_redact(text)!r}: bad port; give e.g. http://127.0.0.1:8080") from None
     if u.password and not api_key:
         api_key = u.password
-    netloc = u.hostname + (f":{u.port}" if u.port else "")
+    host = f"[{u.hostname}]" if ":" in u.hostname else u.hostname  # an IPv6 address keeps its brackets
+    netloc = host + (f":{u.port}" if u.port else "")
     path = u.path.rstrip("/")
     if path.endswith("/v1"):
         path = path[: -len("/v1")]
