@@ -283,7 +283,8 @@ def summarize(log: _Log, w: Workload, t0: float) -> dict:
         "total_tokens_per_s": (out_tokens + sum(prompt_tokens or [w.ctx * len(log.done)])) / wall if wall else None,
         "requests_per_s": len(log.done) / wall if wall else None,
         "max_in_flight": peak,
-        # tokens the server streamed no chunk for (a control token's empty text): TTFT and ITL then skip them
+        # tokens the server streamed no chunk of their own for (empty text, or a character's bytes not yet
+        # complete): ITL is then over chunks, and a first token without text delays the measured TTFT
         "tokens_without_chunk": sum(max(0, (d.completion_tokens or 0) - len(d.chunks)) for d in log.done),
         **_server_timings(log.done),
         "client_cpu_ms_per_request": log.cpu_s / max(1, w.requests) * 1e3,
