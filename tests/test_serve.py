@@ -117,6 +117,7 @@ def test_endpoint_sweep_exact_prompts_real_concurrency_and_metrics(servers, tmp_
         assert x["output_tokens_min"] == 6 and x["output_tokens"] == 6 * x["batch"] * 2
         assert x["engine"] == "llama.cpp" and x["server_slots"] == 4
         assert x["server_metrics"].startswith("/metrics")
+        assert x["server_kv_cache_source"] == "/slots" and 0 <= x["server_kv_cache_usage_max"] <= 1
         assert x["ttft_ms_p50"] > 0 and x["itl_ms_p50"] > 0 and x["e2e_ms_p50"] >= x["ttft_ms_p50"]
         assert x["kind"] == ("hybrid" if x["model"] == "tiny-hybrid" else "dense")
         assert x["endpoint"] in (h.url, d.url)
@@ -308,3 +309,18 @@ def test_endpoint_arguments():
     assert (e.name, e.url, e.api_key, e.prefix) == ("", "https://gw.example/vllm/h-tiny", "k", "/vllm/h-tiny")
     assert parse_endpoint("d=http://[::1]:8081").host == ("::1", 8081, False)
     assert parse_endpoint("d=http://[::1]:8081").url == "http://[::1]:8081"
+
+
+def test_llama_cpp_kv_use_comes_from_its_slots(monkeypatch):
+    from granite_cli.serve import metrics
+    from granite_cli.serve.http import parse_endpoint
+
+    slots = [{"id": 0, "n_ctx": 1000, "is_processing": True, "n_prompt_tokens_processed": 300,
+              "n_prompt_tokens_cache": 100, "next_token": [{"n_decoded": 20}]},
+             {"id": 1, "n_ctx": 1000, "is_processing": False, "n_prompt_tokens_processed": 999}]
+    monkeypatch.setattr(metrics, "get", lambda ep, path, timeout=5.0: (200, json.dumps(slots).encode()))
+    assert metrics.slots_usage(parse_endpoint("http://127.0.0.1:9")) == pytest.approx(420 / 2000)
+    s = metrics.Sampler(parse_endpoint("http://127.0.0.1:9"))
+    s.slots = [0.1, 0.21, 0.05]
+    got = s.summary()
+    assert got["server_kv_cache_usage_max"] == 0.21 and got["server_kv_cache_source"] == "/slots"

@@ -221,7 +221,7 @@ def run_case(server: Server, w: Workload) -> dict:
         for p in mine:
             one(p)
 
-    sampler = Sampler(server.endpoint).start() if server.metrics else None
+    sampler = Sampler(server.endpoint).start()
     t0 = time.perf_counter()
     if w.rate:
         gaps = random.Random(f"{w.seed}/arrivals").expovariate
@@ -239,7 +239,7 @@ def run_case(server: Server, w: Workload) -> dict:
         t.join()
     row = summarize(log, w, t0)
     row["client_row_ms"] = (time.perf_counter() - max([t0] + [d.done for d in log.done])) * 1e3
-    row.update(sampler.stop() if sampler else {"server_metrics": "none (the server exposes no /metrics)"})
+    row.update(sampler.stop())
     if server.prompt_mode == "token_ids":
         row["token_ids_from"] = f"0..{vocab - 1}" + ("" if server.n_vocab else " (the server does not say its size)")
     return row
