@@ -219,6 +219,9 @@ def test_synthetic_vocabulary_is_a_real_byte_level_tokenizer(tmp_path):
     # the folder's tokenizer is carried into the GGUF, and a GGUF's vocabulary into the next GGUF
     assert granite("convert", str(tmp_path / "h"), str(tmp_path / "h.gguf"), "--no-verify").returncode == 0
     assert granite("convert", str(tmp_path / "h.gguf"), str(tmp_path / "h2.gguf"), "--no-verify").returncode == 0
+    # and back to a folder: the config.json the GGUF carries comes back byte for byte, special ids included
+    assert granite("convert", str(tmp_path / "h.gguf"), str(tmp_path / "back"), "--no-verify").returncode == 0
+    assert (tmp_path / "back" / "config.json").read_bytes() == (tmp_path / "h" / "config.json").read_bytes()
     a, b = gguf.GGUFReader(str(tmp_path / "h.gguf")), gguf.GGUFReader(str(tmp_path / "h2.gguf"))
     assert a.fields["tokenizer.ggml.model"].contents() == "gpt2"
     assert a.fields["tokenizer.ggml.tokens"].contents() == b.fields["tokenizer.ggml.tokens"].contents()

@@ -239,7 +239,7 @@ def metadata(cfg: ModelConfig, file_type: str, hf_config: dict, hf_dtypes: dict[
                G.KV(p + "ssm.inner_size", G.U32, cfg.d_inner),
                G.KV(p + "ssm.time_step_rank", G.U32, cfg.mamba_n_heads)]
     kv += vocab_kvs
-    kv.append(G.KV(HF_CONFIG_KEY, G.STR, json.dumps(hf_config, sort_keys=True)))
+    kv.append(G.KV(HF_CONFIG_KEY, G.STR, json.dumps(hf_config)))  # in its own key order, for GGUF -> HF
     kv.append(G.KV(HF_DTYPES_KEY, G.STR, json.dumps(hf_dtypes, sort_keys=True)))
     kv += [G.KV(A_LOG_KEY.format(i), G.ARR, v, G.F32) for i, v in sorted(a_logs.items())]
     return kv

@@ -92,9 +92,10 @@ def stream(p: Plan, progress: Progress):
 
 
 def hf_config_out(p: Plan) -> dict:
-    """The config.json of the output: the source's (or the profile's), with the output's dtype and,
-    for fp8/int8, the compressed-tensors quantization_config."""
-    d = dict(p.source.hf_config) if p.source.kind == "safetensors" else p.source.cfg.to_hf_dict()
+    """The config.json of the output: the source's (a folder's config.json, the one a granite GGUF
+    carries verbatim, else the profile's), with the output's dtype and, for fp8/int8, the
+    compressed-tensors quantization_config."""
+    d = dict(p.source.hf_config) if p.source.kind in ("safetensors", "gguf") else p.source.cfg.to_hf_dict()
     d.pop("quantization_config", None)
     dts = {p.hf_dtype[n] for n in p.source.names}
     d["torch_dtype"] = hf_name(p.hf_dtype.get("model.embed_tokens.weight", next(iter(dts))))
