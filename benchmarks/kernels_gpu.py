@@ -139,7 +139,8 @@ def plan() -> str:
 
     lines = ["kernels_gpu plan:", "  ceilings: 1 GiB device copy, 8192^3 bf16 matmul",
              "  each kernel against its torch reference: " + ", ".join(OPS),
-             "  SSD anchor (mamba_ssm mamba_chunk_scan_combined; bf16, chunk 256, head dim 64, state 128, 1 group): "
+             "  SSD, ours with fp32 and with bf16 dot operands (and the latter's error), against mamba_ssm "
+             "mamba_chunk_scan_combined; bf16, chunk 256, head dim 64, state 128, 1 group: "
              + ", ".join(f"{t // 1024}k x {h} heads" for t, h in SSD_ANCHOR),
              f"  MoE anchor ({moe_anchor()[0]} here): " + ", ".join(m[0] for m in MOE_SHAPES),
              f"  --tune: {len(TILE_GRID)} (BM, BN, BK) tilings x {len(MOE_SHAPES)} shapes x 2 projections, "
@@ -149,7 +150,7 @@ def plan() -> str:
     return "\n".join(lines)
 
 
-def ssd_anchor_rows(T, ceil) -> list[dict]:
+def ssd_anchor_rows(T, launch, ceil) -> list[dict]:
     fn, why = load_mamba_ssd()
     rows = []
     g = torch.Generator(device="cuda").manual_seed(1)
@@ -159,9 +160,20 @@ def ssd_anchor_rows(T, ceil) -> list[dict]:
         dt = torch.rand(1, t, h, device="cuda", generator=g) * 0.1
         A = -torch.rand(h, device="cuda", generator=g) - 0.5
         ours = timed(lambda: T.ssd_chunked(x, dt, A, B, C, 256), reps=10)
+        launch.SSD_DOTS = "input"  # the variant with bf16 operands in the dots, and its error against fp64
+        try:
+            ours_bf16 = timed(lambda: T.ssd_chunked(x, dt, A, B, C, 256), reps=10)
+            y16 = T.ssd_chunked(x, dt, A, B, C, 256)[0] if t <= 16384 else None
+        finally:
+            launch.SSD_DOTS = "fp32"
+        err = None
+        if y16 is not None:
+            ref = T.ssd_chunked_ref(x.double(), dt.double(), A.double(), B.double(), C.double(), 256)[0]
+            err = float((y16.double() - ref).abs().max() / ref.abs().max())
         theirs = timed(lambda: fn(x, dt, A, B, C, 256), reps=10) if fn else None
         ht = t * h / 1e9
         rows.append({"shape": f"{t // 1024}k x {h} heads", "ours_ms": ours * 1e3, "ours_Ghead_tok_s": ht / ours,
+                     "ours_bf16_dots_ms": ours_bf16 * 1e3, "bf16_dots_rel_err": err,
                      "mamba_ssm_ms": theirs and theirs * 1e3, "mamba_ssm_Ghead_tok_s": theirs and ht / theirs,
                      "ours_vs_mamba_ssm": theirs and theirs / ours, "note": why})
         print(json.dumps(rows[-1]), flush=True)
@@ -208,7 +220,7 @@ def moe_anchor_rows(T, ceil) -> list[dict]:
 
 def tune(T, out: Path) -> dict:
     """The fastest valid tiling per shape and projection on this device, merged into the table at `out`."""
-    from granite_cli.ops.tiles import shape_key
+    from granite_cli.ops.launch import shape_key
 
     g = torch.Generator(device="cuda").manual_seed(3)
     dev = torch.cuda.get_device_name()
@@ -256,6 +268,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("no CUDA device: nothing to measure (scripts/gpu-check --dry-run shows the plan)")
     os.environ.setdefault("GRANITE_KERNELS", "triton")
+    from granite_cli.ops import launch
     from granite_cli.ops import triton_ops as T
 
     ceil = ceilings()
@@ -273,7 +286,7 @@ def main() -> None:
                      "bw_fraction": nbytes / tk / 1e9 / ceil["copy_GBps"],
                      "flop_fraction": flops / tk / 1e12 / ceil["bf16_matmul_TFLOPs"]})
         print(json.dumps(rows[-1]), flush=True)
-    ssd_rows, moe_rows = ssd_anchor_rows(T, ceil), moe_anchor_rows(T, ceil)
+    ssd_rows, moe_rows = ssd_anchor_rows(T, launch, ceil), moe_anchor_rows(T, ceil)
     a.out.mkdir(parents=True, exist_ok=True)
     res = {"device": torch.cuda.get_device_name(), "ceilings": ceil, "kernels": rows, "ssd_anchor": ssd_rows,
            "moe_anchor": moe_rows}
@@ -284,11 +297,14 @@ def main() -> None:
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['kernel']} | {r['triton_ms']:.3f} | {r['torch_ms']:.3f} | {r['speedup']:.1f}x | {r['GBps']:.0f} | "
               f"{r['TFLOPs']:.1f} | {r['bw_fraction']:.0%} | {r['flop_fraction']:.0%} |" for r in rows]
-    lines += ["", "SSD against mamba_ssm's Triton mamba_chunk_scan_combined (same inputs, bf16, chunk 256):", "",
-              "| shape | ours ms | G head-tok/s | mamba_ssm ms | G head-tok/s | ours / mamba_ssm speed |",
-              "|---|---:|---:|---:|---:|---:|"]
+    lines += ["", "SSD against mamba_ssm's Triton mamba_chunk_scan_combined (same inputs, bf16, chunk 256); "
+              "ours with fp32 dot operands (the default) and with bf16 ones (GRANITE_SSD_DOTS=input, max error "
+              "relative to the largest output, against float64):", "",
+              "| shape | ours ms | G head-tok/s | bf16 dots ms | its error | mamba_ssm ms | G head-tok/s | "
+              "ours / mamba_ssm speed |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     f = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
-    lines += [f"| {r['shape']} | {r['ours_ms']:.3f} | {r['ours_Ghead_tok_s']:.2f} | {f(r['mamba_ssm_ms'], '.3f')} | "
+    lines += [f"| {r['shape']} | {r['ours_ms']:.3f} | {r['ours_Ghead_tok_s']:.2f} | {r['ours_bf16_dots_ms']:.3f} | "
+              f"{f(r['bf16_dots_rel_err'], '.1e')} | {f(r['mamba_ssm_ms'], '.3f')} | "
               f"{f(r['mamba_ssm_Ghead_tok_s'], '.2f')} | {f(r['ours_vs_mamba_ssm'], '.2f')} |" for r in ssd_rows]
     lines += ["", f"MoE grouped GEMM against {moe_rows[0]['anchor'] if moe_rows else '-'} (bf16):", "",
               "| shape | ours ms | anchor ms | TFLOP/s | of compute | ours / anchor speed |",

@@ -27,14 +27,10 @@ import torch
 import triton
 import triton.language as tl
 
-from granite_cli.ops import basic, dispatch, ssd
-from granite_cli.ops.tiles import grouped_gemm_tiles
+from granite_cli.ops import basic, dispatch, launch, ssd
+from granite_cli.ops.launch import dot_precision, grouped_gemm_tiles, low_precision_dots
 
 _P2 = triton.next_power_of_2
-
-
-def _dot_precision(t: torch.Tensor) -> str:
-    return "ieee" if t.dtype == torch.float32 else "tf32"
 
 
 # ------------------------------------------------------------------------------------------ SSD scan
@@ -48,11 +44,20 @@ def _chunk_program(NC, HG):
 
 
 @triton.jit
+def _mma(a, b, op_dtype, PREC: tl.constexpr, LOWP: tl.constexpr):
+    """a @ b accumulated in fp32; with LOWP the fp32 operands are rounded to the input's dtype first (bf16
+    tensor-core dots), else multiplied in fp32 (tf32 on a GPU for bf16 inputs, ieee for fp32)."""
+    if LOWP:
+        return tl.dot(a.to(op_dtype), b.to(op_dtype), out_dtype=tl.float32)
+    return tl.dot(a, b, input_precision=PREC)
+
+
+@triton.jit
 def _chunk_state_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, st_ptr, acs_ptr,
                         T, H, NC, HG,
                         sxb, sxt, sxh, sxp, sdb, sdt, sdh, sbb, sbt, sbg, sbn,
                         P: tl.constexpr, N: tl.constexpr, Q: tl.constexpr,
-                        BP: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
+                        BP: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr):
     bi, c, hi, gi = _chunk_program(NC, HG)
     q = tl.arange(0, Q)
     pos = c * Q + q
@@ -69,7 +74,7 @@ def _chunk_state_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, st_ptr, acs_ptr,
                  mask=mq[:, None] & (pp[None, :] < P), other=0.0).to(tl.float32)
     bt = tl.load(B_ptr + bi * sbb + pos[:, None] * sbt + gi * sbg + nn[None, :] * sbn,
                  mask=mq[:, None] & (nn[None, :] < N), other=0.0).to(tl.float32)
-    s = tl.dot(tl.trans(xt * w[:, None]), bt, input_precision=PREC)  # [BP, BN]
+    s = _mma(tl.trans(xt * w[:, None]), bt, x_ptr.dtype.element_ty, PREC, LOWP)  # [BP, BN]
     base = (((bi * NC + c) * H + hi) * BP) * BN
     tl.store(st_ptr + base + pp[:, None] * BN + nn[None, :], s)
 
@@ -103,7 +108,8 @@ def _chunk_scan_kernel(x_ptr, dt_ptr, B_ptr, C_ptr, D_ptr, prev_ptr, acs_ptr, y_
                        T, H, NC, HG,
                        sxb, sxt, sxh, sxp, sdb, sdt, sdh, sbb, sbt, sbg, sbn, scb, sct, scg, scn,
                        P: tl.constexpr, N: tl.constexpr, Q: tl.constexpr, BM: tl.constexpr,
-                       BP: tl.constexpr, BN: tl.constexpr, HAS_D: tl.constexpr, PREC: tl.constexpr):
+                       BP: tl.constexpr, BN: tl.constexpr, HAS_D: tl.constexpr, PREC: tl.constexpr,
+                       LOWP: tl.constexpr):
     bi, c, hi, gi = _chunk_program(NC, HG)
     mb = tl.program_id(2)
     pp = tl.arange(0, BP)
@@ -116,7 +122,8 @@ def _chunk_scan_kernel(x_ptr, dt_ptr, B_ptr, C_ptr, D_ptr, prev_ptr, acs_ptr, y_
     cm = tl.load(C_ptr + bi * scb + pos_m[:, None] * sct + gi * scg + nn[None, :] * scn,
                  mask=mm[:, None] & (nn[None, :] < N), other=0.0).to(tl.float32)
     prev = tl.load(prev_ptr + ((bi * NC + c) * H + hi) * BP * BN + pp[:, None] * BN + nn[None, :])
-    acc = tl.dot(cm, tl.trans(prev), input_precision=PREC) * tl.exp(acs_m)[:, None]  # [BM, BP]
+    op = x_ptr.dtype.element_ty
+    acc = _mma(cm, tl.trans(prev), op, PREC, LOWP) * tl.exp(acs_m)[:, None]  # [BM, BP]
     for k0 in range(0, (mb + 1) * BM, BM):   # source tiles up to the diagonal
         rs = k0 + tl.arange(0, BM)
         pos_s = c * Q + rs
@@ -127,10 +134,10 @@ def _chunk_scan_kernel(x_ptr, dt_ptr, B_ptr, C_ptr, D_ptr, prev_ptr, acs_ptr, y_
                      mask=ms[:, None] & (nn[None, :] < N), other=0.0).to(tl.float32)
         xs = tl.load(x_ptr + bi * sxb + pos_s[:, None] * sxt + hi * sxh + pp[None, :] * sxp,
                      mask=ms[:, None] & (pp[None, :] < P), other=0.0).to(tl.float32)
-        cb = tl.dot(cm, tl.trans(bs), input_precision=PREC)  # [BM, BM]
+        cb = _mma(cm, tl.trans(bs), op, PREC, LOWP)  # [BM, BM]
         causal = rm[:, None] >= rs[None, :]
         lmat = tl.where(causal, tl.exp(tl.minimum(acs_m[:, None] - acs_s[None, :], 0.0)), 0.0)
-        acc += tl.dot(cb * lmat * dt_s[None, :], xs, input_precision=PREC)
+        acc += _mma(cb * lmat * dt_s[None, :], xs, op, PREC, LOWP)
     if HAS_D:
         xm = tl.load(x_ptr + bi * sxb + pos_m[:, None] * sxt + hi * sxh + pp[None, :] * sxp,
                      mask=mm[:, None] & (pp[None, :] < P), other=0.0).to(tl.float32)
@@ -156,9 +163,9 @@ def ssd_chunked(x, dt, A, B, C, chunk_size, D=None, initial_state=None, block_to
     prev = torch.empty_like(states)
     final = torch.empty(b, h, p, n, device=dev, dtype=f32)
     y = torch.empty(b, t, h, p, device=dev, dtype=f32)
-    prec = _dot_precision(x)
+    prec, lowp = dot_precision(x), launch.SSD_DOTS == "input" and low_precision_dots(x)
     _chunk_state_kernel[(b * nc, h)](x, dt, A, B, states, acs, t, h, nc, h // g, *x.stride(), *dt.stride(), *B.stride(),
-                                     P=p, N=n, Q=q, BP=bp, BN=bn, PREC=prec)
+                                     P=p, N=n, Q=q, BP=bp, BN=bn, PREC=prec, LOWP=lowp)
     init = initial_state.contiguous() if initial_state is not None else final
     block = min(1024, bp * bn)
     has_init = initial_state is not None
@@ -166,7 +173,8 @@ def ssd_chunked(x, dt, A, B, C, chunk_size, D=None, initial_state=None, block_to
                                                             BP=bp, BN=bn, BLOCK=block, HAS_INIT=has_init)
     _chunk_scan_kernel[(b * nc, h, q // bm)](x, dt, B, C, D if D is not None else A, prev, acs, y, t, h, nc, h // g,
                                              *x.stride(), *dt.stride(), *B.stride(), *C.stride(),
-                                             P=p, N=n, Q=q, BM=bm, BP=bp, BN=bn, HAS_D=D is not None, PREC=prec)
+                                             P=p, N=n, Q=q, BM=bm, BP=bp, BN=bn, HAS_D=D is not None, PREC=prec,
+                                             LOWP=lowp)
     return y, final
 
 
@@ -352,12 +360,6 @@ def _grouped_gemm_kernel(a_ptr, rows_ptr, w_ptr, off_ptr, scale_ptr, o_ptr, Nn, 
     tl.store(o_ptr + r[:, None] * Nn + nn[None, :], acc.to(o_ptr.dtype.element_ty), mask=mr[:, None] & mn[None, :])
 
 
-def low_precision_dots(t: torch.Tensor) -> bool:
-    """bf16/fp16 operands straight into the dot (fp32 accumulation) on a GPU. Triton's CPU interpreter
-    computes bf16 dots wrongly, so there (CI) the same kernel upcasts its operands to fp32 first."""
-    return t.is_cuda and t.dtype in (torch.bfloat16, torch.float16)
-
-
 def grouped_gemm(a, rows, w, offsets, max_rows, scale=None, tiles=None, lowp=None):
     """out[r] = a[rows[r]] @ w[e(r)]ᵀ (× scale[r]) for rows r sorted by expert; one launch. `tiles`
     (BM, BN, BK) and `lowp` (bf16/fp16 operands into the dots) default to the tile table and the device."""
@@ -369,7 +371,7 @@ def grouped_gemm(a, rows, w, offsets, max_rows, scale=None, tiles=None, lowp=Non
     a = a.contiguous()
     _grouped_gemm_kernel[(e, triton.cdiv(max_rows, bm), triton.cdiv(n, bn))](
         a, rows, w, offsets, scale if scale is not None else a, out, n, k, a.stride(0), *w.stride(),
-        BM=bm, BN=bn, BK=bk, HAS_SCALE=scale is not None, PREC=_dot_precision(a),
+        BM=bm, BN=bn, BK=bk, HAS_SCALE=scale is not None, PREC=dot_precision(a),
         LOWP=(low_precision_dots(a) and a.dtype == w.dtype) if lowp is None else lowp)
     return out
 

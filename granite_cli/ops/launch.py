@@ -1,18 +1,43 @@
-"""Tile sizes for the Triton grouped GEMM (the MoE experts), per device and shape: the winners of the
-on-device sweep (`benchmarks/kernels_gpu.py --tune`), kept in moe_tiles.json beside this module as
-{device name: {"rows,n,k,dtype": [BM, BN, BK]}}. A shape the sweep did not measure takes the nearest
-measured one within a factor of two overall, else the defaults."""
+"""Launch settings for the Triton kernels, kept apart from them so they import without Triton:
+
+- dot precision: fp32 operands (ieee for fp32 inputs, tf32 for bf16 on a GPU), or the input's own
+  bf16/fp16 operands into the tensor cores with fp32 accumulation;
+- tile sizes for the grouped GEMM (the MoE experts), per device and shape: the winners of the
+  on-device sweep (`benchmarks/kernels_gpu.py --tune`), kept in moe_tiles.json beside this module
+  as {device name: {"rows,n,k,dtype": [BM, BN, BK]}}. A shape the sweep did not measure takes the
+  nearest measured one within a factor of two overall, else the defaults.
+"""
 
 from __future__ import annotations
 
 import functools
 import json
 import math
+import os
 from pathlib import Path
 
 import torch
 
 TABLE = Path(__file__).with_name("moe_tiles.json")
+
+
+def dot_precision(t: torch.Tensor) -> str:
+    """Triton's input_precision for fp32 operands made from tensors of t's dtype."""
+    return "ieee" if t.dtype == torch.float32 else "tf32"
+
+
+# The SSD scan's dot operands on a GPU: "fp32" (tf32 tensor cores for bf16 inputs; the default) or "input"
+# (rounded to the input's bf16/fp16, as mamba_ssm's kernels do). benchmarks/kernels_gpu.py times both;
+# the default changes only with a GPU measurement of speed and error behind it.
+SSD_DOTS = os.environ.get("GRANITE_SSD_DOTS", "fp32")
+
+
+def low_precision_dots(t: torch.Tensor) -> bool:
+    """bf16/fp16 operands straight into the dot (fp32 accumulation) on a GPU. Triton's CPU interpreter
+    computes bf16 dots wrongly, so there (CI) the same kernel upcasts its operands to fp32 first."""
+    return t.is_cuda and t.dtype in (torch.bfloat16, torch.float16)
+
+
 _P2 = lambda v: 1 << max(0, int(v) - 1).bit_length()  # noqa: E731
 
 
