@@ -83,30 +83,36 @@ def hybrid_hf() -> dict:
     return load_config("tiny-hybrid").to_hf_dict()
 
 
-@FUZZ
-@given(data=st.data())
-def test_config_json_is_accepted_whole_or_refused_with_input_error(hybrid_hf, data):
-    """A config.json with any key set to any JSON value (or removed) parses to a config the core
-    builds on the meta device, or raises InputError; never another exception."""
-    d = dict(hybrid_hf)
-    for _ in range(data.draw(st.integers(1, 3))):
-        key = data.draw(st.sampled_from(sorted(d) + ["time_step_limit", "rope_parameters", "attn_layer_indices"]))
-        if data.draw(st.booleans()):
-            d[key] = data.draw(json_value)
-        else:
-            d.pop(key, None)
-    try:
-        cfg = from_hf_dict(d, "fuzz", "config.json")
-    except InputError as e:
-        assert str(e).startswith("config.json: ") and "\n" not in str(e)
-        return
+def _accepted_whole_or_refused(parse, d: dict, extra_keys: list[str], values, data, where: str) -> None:
+    """Set one to three keys of `d` (or `extra_keys`) to drawn values, or remove them; `parse` must then
+    raise a one-line InputError naming `where`, or give a config the core builds on the meta device."""
+    import torch
+
     from granite_cli.model.loading import build_empty
     from granite_cli.params import count_params
 
+    for _ in range(data.draw(st.integers(1, 3))):
+        key = data.draw(st.sampled_from(sorted(d) + extra_keys))
+        if data.draw(st.booleans()):
+            d[key] = data.draw(values)
+        else:
+            d.pop(key, None)
+    try:
+        cfg = parse(d)
+    except InputError as e:
+        assert str(e).startswith(f"{where}: ") and "\n" not in str(e)
+        return
     assert count_params(cfg).total > 0
-    import torch
-
     build_empty(cfg, torch.float32, "meta")
+
+
+@FUZZ
+@given(data=st.data())
+def test_config_json_is_accepted_whole_or_refused_with_input_error(hybrid_hf, data):
+    """A config.json with any key set to any JSON value (or removed)."""
+    _accepted_whole_or_refused(lambda d: from_hf_dict(d, "fuzz", "config.json"), dict(hybrid_hf),
+                               ["time_step_limit", "rope_parameters", "attn_layer_indices"], json_value, data,
+                               "config.json")
 
 
 toml_value = st.one_of(st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=True), st.text(max_size=8),
@@ -117,29 +123,14 @@ toml_value = st.one_of(st.booleans(), st.integers(-2**70, 2**70), st.floats(allo
 @FUZZ
 @given(data=st.data())
 def test_profile_toml_is_accepted_whole_or_refused_with_input_error(data):
-    """A profile (a user's own .toml) with any key set to any TOML value or removed: InputError, or a
-    config the core builds."""
+    """A profile (a user's own .toml) with any key set to any TOML value or removed."""
     import tomllib
 
     from granite_cli.config import from_profile_dict, profiles_dir
 
     d = tomllib.loads((profiles_dir() / "tiny-hybrid.toml").read_text())
-    for _ in range(data.draw(st.integers(1, 3))):
-        key = data.draw(st.sampled_from(sorted(d) + ["layer_types", "rope_scaling", "time_step_limit"]))
-        if data.draw(st.booleans()):
-            d[key] = data.draw(toml_value)
-        else:
-            d.pop(key, None)
-    try:
-        cfg = from_profile_dict(d, "fuzz", "p.toml")
-    except InputError as e:
-        assert str(e).startswith("p.toml: ") and "\n" not in str(e)
-        return
-    import torch
-
-    from granite_cli.model.loading import build_empty
-
-    build_empty(cfg, torch.float32, "meta")
+    _accepted_whole_or_refused(lambda d: from_profile_dict(d, "fuzz", "p.toml"), d,
+                               ["layer_types", "rope_scaling", "time_step_limit"], toml_value, data, "p.toml")
 
 
 # ------------------------------------------------------------------------------------ safetensors

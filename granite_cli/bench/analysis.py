@@ -151,15 +151,12 @@ def ratio_verdict(r: dict) -> str:
     """One hybrid-vs-dense line: speed, then total peak memory per phase (weights + cache + working
     set, the memory the claim is about) measured beside memory-report's prediction, then the cache.
     The RSS increase over the baseline is not in it: it leaves out the weights and the cache."""
-    def x(v) -> str:
-        return "n/a" if v is None or v != v else f"{v:.2f}x"
-
     src = _SOURCE.get(r.get("memory_total_source"), "measured")
-    return (f"{r['hybrid']} vs {r['dense']} b{r['batch']} ctx {r['ctx']}: prefill {x(r['prefill_speed'])}, "
-            f"decode {x(r['decode_speed'])} speed; peak memory ({src}: weights + cache + working set) prefill "
-            f"{x(r['prefill_total_memory'])}, decode {x(r['decode_total_memory'])} (predicted "
-            f"{x(r['prefill_total_predicted'])}, {x(r['decode_total_predicted'])}); cache (KV + state) "
-            f"{x(r['cache_memory'])}")
+    return (f"{r['hybrid']} vs {r['dense']} b{r['batch']} ctx {r['ctx']}: prefill {_x(r['prefill_speed'])}, "
+            f"decode {_x(r['decode_speed'])} speed; peak memory ({src}: weights + cache + working set) prefill "
+            f"{_x(r['prefill_total_memory'])}, decode {_x(r['decode_total_memory'])} (predicted "
+            f"{_x(r['prefill_total_predicted'])}, {_x(r['decode_total_predicted'])}); cache (KV + state) "
+            f"{_x(r['cache_memory'])}")
 
 
 def hybrid_dense_ratios(rows: list[dict]) -> list[dict]:
@@ -223,11 +220,7 @@ def _faster_growth(fits: list[dict], part: str, what: str, pairs: list[dict]) ->
     """A hybrid whose cost grows faster with context than its dense twin's, at the same batch."""
     fails = []
     by = {(f["model"], f["batch"]): f for f in fits if f.get("part") == part and f.get("doubling")}
-    seen = set()
-    for r in pairs:
-        if (r["hybrid"], r["dense"], r["batch"]) in seen:
-            continue
-        seen.add((r["hybrid"], r["dense"], r["batch"]))
+    for r in pairs:  # one pair per context: the caller drops the repeated lines
         fh, fd = by.get((r["hybrid"], r["batch"])), by.get((r["dense"], r["batch"]))
         if fh and fd and fh["doubling"] > fd["doubling"] * 1.05:
             fails.append(f"{r['hybrid']} {what} grows faster than {r['dense']} at b{r['batch']} "

@@ -114,16 +114,19 @@ def get(ep: Endpoint, path: str, timeout: float = 10.0) -> tuple[int, bytes]:
         conn.close()
 
 
-def get_json(ep: Endpoint, path: str, timeout: float = 10.0) -> dict | None:
-    """The JSON object a GET answers with, or None for a non-200 or non-JSON answer."""
-    status, body = get(ep, path, timeout)
-    if status != 200:
-        return None
+def json_object(body: bytes) -> dict | None:
+    """The JSON object a body holds, or None."""
     try:
         d = json.loads(body)
     except ValueError:
         return None
     return d if isinstance(d, dict) else None
+
+
+def get_json(ep: Endpoint, path: str, timeout: float = 10.0) -> dict | None:
+    """The JSON object a GET answers with, or None for a non-200 or non-JSON answer."""
+    status, body = get(ep, path, timeout)
+    return json_object(body) if status == 200 else None
 
 
 def post_json(ep: Endpoint, path: str, body: dict, timeout: float = 30.0) -> tuple[int, dict | None]:
@@ -137,11 +140,7 @@ def post_json(ep: Endpoint, path: str, body: dict, timeout: float = 30.0) -> tup
         raise _classify(e) from None
     finally:
         conn.close()
-    try:
-        d = json.loads(raw)
-    except ValueError:
-        d = None
-    return r.status, d if isinstance(d, dict) else None
+    return r.status, json_object(raw)
 
 
 @dataclass

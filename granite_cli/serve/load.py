@@ -17,8 +17,17 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from granite_cli.errors import GraniteError, InputError
-from granite_cli.serve.http import Endpoint, HTTPFailure, Timed, get, get_json, post_json, stream_completion
-from granite_cli.serve.metrics import Sampler, scrape
+from granite_cli.serve.http import (
+    Endpoint,
+    HTTPFailure,
+    Timed,
+    get,
+    get_json,
+    json_object,
+    post_json,
+    stream_completion,
+)
+from granite_cli.serve.metrics import Sampler
 
 # Token ids valid in every vocabulary a server is likely to hold, for a server that does not say its size
 FALLBACK_VOCAB = 256
@@ -36,7 +45,6 @@ class Server:
     n_vocab: int | None = None
     n_ctx: int | None = None          # the longest prompt + output one request may have, where reported
     slots: int | None = None
-    metrics: bool = False
     prompt_mode: str = "token_ids"    # or "text": built with the server's /tokenize to the requested length
 
     def fields(self) -> dict:
@@ -51,13 +59,13 @@ def probe(ep: Endpoint, timeout: float = 10.0) -> Server:
     """Ask the server what it serves; any failure here is the user's URL or server, one line, exit 2."""
     where = f"--endpoint {ep.url}"
     try:
-        models = get_json(ep, "/v1/models", timeout)
+        status, body = get(ep, "/v1/models", timeout)
     except HTTPFailure as e:
         hint = {"refused": "connection refused; is the server running, and on this port?",
                 "unknown_host": "unknown host; check the URL", "timeout": f"no answer in {timeout:.0f} s"}
         raise InputError(f"{where}: {hint.get(e.kind, e.kind + ' (' + e.detail[:80] + ')')}") from None
+    models = json_object(body) if status == 200 else None
     if models is None:
-        status = _status(ep, "/v1/models", timeout)
         if status in (401, 403):
             raise InputError(f"{where}: the server refused the API key (HTTP {status}); give --api-key or set "
                              "GRANITE_API_KEY")
@@ -78,7 +86,6 @@ def probe(ep: Endpoint, timeout: float = 10.0) -> Server:
     version = _json_or_none(ep, "/version", timeout)
     if version and not s.version:
         s.version = version.get("version")
-    s.metrics = scrape(ep, timeout) is not None
     s.prompt_mode = _prompt_mode(s, timeout)
     return s
 
@@ -132,13 +139,6 @@ def text_prompt(s: Server, n: int, rng: random.Random) -> str:
             break
         text += " a" * (n - got)
     return text
-
-
-def _status(ep: Endpoint, path: str, timeout: float) -> int | None:
-    try:
-        return get(ep, path, timeout)[0]
-    except HTTPFailure:
-        return None
 
 
 def _json_or_none(ep: Endpoint, path: str, timeout: float) -> dict | None:
