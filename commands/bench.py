@@ -11,6 +11,7 @@ from typing import Annotated, Optional
 import typer
 
 from granite_cli.commands.common import Format, FormatOpt, emit_rows, say
+from granite_cli.redact import redact
 
 COLUMNS = ["model", "batch", "ctx", "phase", "status", "tokens_per_s", "latency_ms", "stdev_s", "peak_total_bytes",
            "predicted_total_bytes", "peak_delta_bytes"]
@@ -196,7 +197,7 @@ class _Progress:
         self.n += 1
         msg = f"[{self.n}/{self.total}] {info['model']} batch {info['batch']} ctx {info['ctx']}"
         if self.bar:
-            self.bar.update(self.task, description=msg, completed=self.n - 1)
+            self.bar.update(self.task, description=redact(msg).replace("[", "\\["), completed=self.n - 1)
         else:
             say(msg)
 
@@ -204,7 +205,7 @@ class _Progress:
         tps = f"{r['tokens_per_s']:.1f} tok/s" if r.get("tokens_per_s") else (r.get("error") or "")
         line = f"    {r['phase']:7s} {r['status']:7s} {tps}"
         if self.bar:
-            self.bar.console.print(f"{r['model']} b{r['batch']} ctx {r['ctx']}{line}")
+            self.bar.console.print(redact(f"{r['model']} b{r['batch']} ctx {r['ctx']}{line}"), markup=False)
         else:
             say(line)
 

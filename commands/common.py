@@ -9,6 +9,7 @@ from typing import Annotated, Any, Sequence
 import typer
 
 from granite_cli import render
+from granite_cli.redact import redact, scrub
 
 
 class Format(str, enum.Enum):
@@ -25,14 +26,15 @@ FormatOpt = Annotated[
 
 
 def out(text: str) -> None:
-    """Data to stdout."""
+    """Data to stdout (secrets masked: granite_cli.redact)."""
+    text = redact(text)
     sys.stdout.write(text if text.endswith("\n") else text + "\n")
     sys.stdout.flush()
 
 
 def say(msg: str) -> None:
-    """Messages and progress to stderr, so stdout stays parseable."""
-    sys.stderr.write(msg + "\n")
+    """Messages and progress to stderr, so stdout stays parseable (secrets masked)."""
+    sys.stderr.write(redact(msg) + "\n")
     sys.stderr.flush()
 
 
@@ -46,7 +48,9 @@ def emit_rows(
     title: str | None = None,
     formatters: dict[str, Any] | None = None,
 ) -> None:
-    """Render rows in the chosen format. json prints `json_obj` (default: the rows list)."""
+    """Render rows in the chosen format. json prints `json_obj` (default: the rows list). Every string
+    is redacted before it is rendered (a JSON-escaped secret would not match the text afterwards)."""
+    rows, json_obj = scrub(list(rows)), scrub(json_obj)
     if fmt is Format.json:
         out(render.to_json(json_obj if json_obj is not None else list(rows)))
     elif fmt is Format.csv:
@@ -62,12 +66,13 @@ def emit_rows(
 def _rich_table(rows, columns, headers, title, formatters) -> None:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     cols = render.columns_of(rows, columns)
     t = Table(title=title, show_lines=False, header_style="bold")
     for c in cols:
         t.add_column(headers.get(c, c), overflow="fold")
-    for r in rows:
-        t.add_row(*[(formatters[c](r.get(c)) if c in formatters else render.cell(r.get(c))) for c in cols])
+    for r in rows:  # cells as Text: a name holding [brackets] is shown as typed, never read as Rich markup
+        t.add_row(*[Text(str(formatters[c](r.get(c)) if c in formatters else render.cell(r.get(c)))) for c in cols])
     # Off a terminal Rich would wrap at 80 columns; keep rows whole for pipes and logs.
     Console(file=sys.stdout, soft_wrap=False, width=None if sys.stdout.isatty() else 200).print(t)

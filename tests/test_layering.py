@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # Bottom to top. A unit is a package or module under granite_cli/ (commands/ installs as
 # granite_cli.commands). A unit imports only from units in rows below its own.
 LAYERS = [
-    {"errors"},
+    {"errors", "redact"},                           # the exit-code errors; secrets kept out of outputs
     {"arch", "fsutil", "hostmem", "render", "sizes", "hub"},  # architectures, files, host memory, tables, Hub ids
     {"config", "measure"},
     {"checkpoint", "ops", "params"},

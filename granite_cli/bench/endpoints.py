@@ -4,6 +4,7 @@ bench row schema with phase "serve", streamed as the in-process rows are."""
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -11,6 +12,7 @@ from typing import Callable
 from granite_cli.bench.rows import SCHEMA_VERSION
 from granite_cli.bench.spec import SweepSpec
 from granite_cli.errors import InputError
+from granite_cli.redact import scrub
 from granite_cli.serve.http import HTTPFailure, parse_endpoint, stream_completion
 from granite_cli.serve.load import Server, ServerGone, Workload, probe, run_case, still_there
 
@@ -28,22 +30,47 @@ class ServeOptions:
     slo_itl_ms: float | None = None
 
     def validate(self) -> "ServeOptions":
-        if self.rate is not None and not self.rate > 0:
+        if self.rate is not None and not (self.rate > 0 and math.isfinite(self.rate)):
             raise InputError("--rate must be a positive number of requests per second")
+        if self.rate is not None and self.rate < MIN_RATE:
+            raise InputError(f"--rate {self.rate:g}: below {MIN_RATE:g} request(s) per second a case takes days; "
+                             "give a higher rate")
         if self.shared_prefix < 0:
             raise InputError("--shared-prefix must not be negative")
-        if not self.request_timeout > 0:
-            raise InputError("--request-timeout must be positive")
+        if not (self.request_timeout > 0 and self.request_timeout <= MAX_REQUEST_TIMEOUT):
+            raise InputError(f"--request-timeout must be a number of seconds above 0 and at most "
+                             f"{MAX_REQUEST_TIMEOUT:g} (a day)")
         for flag, v in (("--slo-ttft", self.slo_ttft_ms), ("--slo-itl", self.slo_itl_ms)):
-            if v is not None and not v > 0:
+            if v is not None and not (v > 0 and math.isfinite(v)):
                 raise InputError(f"{flag} must be a positive number of milliseconds")
         return self
+
+
+# Beyond these a sweep is a typo, not a measurement: refused before any request is sent.
+MIN_RATE = 1e-3
+MAX_REQUEST_TIMEOUT = 86400.0
+MAX_REQUESTS_PER_CASE = 100_000
+
+
+def check_workload(spec: SweepSpec, opts: ServeOptions) -> None:
+    """Refuse (exit 2) a server sweep that could not finish in any reasonable time."""
+    for b in spec.batch:
+        n = b * spec.reps
+        if n > MAX_REQUESTS_PER_CASE:
+            raise InputError(f"batch {b} x reps {spec.reps} = {n:,} requests in one case, more than "
+                             f"{MAX_REQUESTS_PER_CASE:,}; lower --reps or --batch")
+        if opts.rate and n / opts.rate > MAX_REQUEST_TIMEOUT:
+            raise InputError(f"{n:,} requests at --rate {opts.rate:g}/s take {n / opts.rate / 3600:,.0f} h in one "
+                             "case; raise --rate or lower --reps")
+    if opts.shared_prefix and opts.shared_prefix > min(spec.ctx):
+        raise InputError(f"--shared-prefix {opts.shared_prefix} is longer than the shortest prompt ({min(spec.ctx)} "
+                         "tokens)")
 
 
 def servers(opts: ServeOptions) -> list[Server]:
     """Every endpoint probed before any case runs (a wrong URL or a stopped server: one line, exit 2);
     two endpoints may not share a name."""
-    found = [probe(parse_endpoint(e, opts.api_key)) for e in opts.endpoints]
+    found = [probe(parse_endpoint(e, opts.api_key), opts.request_timeout) for e in opts.endpoints]
     names = [s.name for s in found]
     dup = next((n for n in names if names.count(n) > 1), None)
     if dup:
@@ -86,7 +113,7 @@ def run_endpoints(found: list[Server], spec: SweepSpec, opts: ServeOptions, env:
                 if server.n_ctx and c + spec.gen > server.n_ctx:
                     row.update(status="skipped", error=f"prompt + output ({c} + {spec.gen}) exceeds the server's "
                                                        f"context per request ({server.n_ctx})")
-                    on_row(row)
+                    on_row(scrub(row))
                     continue
                 if not warmed:
                     _warm(server, spec, opts)
@@ -94,8 +121,8 @@ def run_endpoints(found: list[Server], spec: SweepSpec, opts: ServeOptions, env:
                 w = Workload(ctx=c, concurrency=b, gen=spec.gen, reps=spec.reps, shared_prefix=opts.shared_prefix,
                              rate=opts.rate, timeout=opts.request_timeout, seed=spec.seed)
                 row.update(run_case(server, w))
-                on_row(row)
-                if row["status"] == "error" and not still_there(server):
+                on_row(scrub(row))
+                if row["status"] == "error" and not still_there(server, opts.request_timeout):
                     raise ServerGone(f"{server.name} at {server.endpoint.url} stopped answering during batch {b} "
                                      f"ctx {c}; the finished rows are kept (rerun with --resume)")
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from granite_cli.errors import GraniteError, InputError
+from granite_cli.redact import printable
 from granite_cli.serve.http import (
     Endpoint,
     HTTPFailure,
@@ -53,16 +54,33 @@ class Server:
 
 
 _UNREACHABLE = ("refused", "unknown_host", "timeout", "connection", "cut")
+# GETs of the probe and the metrics wait at most this long (or the request timeout, when shorter)
+GET_TIMEOUT = 10.0
 
 
-def probe(ep: Endpoint, timeout: float = 10.0) -> Server:
-    """Ask the server what it serves; any failure here is the user's URL or server, one line, exit 2."""
+def _pos_int(v, hi: int = 2**31 - 1) -> int | None:
+    """A positive integer the server reports, or None for anything else (a string, a bool, a negative)."""
+    return v if isinstance(v, int) and not isinstance(v, bool) and 0 < v <= hi else None
+
+
+def _text(v, limit: int = 200) -> str | None:
+    """A name or version the server reports, printable, or None when it is not a string or number."""
+    if isinstance(v, bool) or not isinstance(v, (str, int, float)):
+        return None
+    return printable(str(v), limit) or None
+
+
+def probe(ep: Endpoint, timeout: float = 600.0) -> Server:
+    """Ask the server what it serves; any failure here is the user's URL or server, one line, exit 2.
+    `timeout` is the request timeout: the one-token completion may take that long, each GET at most
+    GET_TIMEOUT seconds."""
     where = f"--endpoint {ep.url}"
+    quick = min(GET_TIMEOUT, timeout)
     try:
-        status, body = get(ep, "/v1/models", timeout)
+        status, body = get(ep, "/v1/models", quick)
     except HTTPFailure as e:
         hint = {"refused": "connection refused; is the server running, and on this port?",
-                "unknown_host": "unknown host; check the URL", "timeout": f"no answer in {timeout:.0f} s"}
+                "unknown_host": "unknown host; check the URL", "timeout": f"no answer in {quick:g} s"}
         raise InputError(f"{where}: {hint.get(e.kind, e.kind + ' (' + e.detail[:80] + ')')}") from None
     models = json_object(body) if status == 200 else None
     if models is None:
@@ -71,21 +89,27 @@ def probe(ep: Endpoint, timeout: float = 10.0) -> Server:
                              "GRANITE_API_KEY")
         raise InputError(f"{where}: GET /v1/models answered HTTP {status}, not a model list; is this an "
                          "OpenAI-compatible server (vLLM, SGLang, llama.cpp's llama-server, TGI)?")
-    data = [m for m in models.get("data") or [] if isinstance(m, dict) and m.get("id")]
+    data = models.get("data")
+    data = [m for m in data if isinstance(m, dict) and _text(m.get("id"))] if isinstance(data, list) else []
     if not data:
-        raise InputError(f"{where}: the server lists no model under /v1/models")
+        raise InputError(f"{where}: the server lists no model under /v1/models (a list of objects with an id)")
     m = data[0]
     meta = m.get("meta") if isinstance(m.get("meta"), dict) else {}
-    owner = str(m.get("owned_by") or "") or None
-    s = Server(ep, ep.name or str(m["id"]), str(m["id"]), engine={"llamacpp": "llama.cpp"}.get(owner, owner),
-               n_vocab=meta.get("n_vocab"), n_ctx=m.get("max_model_len") or meta.get("n_ctx"))
-    props = _json_or_none(ep, "/props", timeout)
+    owner = _text(m.get("owned_by"), 60)
+    served = str(m["id"]) if isinstance(m["id"], str) and m["id"].isprintable() and len(m["id"]) <= 512 else None
+    if served is None:
+        raise InputError(f"{where}: the server's model id is not a printable name of at most 512 characters")
+    s = Server(ep, ep.name or printable(served, 200), served, engine={"llamacpp": "llama.cpp"}.get(owner, owner),
+               n_vocab=_pos_int(meta.get("n_vocab")), n_ctx=_pos_int(m.get("max_model_len")) or _pos_int(meta.get(
+                   "n_ctx")))
+    props = _json_or_none(ep, "/props", quick)
     if props:
-        s.version, s.slots = props.get("build_info"), props.get("total_slots")
-        s.n_ctx = (props.get("default_generation_settings") or {}).get("n_ctx") or s.n_ctx
-    version = _json_or_none(ep, "/version", timeout)
+        s.version, s.slots = _text(props.get("build_info"), 100), _pos_int(props.get("total_slots"), 1 << 20)
+        dgs = props.get("default_generation_settings")
+        s.n_ctx = (_pos_int(dgs.get("n_ctx")) if isinstance(dgs, dict) else None) or s.n_ctx
+    version = _json_or_none(ep, "/version", quick)
     if version and not s.version:
-        s.version = version.get("version")
+        s.version = _text(version.get("version"), 100)
     s.prompt_mode = _prompt_mode(s, timeout)
     return s
 
@@ -95,7 +119,7 @@ def _prompt_mode(s: Server, timeout: float) -> str:
     requested length built with its /tokenize; else refused (exit 2)."""
     try:
         status, _ = post_json(s.endpoint, "/v1/completions", {"model": s.served_model, "prompt": [1, 2, 3, 4],
-                                                               "max_tokens": 1}, max(timeout, 60.0))
+                                                               "max_tokens": 1}, timeout)
     except HTTPFailure as e:
         raise InputError(f"--endpoint {s.endpoint.url}: a one-token completion failed ({e}); is the model loaded?")
     if status == 200:
@@ -117,7 +141,7 @@ def count_tokens(s: Server, text: str) -> int | None:
         return None
     if isinstance(d.get("tokens"), list):
         return len(d["tokens"])
-    return d.get("count") if isinstance(d.get("count"), int) else None
+    return _pos_int(d.get("count"))
 
 
 def text_prompt(s: Server, n: int, rng: random.Random) -> str:
@@ -215,13 +239,15 @@ def run_case(server: Server, w: Workload) -> dict:
             t, e = stream_completion(server.endpoint, req, w.timeout), None
         except HTTPFailure as err:
             t, e = None, err
+        except Exception as err:  # noqa: BLE001 -- a worker never dies with a traceback; the row names it
+            t, e = None, HTTPFailure("client_error", f"{type(err).__name__}: {err}")
         log.add(t, e, time.thread_time() - c0)
 
     def session(mine: list) -> None:
         for p in mine:
             one(p)
 
-    sampler = Sampler(server.endpoint).start()
+    sampler = Sampler(server.endpoint, timeout=min(GET_TIMEOUT / 2, w.timeout)).start()
     t0 = time.perf_counter()
     if w.rate:
         gaps = random.Random(f"{w.seed}/arrivals").expovariate
@@ -299,20 +325,19 @@ def summarize(log: _Log, w: Workload, t0: float) -> dict:
 def _server_timings(done: list[Timed]) -> dict:
     """llama.cpp's own timings, where it reports them: its prompt processing and per-token decode time,
     the engine-side counterparts of TTFT and TPOT (the difference is the HTTP path and the client)."""
-    ts = [d.server_timings for d in done if d.server_timings]
-    return {**_pct([t["prompt_ms"] / 1e3 for t in ts if isinstance(t.get("prompt_ms"), (int, float))],
-                   "server_prompt_ms"),
-            **_pct([t["predicted_per_token_ms"] / 1e3 for t in ts
-                    if isinstance(t.get("predicted_per_token_ms"), (int, float))], "server_tpot_ms")}
+    ts = [d.server_timings for d in done if d.server_timings]  # finite, non-negative numbers (serve.http)
+    return {**_pct([t["prompt_ms"] / 1e3 for t in ts if "prompt_ms" in t], "server_prompt_ms"),
+            **_pct([t["predicted_per_token_ms"] / 1e3 for t in ts if "predicted_per_token_ms" in t],
+                   "server_tpot_ms")}
 
 
 class ServerGone(GraniteError):
     """The server stopped answering mid-sweep (exit 1); the finished rows are kept."""
 
 
-def still_there(server: Server) -> bool:
+def still_there(server: Server, timeout: float = GET_TIMEOUT) -> bool:
     try:
-        get_json(server.endpoint, "/v1/models", 10.0)
+        get(server.endpoint, "/v1/models", min(GET_TIMEOUT, timeout))
         return True
     except HTTPFailure as e:
         return e.kind not in _UNREACHABLE

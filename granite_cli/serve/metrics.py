@@ -10,10 +10,12 @@ whose KV-cache use comes from its `/slots` instead.
 from __future__ import annotations
 
 import json
+import math
 import re
 import threading
 
-from granite_cli.serve.http import Endpoint, HTTPFailure, get
+from granite_cli.redact import printable
+from granite_cli.serve.http import Endpoint, HTTPFailure, get, json_value
 
 _LINE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+([-+0-9.eEinfNa]+)")
 
@@ -28,7 +30,8 @@ TTFT_HIST = ("vllm:time_to_first_token_seconds", "sglang:time_to_first_token_sec
 
 
 def parse(text: str) -> dict[str, float]:
-    """Prometheus text → {name: value}, label sets summed (a server with one model has one of each)."""
+    """Prometheus text → {name: value}, label sets summed (a server with one model has one of each);
+    lines that are not samples, and values that are not finite, are left out."""
     out: dict[str, float] = {}
     for line in text.splitlines():
         m = _LINE.match(line)
@@ -38,15 +41,23 @@ def parse(text: str) -> dict[str, float]:
             v = float(m.group(3))
         except ValueError:
             continue
-        out[m.group(1)] = out.get(m.group(1), 0.0) + v
+        if math.isfinite(v):
+            out[m.group(1)] = out.get(m.group(1), 0.0) + v
     return out
 
 
+class Malformed(Exception):
+    """A metrics source answered with something that is not what it promises; it is dropped."""
+
+
 def scrape(ep: Endpoint, timeout: float = 5.0) -> dict[str, float] | None:
-    """The metrics now, or None when the server has no /metrics (or it does not answer)."""
+    """The metrics now, or None when the server has no /metrics; Malformed when it answers 200 with
+    something else."""
     try:
         status, body = get(ep, "/metrics", timeout)
-    except HTTPFailure:
+    except HTTPFailure as e:
+        if e.kind == "too_large":
+            raise Malformed(f"/metrics: {e.detail}") from None
         return None
     if status != 200:
         return None
@@ -54,48 +65,84 @@ def scrape(ep: Endpoint, timeout: float = 5.0) -> dict[str, float] | None:
     return m or None
 
 
+def _num(v) -> float:
+    """A non-negative count from /slots (absent counts 0); anything else makes the answer malformed."""
+    if v is None:
+        return 0.0
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+        raise Malformed(f"/slots: a count of {json.dumps(v)[:40]}")
+    return float(v)
+
+
 def slots_usage(ep: Endpoint, timeout: float = 5.0) -> float | None:
     """llama.cpp's KV-cache use from `/slots` (its /metrics no longer says it): the tokens the busy slots
-    hold (prompt processed, cached and decoded) over all slots' context. None where there is no /slots."""
+    hold (prompt processed, cached and decoded) over all slots' context. None where there is no /slots;
+    Malformed where it answers with something else."""
     try:
         status, body = get(ep, "/slots", timeout)
-        data = json.loads(body) if status == 200 else None
-    except (HTTPFailure, ValueError):
+    except HTTPFailure as e:
+        if e.kind == "too_large":
+            raise Malformed(f"/slots: {e.detail}") from None
         return None
+    if status != 200:
+        return None
+    data = json_value(body)
     if not isinstance(data, list) or not all(isinstance(x, dict) for x in data):
         return None
-    total = sum(x.get("n_ctx") or 0 for x in data)
-    used = 0
+    total = sum(_num(x.get("n_ctx")) for x in data)
+    used = 0.0
     for x in data:
-        if x.get("is_processing"):
+        if x.get("is_processing") is True:
             nt = x.get("next_token")
-            nt = (nt[0] if nt else {}) if isinstance(nt, list) else nt if isinstance(nt, dict) else {}
-            used += (x.get("n_prompt_tokens_processed") or 0) + (x.get("n_prompt_tokens_cache") or 0) + \
-                (nt.get("n_decoded") or 0)
+            nt = (nt[0] if nt else {}) if isinstance(nt, list) else nt
+            nt = nt if isinstance(nt, dict) else {}
+            used += _num(x.get("n_prompt_tokens_processed")) + _num(x.get("n_prompt_tokens_cache")) + \
+                _num(nt.get("n_decoded"))
     return used / total if total else None
 
 
 class Sampler:
     """Samples /metrics (and llama.cpp's /slots) every `every` seconds on a thread between start() and
-    stop(); summary() is what the row records (None fields where the engine exposes no such metric)."""
+    stop(); summary() is what the row records (None fields where the engine exposes no such metric).
+    A source that answers with something malformed is dropped for the rest of the case, and the row's
+    `server_metrics` says so; it never ends the case."""
 
-    def __init__(self, ep: Endpoint, every: float = 0.5) -> None:
-        self.ep, self.every = ep, every
+    def __init__(self, ep: Endpoint, every: float = 0.5, timeout: float = 5.0) -> None:
+        self.ep, self.every, self.timeout = ep, every, timeout
         self.samples: list[dict[str, float]] = []
         self.slots: list[float] = []
+        self.dropped: list[str] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._has_metrics = True
         self._has_slots = False
 
+    def _guarded(self, fn):
+        try:
+            return fn(self.ep, self.timeout)
+        except Malformed as e:
+            self.dropped.append(str(e))
+        except Exception as e:  # noqa: BLE001 -- an optional source never ends a case
+            self.dropped.append(f"{fn.__name__}: {type(e).__name__}: {e}")
+        return False
+
     def _sample(self) -> None:
-        m = scrape(self.ep)
-        if m is not None:
-            self.samples.append(m)
-        if self._has_slots and (u := slots_usage(self.ep)) is not None:
-            self.slots.append(u)
+        if self._has_metrics:
+            m = self._guarded(scrape)
+            if m is False:
+                self._has_metrics = False
+            elif m is not None:
+                self.samples.append(m)
+        if self._has_slots:
+            u = self._guarded(slots_usage)
+            if u is False:
+                self._has_slots = False
+            elif u is not None:
+                self.slots.append(u)
 
     def start(self) -> "Sampler":
-        self._has_slots = slots_usage(self.ep) is not None
+        u = self._guarded(slots_usage)
+        self._has_slots = u is not None and u is not False  # 0.0 (idle) is an answer
         self._sample()
         if self.samples or self.slots:
             self._thread = threading.Thread(target=self._loop, daemon=True)
@@ -114,10 +161,12 @@ class Sampler:
         return self.summary()
 
     def summary(self) -> dict:
+        note = "; dropped " + "; ".join(printable(d, 120) for d in self.dropped[:2]) if self.dropped else ""
         if not self.samples and not self.slots:
-            return {"server_metrics": "none (the server exposes no /metrics)"}
-        out: dict = {"server_metrics": f"/metrics, {len(self.samples)} samples" if self.samples else
-                     f"/slots only, {len(self.slots)} samples"}
+            return {"server_metrics": ("none (the server exposes no /metrics)" if not self.dropped else
+                                       "none" + note)}
+        out: dict = {"server_metrics": (f"/metrics, {len(self.samples)} samples" if self.samples else
+                                        f"/slots only, {len(self.slots)} samples") + note}
         for field, names in GAUGES.items():
             name = next((n for n in names if any(n in s for s in self.samples)), None)
             vals = [s[name] for s in self.samples if name in s] if name else []
@@ -130,7 +179,7 @@ class Sampler:
         for h in TTFT_HIST:
             a, b = (self.samples[0], self.samples[-1]) if self.samples else ({}, {})
             n = b.get(h + "_count", 0.0) - a.get(h + "_count", 0.0)
-            if n > 0:
+            if n > 0 and h + "_sum" in b:
                 out["server_ttft_mean_ms"] = (b[h + "_sum"] - a.get(h + "_sum", 0.0)) / n * 1e3
                 break
         return out
