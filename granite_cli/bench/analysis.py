@@ -30,7 +30,7 @@ def analyse(rows: list[dict], slo_ttft_ms: float | None = None, slo_itl_ms: floa
         fits.append(entry)
         verdicts.append(describe(f"{model} b{batch} prefill", total))
         for part, label in (("mamba", "Mamba layers"), ("attention", "attention layers")):
-            ts = [(r["attribution_s"] or {}).get(part) for r in rs]
+            ts = [(r.get("attribution_s") or {}).get(part) for r in rs]
             if not any(ts):
                 continue
             f = fit_scaling(n, ts)
@@ -107,7 +107,7 @@ def _throughput_verdicts(g: dict, slo_ttft_ms: float | None, slo_itl_ms: float |
     for (model, ctx), per in sorted(by.items()):
         cs = sorted(per)
         if len(cs) > 1:
-            tps = [per[c]["output_tokens_per_s"] or 0.0 for c in cs]
+            tps = [per[c].get("output_tokens_per_s") or 0.0 for c in cs]
             sat = next((c for c, a, nxt in zip(cs, tps, tps[1:]) if nxt < a * 1.10), None)
             out.append(f"{model} prompt {ctx}: output tokens/s " + ", ".join(f"{t:.1f} (c{c})" for c, t in
                                                                                zip(cs, tps))

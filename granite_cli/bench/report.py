@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from pathlib import Path
+from typing import Callable
 
 from granite_cli.fsutil import report_dir
+from granite_cli.redact import scrub
 from granite_cli.render import human_bytes, json_safe, to_markdown
 
 PLOTS = {
@@ -255,9 +257,13 @@ def _serve_section(rows: list[dict]) -> list[str]:
     return out + ["", to_markdown(table, SERVE_COLUMNS)]
 
 
-def write_report(out_dir: Path, rows: list[dict], analysis: dict, spec_dict: dict, wall_s: float | None = None) -> Path:
+def write_report(out_dir: Path, rows: list[dict], analysis: dict, spec_dict: dict, wall_s: float | None = None,
+                 say: Callable[[str], None] | None = None) -> Path:
+    """report.md, rows.jsonl, analysis.json and the plots, into out_dir (fsutil.report_dir); every
+    string redacted first (granite_cli.redact)."""
     out_dir = Path(out_dir)
-    with report_dir(out_dir, REPORT_FILES) as tmp:
+    rows, analysis, spec_dict = scrub(rows), scrub(analysis), scrub(spec_dict)
+    with report_dir(out_dir, REPORT_FILES, say) as tmp:
         plots = _plots(rows, analysis, tmp)
         cols = ["model", "batch", "ctx", "phase", "status", "tokens_per_s", "latency_ms", "stdev_s", "peak_total_bytes",
                 "predicted_total_bytes", "cache_bytes", "peak_delta_bytes"]
@@ -287,9 +293,9 @@ def write_report(out_dir: Path, rows: list[dict], analysis: dict, spec_dict: dic
         lines += _serve_section(rows)
         for name in plots:
             lines += [f"## {PLOTS[name]}", "", f"![{name}]({name}.png)", ""]
-        (tmp / "report.md").write_text("\n".join(lines) + "\n")
-        with open(tmp / "rows.jsonl", "w") as f:
+        (tmp / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        with open(tmp / "rows.jsonl", "w", encoding="utf-8") as f:
             for r in rows:
                 f.write(json.dumps(json_safe(r)) + "\n")
-        (tmp / "analysis.json").write_text(json.dumps(json_safe(analysis), indent=2) + "\n")
+        (tmp / "analysis.json").write_text(json.dumps(json_safe(analysis), indent=2) + "\n", encoding="utf-8")
     return out_dir

@@ -31,7 +31,7 @@ import torch
 from granite_cli.bench.estimate import predicted_total, prefix_point
 from granite_cli.bench.fit import fit_scaling
 from granite_cli.bench.guard import GUARD_TOKENS, correctness_guard, depth_guard, judge
-from granite_cli.bench.rows import SCHEMA_VERSION, case_key, environment_fields
+from granite_cli.bench.rows import SCHEMA_VERSION, RowsNotStored, case_key, environment_fields
 from granite_cli.bench.spec import SweepSpec
 from granite_cli.bench.steps import compiled_steps, eager_steps, graph_steps
 from granite_cli.checkpoint.dtypes import parse_dtype
@@ -213,6 +213,8 @@ class Runner:
                 case = _Case(b, c, cache, cache.nbytes()["total"], self._tokens(run, b)[:, : c + spec.gen], start)
                 for row in self._measure(run, case, phases, prev):
                     self._emit(row)
+        except RowsNotStored:
+            raise  # not this case's failure: the sweep cannot keep its rows
         except Exception as e:  # noqa: BLE001 - a failed case is a row, the sweep goes on
             status = "oom" if _is_oom(e) else "error"
             for p in phases:

@@ -8,6 +8,7 @@ printed the rows.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,15 +17,23 @@ from typing import Callable
 import torch
 
 from granite_cli.bench import analysis as an
-from granite_cli.bench.endpoints import ServeOptions, run_endpoints, servers
+from granite_cli.bench.endpoints import ServeOptions, check_workload, run_endpoints, servers
 from granite_cli.bench.estimate import check_fits, estimate_seconds, matmul_gflops
 from granite_cli.bench.report import REPORT_FILES, write_report
-from granite_cli.bench.rows import FINISHED, JsonlStore, check_rows_file, client_environment, finished_keys, read_rows
+from granite_cli.bench.rows import (
+    FINISHED,
+    JsonlStore,
+    RowsNotStored,
+    check_rows_file,
+    client_environment,
+    finished_keys,
+    read_rows,
+)
 from granite_cli.bench.runner import Runner
 from granite_cli.bench.spec import SweepSpec
 from granite_cli.checkpoint.dtypes import parse_dtype
 from granite_cli.errors import CheckFailed, GraniteError, InputError
-from granite_cli.fsutil import check_report_dir, prepare_report_dir
+from granite_cli.fsutil import check_output_paths, check_report_dir, prepare_report_dir
 from granite_cli.hostmem import retain_freed_memory
 from granite_cli.serve.load import ServerGone
 
@@ -62,15 +71,24 @@ class Outcome:
 
 
 def parse_threshold(text: str | None, baseline: Path | None) -> float | None:
-    """`--fail-on-regression 10%` (or 0.1) as a fraction; it needs a baseline."""
+    """`--fail-on-regression 10%` (or 0.1) as a fraction in [0, 1): a gate that can fire. It needs a
+    baseline."""
     if text is None:
         return None
     if baseline is None:
         raise InputError("--fail-on-regression needs --baseline FILE")
+    t = text.strip()
+    pct = t.endswith("%")
+    bad = f"bad --fail-on-regression {text!r}: use a drop between 0% and 100% such as 10% (or 0.1)"
     try:
-        return float(text.rstrip("%")) / (100 if text.endswith("%") else 1)
+        v = float(t[:-1] if pct else t) / (100 if pct else 1)
     except ValueError:
-        raise InputError(f"bad --fail-on-regression {text!r}: use a percentage such as 10%") from None
+        raise InputError(bad) from None
+    if not (math.isfinite(v) and 0 <= v < 1):
+        if not pct and 1 <= v < 100:
+            raise InputError(f"{bad}; did you mean {t}%?")
+        raise InputError(bad + "; a drop of 100% or more, or a negative or NaN one, can never fail the gate")
+    return v
 
 
 def run_sweep(spec: SweepSpec, *, out: Path | None = None, jsonl: Path | None = None, resume: bool = False,
@@ -80,26 +98,13 @@ def run_sweep(spec: SweepSpec, *, out: Path | None = None, jsonl: Path | None = 
     """Run the sweep, streaming rows to `jsonl` or `out`/rows.jsonl; write the report into `out`.
     With `serve`, its endpoints are probed before any work and swept after the in-process models."""
     progress = progress or Progress()
-    threshold = parse_threshold(fail_on_regression, baseline)
-    base_rows = read_rows(baseline) if baseline else None
-    found = servers(serve.validate()) if serve and serve.endpoints else []
+    threshold, base_rows = _check_inputs(spec, out, jsonl, resume, baseline, fail_on_regression, serve)
+    found = servers(serve) if serve and serve.endpoints else []
     store, kept = _open_store(out, jsonl, resume)
     rows = [r for r in kept if r.get("status") in FINISHED]
-    check_fits(spec)
     device = torch.device(spec.device)
     est = estimate_seconds(spec, matmul_gflops(device, parse_dtype(spec.dtype))) if spec.models else 0.0
-    if spec.models:
-        say(f"granite bench: {len(spec.models)} model(s) x {len(spec.batch)} batch x {len(spec.ctx)} context(s) "
-            f"on {spec.device} ({spec.dtype}, {spec.reps} rep(s) + {spec.warmup} warmup); expected about "
-            f"{duration(est)}")
-    for s in found:
-        say(f"granite bench: endpoint {s.name} ({s.engine or 'unknown engine'} {s.version or ''}".rstrip() +
-            f", serving {s.served_model}) x {len(spec.batch)} concurrency x {len(spec.ctx)} prompt length(s), "
-            f"{spec.gen} output tokens, {spec.reps} request(s) per session")
-    if device.type == "cpu" and spec.models:
-        say("note: CPU timings share this machine with whatever else runs; compare ratios, not absolute times")
-        if retain_freed_memory() == "glibc-retain":  # the runner would apply it too; here, to say so
-            say("note: freed heap memory is kept for reuse during the sweep (GRANITE_HOST_MALLOC=system turns it off)")
+    _announce(spec, found, est, say)
     if kept:
         say(f"resuming: {len(finished_keys(kept))} finished row(s) kept from {store.path}")
 
@@ -117,11 +122,11 @@ def run_sweep(spec: SweepSpec, *, out: Path | None = None, jsonl: Path | None = 
             Runner(spec, on_row, on_case=progress.case, done=finished_keys(kept)).run()
         if found:
             run_endpoints(found, spec, serve, client_environment(), on_row, progress.case, finished_keys(kept))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: the CLI says "interrupted" and what was kept
         progress.stop()
-        say("interrupted" + (f"; {len(rows)} row(s) kept in {store.path} (rerun with --resume)" if store else ""))
+        e.args = (f"{len(rows)} row(s) kept in {store.path} (rerun with --resume)",) if store else ()
         raise
-    except ServerGone as e:  # the finished rows still make a report; the exit status says what happened
+    except (ServerGone, RowsNotStored) as e:  # the finished rows still make a report; the exit status says why
         gone = e
     progress.stop()
     wall = time.perf_counter() - t0
@@ -130,37 +135,77 @@ def run_sweep(spec: SweepSpec, *, out: Path | None = None, jsonl: Path | None = 
     result = an.analyse(rows, slo_ttft_ms=serve.slo_ttft_ms if serve else None,
                         slo_itl_ms=serve.slo_itl_ms if serve else None)
     if out:
-        sweep = spec.as_dict()
-        if found:  # what was asked of the servers (the key stays out of reports)
-            sweep["endpoints"] = {s.name: s.endpoint.url for s in found}
-            sweep.update({k: getattr(serve, k) for k in ("rate", "shared_prefix", "request_timeout", "slo_ttft_ms",
-                                                          "slo_itl_ms")})
-        write_report(out, rows, result, sweep, wall)
-        say(f"report written to {Path(out) / 'report.md'}")
+        _report(out, rows, result, _sweep_record(spec, found, serve), wall, say, gone)
     gates = an.check_claims(rows, result) if check else []
     if base_rows is not None and threshold is not None:
         gates += an.regressions(rows, base_rows, threshold)
     return Outcome(rows, result, wall, gates, gone)
 
 
-def _open_store(out: Path | None, jsonl: Path | None, resume: bool) -> tuple[JsonlStore | None, list[dict]]:
-    """Where rows stream to (refused up front if it holds anything granite did not write), and the
-    finished rows kept from it with --resume."""
+def _check_inputs(spec: SweepSpec, out: Path | None, jsonl: Path | None, resume: bool, baseline: Path | None,
+                  fail_on_regression: str | None, serve: ServeOptions | None) -> tuple[float | None, list | None]:
+    """Every local input checked (exit 2) before any server is asked or any file written; returns the
+    regression threshold and the baseline rows."""
     if resume and not (jsonl or out):
         raise InputError("--resume needs --jsonl FILE or --out DIR to find finished rows")
+    threshold = parse_threshold(fail_on_regression, baseline)
+    base_rows = read_rows(baseline) if baseline else None
+    if serve and serve.endpoints:
+        check_workload(spec, serve.validate())
+    check_output_paths(out, jsonl)
+    check_fits(spec)
     if out:
         check_report_dir(out, REPORT_FILES)
     if jsonl:
         check_rows_file(jsonl)
+    return threshold, base_rows
+
+
+def _announce(spec: SweepSpec, found: list, est: float, say: Callable[[str], None]) -> None:
+    if spec.models:
+        say(f"granite bench: {len(spec.models)} model(s) x {len(spec.batch)} batch x {len(spec.ctx)} context(s) "
+            f"on {spec.device} ({spec.dtype}, {spec.reps} rep(s) + {spec.warmup} warmup); expected about "
+            f"{duration(est)}")
+    for s in found:
+        say(f"granite bench: endpoint {s.name} ({s.engine or 'unknown engine'} {s.version or ''}".rstrip() +
+            f", serving {s.served_model}) x {len(spec.batch)} concurrency x {len(spec.ctx)} prompt length(s), "
+            f"{spec.gen} output tokens, {spec.reps} request(s) per session")
+    if spec.device == "cpu" and spec.models:
+        say("note: CPU timings share this machine with whatever else runs; compare ratios, not absolute times")
+        if retain_freed_memory() == "glibc-retain":  # the runner would apply it too; here, to say so
+            say("note: freed heap memory is kept for reuse during the sweep (GRANITE_HOST_MALLOC=system turns it off)")
+
+
+def _sweep_record(spec: SweepSpec, found: list, serve: ServeOptions | None) -> dict:
+    """The sweep as the report records it, with what was asked of the servers (the key stays out)."""
+    sweep = spec.as_dict()
+    if found:
+        sweep["endpoints"] = {s.name: s.endpoint.url for s in found}
+        sweep.update({k: getattr(serve, k) for k in ("rate", "shared_prefix", "request_timeout", "slo_ttft_ms",
+                                                      "slo_itl_ms")})
+    return sweep
+
+
+def _report(out: Path, rows: list[dict], result: dict, sweep: dict, wall: float, say: Callable[[str], None],
+            gone: GraniteError | None) -> None:
+    try:
+        write_report(out, rows, result, sweep, wall, say=say)
+        say(f"report written to {Path(out) / 'report.md'}")
+    except OSError as e:
+        if gone is None:
+            raise
+        say(f"note: the report could not be written either ({e.strerror or e})")
+
+
+def _open_store(out: Path | None, jsonl: Path | None, resume: bool) -> tuple[JsonlStore | None, list[dict]]:
+    """Where rows stream to (refused up front if it holds anything granite did not write), and the
+    finished rows kept from it with --resume."""
     if out and not jsonl:
         prepare_report_dir(out, REPORT_FILES, appended=("rows.jsonl",))
     if not (jsonl or out):
         return None, []
     store = JsonlStore(jsonl or (Path(out) / "rows.jsonl"))
-    kept = store.read() if resume else []
-    if not resume and store.path.exists():
-        store.path.unlink()  # proven granite's rows by the checks above
-    return store, kept
+    return store, store.open(resume)
 
 
 def duration(s: float) -> str:

@@ -15,6 +15,8 @@ from granite_cli.errors import InputError
 from granite_cli.sizes import parse_list
 
 PHASES = ("prefill", "decode")
+# Beyond these a sweep is a typo, not a measurement (reps = 1000000000 would run for months): refused up front.
+LIMITS = {"reps": 10_000, "warmup": 1_000, "gen": 1 << 20, "ubatch": 1 << 24}
 GUARDS = ("depth", "full")
 WEIGHTS = ("auto", "random", "checkpoint")
 
@@ -59,6 +61,10 @@ class SweepSpec:
                 raise InputError(f"--{name} must be at least 1")
         if self.warmup < 0:
             raise InputError("--warmup must not be negative")
+        for name, most in LIMITS.items():
+            if getattr(self, name) > most:
+                raise InputError(f"--{name} {getattr(self, name):,} is more than {most:,}, which no sweep needs; "
+                                 f"give a smaller --{name}")
         if self.guard not in GUARDS:
             raise InputError(f"unknown --guard {self.guard!r}; use depth or full")
         if self.weights not in WEIGHTS:
@@ -97,6 +103,8 @@ def load_sweep_file(path: str | Path) -> dict:
         raise InputError(f"{path}: not a TOML sweep file (not UTF-8 text)") from None
     except tomllib.TOMLDecodeError as e:
         raise InputError(f"{path}: not valid TOML ({e})") from None
+    except RecursionError:
+        raise InputError(f"{path}: TOML nested too deeply to be a sweep file") from None
     known = {f.name for f in fields(SweepSpec)}
     unknown = sorted(set(d) - known)
     if unknown:
