@@ -10,24 +10,36 @@ The rule: granite deletes or replaces only what it can prove it wrote.
   else (checkpoint_problem says what else it holds), never through a symbolic link, and never when
   it contains the source.
 - Temporary names are fresh (tempfile), so no cleanup can hit a file that happened to have the name.
-Output is built under a temporary name beside its destination and renamed into place when
-complete, so an interrupted run leaves the previous output as it was.
+Output is built in a staging folder beside its destination (Staging) and renamed into place when
+complete, so an interrupted run leaves the previous output as it was. A staging folder carries a
+marker naming its destination, so the next run into the same destination can prove a leftover of a
+killed run is granite's, and removes it (saying so). One run at a time writes a destination: a lock
+beside it refuses the second, as it would be refused after the first had finished. Outputs get the
+modes the user's umask gives, as any file the user makes.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import fcntl
 import fnmatch
 import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 from granite_cli.errors import InputError
 
 MANIFEST = ".granite-manifest.json"
+PARTIAL_MARKER = ".granite-partial.json"
+LOCK_SUFFIX = ".granite-lock"
 
 # What a Hugging Face checkpoint folder holds (what `granite convert` writes, and the files it
 # carries along from a source folder); anything else in a DST is the user's.
@@ -50,19 +62,20 @@ def _read_manifest(folder: Path) -> dict[str, str | None] | None:
     if not p.is_file() or p.is_symlink():
         return None
     try:
-        d = json.loads(p.read_text())
+        d = json.loads(p.read_text(encoding="utf-8"))
         files = d["files"]
         if d.get("tool") != "granite" or not isinstance(files, dict):
             return None
         return {str(k): (v if isinstance(v, str) else None) for k, v in files.items()
                 if isinstance(k, str) and "/" not in k and k not in ("", ".", "..")}
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, RecursionError):
         return None
 
 
 def _write_manifest(folder: Path, files: dict[str, str | None]) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f"{MANIFEST}.", suffix=".partial", dir=folder)
-    with os.fdopen(fd, "w") as f:
+    os.fchmod(fd, file_mode())
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(json.dumps({"tool": "granite", "files": dict(sorted(files.items()))}, indent=1) + "\n")
     os.replace(tmp, folder / MANIFEST)
 
@@ -113,24 +126,15 @@ def prepare_report_dir(out_dir: Path, names: tuple[str, ...], appended: tuple[st
     return out_dir
 
 
-def partial_dir(out_dir: Path) -> Path:
-    """A fresh, empty temporary folder beside out_dir (its parents created)."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
-
-
 @contextmanager
-def report_dir(out_dir: Path, names: tuple[str, ...]):
-    """`with report_dir(out, names) as tmp:` write the report's files into tmp; on success they are
-    committed into out (commit_report_dir), on any failure or interrupt tmp is removed."""
-    tmp = partial_dir(out_dir)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    commit_report_dir(tmp, out_dir, names)
+def report_dir(out_dir: Path, names: tuple[str, ...], say: Callable[[str], None] | None = None):
+    """`with report_dir(out, names) as tmp:` write the report's files into tmp (a new folder in a
+    Staging beside out); on success they are committed into out (commit_report_dir); on any failure
+    or interrupt the staging folder is removed."""
+    with Staging(out_dir, say) as st:
+        st.target.mkdir(mode=dir_mode())
+        yield st.target
+        commit_report_dir(st.target, out_dir, names)
 
 
 def commit_report_dir(tmp: Path, out_dir: Path, names: tuple[str, ...]) -> Path:
@@ -144,12 +148,9 @@ def commit_report_dir(tmp: Path, out_dir: Path, names: tuple[str, ...]) -> Path:
     files = {n: _sha256(tmp / n) for n in made}
     if not out_dir.exists():
         _write_manifest(tmp, files)
-        os.replace(tmp, out_dir)
+        rename_noreplace(tmp, out_dir)
         return out_dir
-    try:
-        check_report_dir(out_dir, names)
-    except InputError as e:  # the folder changed under the run: keep the finished report where it is
-        raise InputError(f"{e}; the finished report is kept in {tmp}") from None
+    check_report_dir(out_dir, names)  # the folder may have changed under the run
     old = _read_manifest(out_dir) or {}
     for n in made:
         os.replace(tmp / n, out_dir / n)
@@ -158,8 +159,208 @@ def commit_report_dir(tmp: Path, out_dir: Path, names: tuple[str, ...]) -> Path:
             (out_dir / n).unlink()
     kept = {n: h for n, h in old.items() if h is None and (out_dir / n).exists() and n not in files}
     _write_manifest(out_dir, {**kept, **files})
-    tmp.rmdir()
     return out_dir
+
+
+# ---------------------------------------------------------------------------------------------
+# modes, names, staging folders, locks and renames
+
+def _umask() -> int:
+    try:  # read without changing it (os.umask can only be read by setting it, which races other threads)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    m = os.umask(0o022)
+    os.umask(m)
+    return m
+
+
+def file_mode() -> int:
+    """The mode a new file of the user's gets (as `touch` would make it)."""
+    return 0o666 & ~_umask()
+
+
+def dir_mode() -> int:
+    return 0o777 & ~_umask()
+
+
+def shortened(name: str, limit: int = 48) -> str:
+    """At most `limit` bytes of a file name (whole characters), for the temporary names built from it."""
+    b = os.fsencode(name)
+    return name if len(b) <= limit else os.fsdecode(b[:limit]).encode("utf-8", "ignore").decode("utf-8", "ignore")
+
+
+def check_output_paths(*paths: Path | None, what: str = "output") -> None:
+    """Refuse (exit 2, before any work) an output path the file system cannot hold: a name over its
+    limit (NAME_MAX, 255 bytes on most) or a path over PATH_MAX."""
+    for p in paths:
+        if p is None:
+            continue
+        full = os.fsencode(os.path.abspath(p))
+        if len(full) >= 4096:
+            raise InputError(f"{what} path {str(p)[:60]}...: {len(full)} bytes, longer than a path may be (4096)")
+        limit = _name_max(Path(os.path.abspath(p)))
+        for part in Path(os.path.abspath(p)).parts:
+            if len(os.fsencode(part)) > limit:
+                raise InputError(f"{what} name {part[:40]}...: {len(os.fsencode(part))} bytes, longer than a file "
+                                 f"name may be here ({limit}); choose a shorter name")
+
+
+def _name_max(p: Path) -> int:
+    q = p.parent
+    while not q.exists() and q != q.parent:
+        q = q.parent
+    try:
+        return os.pathconf(q, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
+
+
+def rename_noreplace(src: Path, dst: Path) -> None:
+    """Rename src to dst only if nothing is at dst (FileExistsError otherwise), atomically where the
+    kernel offers it (renameat2 with RENAME_NOREPLACE), so a destination that appeared during the run
+    is never replaced by accident."""
+    fn = getattr(_libc(), "renameat2", None)
+    if fn is not None:
+        at_fdcwd, noreplace = -100, 1
+        if fn(at_fdcwd, os.fsencode(str(src)), at_fdcwd, os.fsencode(str(dst)), noreplace) == 0:
+            return
+        err = ctypes.get_errno()
+        if err == errno.EEXIST:
+            raise FileExistsError(err, os.strerror(err), str(dst))
+        if err not in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+            raise OSError(err, os.strerror(err), str(dst))
+    if os.path.lexists(dst):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst))
+    os.rename(src, dst)
+
+
+def _libc():
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:  # pragma: no cover - no C library to ask
+        return None
+
+
+class Staging:
+    """`with Staging(dst, say) as st:` write the output at `st.target` (inside a fresh folder beside
+    dst, `.NAME.XXXX.partial`, carrying a marker that names dst); `st.commit(...)` renames it into
+    place; leaving the block removes the staging folder, whatever happened.
+
+    On entry it takes dst's lock (refusing, exit 2, while another run holds it) and removes the
+    staging folders earlier runs into the same dst left when they were killed: their marker proves
+    them granite's, and the lock proves their run is over."""
+
+    def __init__(self, dst: Path, say: Callable[[str], None] | None = None) -> None:
+        self.dst = Path(os.path.abspath(dst))
+        self.say = say or (lambda msg: None)
+        self.dir: Path | None = None
+        self._lock: tuple[int, Path] | None = None
+
+    @property
+    def target(self) -> Path:
+        assert self.dir is not None
+        return self.dir / self.dst.name
+
+    def __enter__(self) -> "Staging":
+        parent = self.dst.parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            self._lock = _take_lock(self.dst)
+        except OSError as e:
+            raise InputError(f"cannot write in {parent} ({e.strerror}); choose another place") from None
+        try:
+            self._remove_leftovers()
+            self.dir = Path(tempfile.mkdtemp(prefix=f".{shortened(self.dst.name)}.", suffix=".partial", dir=parent))
+            marker = {"tool": "granite", "dst": self.dst.name, "pid": os.getpid(), "host": socket.gethostname(),
+                      "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            (self.dir / PARTIAL_MARKER).write_text(json.dumps(marker) + "\n", encoding="utf-8")
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)  # a folder of our own making
+            self.dir = None
+        if self._lock is not None:
+            _drop_lock(*self._lock)
+            self._lock = None
+
+    def _remove_leftovers(self) -> None:
+        parent = self.dst.parent
+        for p in sorted(parent.iterdir()):
+            if not (p.name.startswith(".") and p.name.endswith(".partial")) or p.is_symlink() or not p.is_dir():
+                continue
+            m = p / PARTIAL_MARKER
+            try:
+                d = json.loads(m.read_text(encoding="utf-8")) if m.is_file() and not m.is_symlink() else None
+            except (OSError, ValueError, RecursionError):
+                d = None
+            if not (isinstance(d, dict) and d.get("tool") == "granite" and d.get("dst") == self.dst.name):
+                continue  # not provably a staging folder of a run into this destination
+            size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file() and not f.is_symlink())
+            shutil.rmtree(p, ignore_errors=True)
+            self.say(f"note: removed {p.name} ({size / 1e6:.1f} MB), left by a granite run into {self.dst.name} "
+                     f"that was killed (pid {d.get('pid')}, started {d.get('started')})")
+
+    def commit(self, replace: Callable[[Path], None] | None = None) -> None:
+        """Rename the finished target to dst. With `replace` (the caller's check that an existing dst
+        may still be replaced: it raises if not), an existing dst is swapped out into the staging
+        folder (removed with it); without, a dst that exists is refused (FileExistsError)."""
+        dst = self.dst
+        if replace is not None and (dst.exists() or dst.is_symlink()):
+            replace(dst)
+            old = self.dir / ".replaced"
+            os.rename(dst, old)
+            try:
+                os.rename(self.target, dst)
+            except BaseException:
+                os.rename(old, dst)
+                raise
+            return
+        rename_noreplace(self.target, dst)
+
+
+def _lock_path(dst: Path) -> Path:
+    tag = hashlib.sha256(os.fsencode(dst.name)).hexdigest()[:8]
+    return dst.parent / f".{shortened(dst.name)}.{tag}{LOCK_SUFFIX}"
+
+
+def _take_lock(dst: Path) -> tuple[int, Path]:
+    """An exclusive lock on dst for this process (released when it exits, however it exits)."""
+    path = _lock_path(dst)
+    for _ in range(20):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, file_mode())
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            who = os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
+            os.close(fd)
+            raise InputError(f"another granite run is writing {dst} ({who or 'a process'}); wait for it to finish, "
+                             "or choose another destination") from None
+        try:
+            same = os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:  # not a lock file its last holder removed after we opened it
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+            return fd, path
+        os.close(fd)
+    raise InputError(f"could not lock {dst} (its lock file keeps changing); try again")
+
+
+def _drop_lock(fd: int, path: Path) -> None:
+    try:
+        if os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
+            os.unlink(path)
+    except OSError:
+        pass
+    os.close(fd)
 
 
 def _check_parent(p: Path, what: str) -> None:
@@ -172,14 +373,20 @@ def _check_parent(p: Path, what: str) -> None:
 
 
 def checkpoint_problem(folder: Path) -> str | None:
-    """Why `folder` is not purely a checkpoint (a sub-folder, a link, a file of another kind), or None."""
-    for p in sorted(Path(folder).iterdir()):
+    """Why `folder` is not purely a checkpoint (a sub-folder, a link, a file of another kind, or no
+    config.json and no weights: tokenizer files alone are not a checkpoint), or None. An empty
+    folder holds nothing to lose."""
+    held = sorted(Path(folder).iterdir())
+    for p in held:
         if p.is_symlink():
             return f"{p.name} is a symbolic link"
         if p.is_dir():
             return f"{p.name}/ is a folder"
         if not any(fnmatch.fnmatch(p.name, g) for g in CHECKPOINT_FILES) and p.name != MANIFEST:
             return f"{p.name} is not part of a checkpoint"
+    if held and not any(p.name == "config.json" or p.name.endswith(".safetensors") or
+                        p.name == "model.safetensors.index.json" for p in held):
+        return "it has no config.json and no weights, only " + ", ".join(p.name for p in held[:3])
     return None
 
 
@@ -222,30 +429,3 @@ def check_destination(dst: Path, src: Path | None, fmt: str, force: bool) -> Non
                          "move it or choose another DST")
 
 
-def temp_file_beside(dst: Path) -> Path:
-    """A fresh, empty temporary file beside dst (its parents created)."""
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent)
-    os.close(fd)
-    return Path(name)
-
-
-def replace_checkpoint(tmp: Path, dst: Path, fmt: str) -> None:
-    """Put the finished output at dst. An existing dst is re-checked (it may have changed during the
-    run) and replaced only if it still is a checkpoint; the old one is removed after the swap."""
-    dst = Path(dst)
-    if dst.is_symlink() or dst.exists():
-        check_destination(dst, None, fmt, force=True)
-    if fmt == "gguf" or not dst.exists():
-        os.replace(tmp, dst)
-        return
-    hold = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".old", dir=dst.parent))
-    os.replace(dst, hold / dst.name)
-    try:
-        os.replace(tmp, dst)
-    except BaseException:
-        os.replace(hold / dst.name, dst)
-        hold.rmdir()
-        raise
-    shutil.rmtree(hold)  # a folder of our own making, holding only the checkpoint checked above

@@ -196,12 +196,13 @@ def test_existing_dst_needs_force_and_too_little_disk(tmp_path, monkeypatch):
     r = granite("convert", str(src), str(tmp_path / "o"))
     assert r.returncode == 2 and "--force" in r.stderr
     assert (tmp_path / "o" / "keep.txt").read_text() == "mine"
+    import granite_cli.convert.plan as plan_mod
     import granite_cli.convert.run as run_mod
 
     class Usage:
         free = 1000
 
-    monkeypatch.setattr(run_mod.shutil, "disk_usage", lambda p: Usage())
+    monkeypatch.setattr(plan_mod.shutil, "disk_usage", lambda p: Usage())
     with pytest.raises(InputError, match="too little disk"):
         convert(src, tmp_path / "x.gguf")
     assert not (tmp_path / "x.gguf").exists()
@@ -254,8 +255,8 @@ def test_interrupted_conversion_leaves_no_dst(tmp_path, sig, name):
                           "--dtype", "bf16", "--no-verify", str(dst)], stderr=subprocess.PIPE, stdout=subprocess.PIPE)
     deadline = time.time() + 120
     while time.time() < deadline and p.poll() is None:
-        partials = list(tmp_path.glob(f".{dst.name}.*.partial"))  # the temporary's name is fresh each run
-        files = [f for q in partials for f in ([q] if q.is_file() else q.glob("*.safetensors"))]
+        partials = list(tmp_path.glob(f".{dst.name}.*.partial"))  # the staging folder's name is fresh each run
+        files = [f for q in partials for f in q.rglob("*") if f.suffix in (".safetensors", ".gguf")]
         if files and sum(f.stat().st_size for f in files) > 20e6:
             break
         time.sleep(0.05)
@@ -264,10 +265,14 @@ def test_interrupted_conversion_leaves_no_dst(tmp_path, sig, name):
     p.wait(60)
     assert not dst.exists()
     if sig == signal.SIGTERM:
-        assert p.returncode == 130 and not list(tmp_path.glob(f".{dst.name}.*"))  # cleaned up
-    # a later run starts over cleanly despite a leftover partial
+        assert p.returncode == 143 and not list(tmp_path.glob(f".{dst.name}.*"))  # cleaned up, lock included
+        assert b"interrupted (SIGTERM)" in p.stderr.read()
+    else:  # a kill leaves the staging folder, which the next run into the same DST proves its own and removes
+        assert len(list(tmp_path.glob(f".{dst.name}.*.partial"))) == 1
     r = granite("convert", "--from-profile", "tiny-hybrid", str(dst), "--no-verify")
     assert r.returncode == 0 and dst.exists(), r.stderr
+    assert ("note: removed" in r.stderr) == (sig == signal.SIGKILL), r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == [dst.name]
 
 
 def test_dry_run_writes_nothing_and_reports_the_plan(tmp_path):

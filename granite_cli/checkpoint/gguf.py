@@ -28,6 +28,8 @@ ALIGN = 32
 
 # Metadata value types.
 U8, I8, U16, I16, U32, I32, F32, BOOL, STR, ARR, U64, I64, F64 = range(13)
+INTEGER_TYPES = (U8, I8, U16, I16, U32, I32, U64, I64)
+NUMBER_TYPES = (*INTEGER_TYPES, F32, F64)
 _SCALAR = {U8: "<B", I8: "<b", U16: "<H", I16: "<h", U32: "<I", I32: "<i", F32: "<f", BOOL: "<?",
            U64: "<Q", I64: "<q", F64: "<d"}
 
@@ -146,10 +148,14 @@ class GGUFStrings:
         return self._n
 
     def __iter__(self):
+        return self.decoded("replace")
+
+    def decoded(self, errors: str = "strict"):
+        """The strings in order; with errors="strict" a string that is not UTF-8 raises UnicodeDecodeError."""
         mm, pos = self._f._mm, self._start
         for _ in range(self._n):
             (k,) = struct.unpack_from("<Q", mm, pos)
-            yield bytes(mm[pos + 8 : pos + 8 + k]).decode("utf-8", errors="replace")
+            yield bytes(mm[pos + 8 : pos + 8 + k]).decode("utf-8", errors=errors)
             pos += 8 + k
 
 

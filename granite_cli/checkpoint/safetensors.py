@@ -22,6 +22,7 @@ from granite_cli.checkpoint.dtypes import BY_ST, st_code
 from granite_cli.checkpoint.stream import OrderedWriter, pread, tensor_bytes
 from granite_cli.config import read_json_config
 from granite_cli.errors import InputError
+from granite_cli.fsutil import file_mode, shortened
 
 
 def open_input(path: Path, kind: str):
@@ -163,7 +164,8 @@ class SafetensorsWriter(OrderedWriter):
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """Write tensors to `path` through a fresh temporary name, renamed only when complete."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{shortened(path.name)}.", suffix=".partial", dir=path.parent)
+    os.fchmod(fd, file_mode())  # the user's umask, not mkstemp's private 0600
     os.close(fd)
     try:
         w = SafetensorsWriter(Path(tmp), [TensorSpec(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()], metadata)
@@ -184,7 +186,8 @@ def shard_name(i: int, n: int) -> str:
 def write_index(folder: Path, weight_map: dict[str, str], total_size: int) -> None:
     """model.safetensors.index.json: which shard holds each tensor."""
     (Path(folder) / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total_size}, "weight_map": weight_map}, indent=2) + "\n")
+        json.dumps({"metadata": {"total_size": total_size}, "weight_map": weight_map}, indent=2) + "\n",
+        encoding="utf-8")
 
 
 def checkpoint_files(folder: Path) -> dict[str, Path]:

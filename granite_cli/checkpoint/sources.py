@@ -279,7 +279,7 @@ def open_source(src: str | Path) -> Source:
     p = Path(str(src))
     if p.is_dir():
         return HFSource(p)
-    if p.is_file() and p.suffix == ".gguf":
+    if p.is_file() and p.suffix.lower() == ".gguf":
         return GGUFSource(p)
     if p.is_file():
         raise InputError(f"{src}: SRC must be a Hugging Face checkpoint folder or a .gguf file")

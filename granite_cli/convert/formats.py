@@ -21,9 +21,16 @@ from granite_cli.checkpoint.dtypes import BY_TORCH, hf_name, short_name
 from granite_cli.checkpoint.safetensors import SafetensorsWriter, TensorSpec, shard_name, write_index
 from granite_cli.checkpoint.sources import TOKENIZER_FILES, GGUFSource, HFSource, Source
 from granite_cli.convert.plan import STORE, Out, Plan
-from granite_cli.convert.tokenizer import Vocab, read_vocab, synthetic_vocab, vocab_kvs, write_vocab
+from granite_cli.convert.tokenizer import (
+    Vocab,
+    check_gguf_vocab,
+    read_vocab,
+    synthetic_vocab,
+    vocab_kvs,
+    write_vocab,
+)
 from granite_cli.errors import InputError
-from granite_cli.fsutil import partial_dir, temp_file_beside
+from granite_cli.fsutil import dir_mode
 
 Progress = Callable[[int, int, str], None] | None
 
@@ -63,8 +70,8 @@ class Format:
         """Every output tensor made from canonical tensor `src_name` (value `x`)."""
         raise NotImplementedError
 
-    def temp(self, dst: Path) -> Path:
-        raise NotImplementedError
+    def make_target(self, path: Path) -> None:
+        """Ready `path` (inside the staging folder) for write(): a folder for a folder format."""
 
     def write(self, p: Plan, tmp: Path, progress: Progress) -> None:
         raise NotImplementedError
@@ -164,8 +171,8 @@ class SafetensorsFormat(Format):
         packed, shape, s = quant.quantize_int8(x)
         return {base + ".weight_packed": packed, base + ".weight_shape": shape, base + ".weight_scale": s}
 
-    def temp(self, dst: Path) -> Path:
-        return partial_dir(dst)
+    def make_target(self, path: Path) -> None:
+        path.mkdir(mode=dir_mode())
 
     def write(self, p: Plan, tmp: Path, progress: Progress) -> None:
         items = stream(p, progress)
@@ -186,7 +193,7 @@ class SafetensorsFormat(Format):
             wm.update({o.name: shard_name(i, n) for o in outs})
         if n > 1:
             write_index(tmp, wm, sum(o.nbytes for o in p.outs))
-        (tmp / "config.json").write_text(json.dumps(hf_config_out(p), indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(hf_config_out(p), indent=2) + "\n", encoding="utf-8")
         if p.source.kind == "safetensors":
             for f in TOKENIZER_FILES:
                 s = Path(p.source.path) / f
@@ -215,6 +222,7 @@ class GGUFFormat(Format):
         if source.tokenizer_dir is not None:
             return read_vocab(source.tokenizer_dir)
         if isinstance(source, GGUFSource) and (kvs := source.vocab_metadata()):
+            check_gguf_vocab(kvs, source.cfg.vocab_size, str(source.path))
             return Vocab({}, None, str(source.path), gguf=kvs)
         return None if no_vocab else synthetic_vocab(source.cfg.vocab_size, source.hf_config)
 
@@ -255,9 +263,6 @@ class GGUFFormat(Format):
             res[o.name] = G.quantize_q8_0_pieces(y) if o.store == "q8_0" else y.to(STORE[o.store])
         return res
 
-    def temp(self, dst: Path) -> Path:
-        return temp_file_beside(dst)
-
     def write(self, p: Plan, tmp: Path, progress: Progress) -> None:
         ggml = {"q8_0": G.GGML_Q8_0, **{d.short: d.ggml for d in BY_TORCH.values() if d.ggml is not None}}
         w = G.GGUFWriter(tmp, self._kvs(p), [G.TensorInfo(o.name, o.shape, ggml[o.store]) for o in p.outs])
@@ -287,5 +292,6 @@ class GGUFFormat(Format):
 
 
 def format_for(dst: Path) -> Format:
-    """The output format a destination's name asks for: a .gguf file, else a safetensors folder."""
-    return GGUFFormat() if Path(dst).suffix == ".gguf" else SafetensorsFormat()
+    """The output format a destination's name asks for: a .gguf file (in any case: m.GGUF too), else a
+    safetensors folder."""
+    return GGUFFormat() if Path(dst).suffix.lower() == ".gguf" else SafetensorsFormat()

@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 from granite_cli.checkpoint.sources import GGUFSource, HFSource, open_source
+from granite_cli.config.hf import unknown_keys
 from granite_cli.params import count_params
 
 
@@ -52,4 +53,6 @@ def inspect(path: str | Path) -> dict:
         "bytes": sum(Path(f).stat().st_size for f in files),
         "params_total": params.total, "params_active": params.active, "params_in_tensors": n_tensor_params,
         "tokenizer": vocab,
+        # config.json keys granite does not read (each also a warning when the config is loaded)
+        "config_keys_ignored": ", ".join(k for k, _ in unknown_keys(src.hf_config)) or "none",
     }

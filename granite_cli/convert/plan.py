@@ -19,7 +19,7 @@ from granite_cli.checkpoint.dtypes import BY_SHORT, parse_dtype
 from granite_cli.checkpoint.sources import Source
 from granite_cli.convert.tokenizer import SYNTHETIC_NOTE
 from granite_cli.errors import InputError
-from granite_cli.fsutil import check_destination
+from granite_cli.fsutil import check_destination, check_output_paths
 from granite_cli.render import parse_bytes
 
 if TYPE_CHECKING:
@@ -58,6 +58,7 @@ class Plan:
     quant: str | None = None
     bytes_out: int = 0
     vocab: "Vocab | None" = None   # written beyond the source's tokenizer files (GGUF metadata, or a synthetic one)
+    force: bool = False            # an existing DST may be replaced (if it still is a checkpoint at the end)
 
     @property
     def by_src(self) -> dict[str, list[Out]]:
@@ -112,6 +113,7 @@ def plan(source: Source, dst: str | Path, *, dtype: str | None = None, quant_met
     from granite_cli.convert.formats import format_for
 
     dst = Path(os.path.abspath(dst))  # "." and ".." get a name, and a parent to write the temporary beside
+    check_output_paths(dst, what="DST")
     fmt = format_for(dst)
     check_destination(dst, None if source.kind == "profile" else Path(source.path), fmt.kind, force)
     qm = fmt.quant_method(quant_method)
@@ -123,7 +125,7 @@ def plan(source: Source, dst: str | Path, *, dtype: str | None = None, quant_met
     vocab = fmt.vocab(source, no_vocab)
     if vocab is not None and vocab.synthetic:
         notes.append(SYNTHETIC_NOTE)
-    p = Plan(source, dst, fmt, outs, hf_dtype, method, notes=notes, quant=qm, vocab=vocab)
+    p = Plan(source, dst, fmt, outs, hf_dtype, method, notes=notes, quant=qm, vocab=vocab, force=force)
     p.shards = _shards(outs, int(parse_bytes(shard_size))) if fmt.sharded else []
     p.bytes_out = fmt.bytes_out(p)
     if check_disk and (short := disk_shortfall(p)):

@@ -12,6 +12,7 @@ still writes `tokenizer.ggml.model = "none"` (loadable, not servable).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,9 @@ from granite_cli.checkpoint import gguf as G
 from granite_cli.errors import InputError
 
 NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
+# llama.cpp's token types run from UNDEFINED (0) to BYTE (6); its tokenizer models by name.
+TOKEN_TYPES = range(0, 7)
+GGUF_TOKENIZERS = ("llama", "gpt2", "bert", "t5", "rwkv", "plamo2", "none", "no_vocab")
 _LLAMA3_SPLIT = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
                  "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+")
 
@@ -61,14 +65,16 @@ def read_vocab(tokenizer_dir: Path) -> Vocab:
     path = tokenizer_dir / "tokenizer.json"
     try:
         tj = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        if not isinstance(tj, dict):
+            raise ValueError("not an object")
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError):
         raise InputError(f"{path}: not a readable tokenizer.json; fix or remove it (without one the GGUF gets a "
                          "synthetic vocabulary)") from None
     tc = None
     if (tokenizer_dir / "tokenizer_config.json").is_file():
         try:
             tc = json.loads((tokenizer_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        except (OSError, ValueError, UnicodeDecodeError, RecursionError):
             tc = None
     return Vocab(tj, tc if isinstance(tc, dict) else None, str(path))
 
@@ -160,6 +166,96 @@ def write_vocab(v: Vocab, folder: Path) -> None:
         (folder / "tokenizer_config.json").write_text(json.dumps(v.config, indent=2) + "\n", encoding="utf-8")
 
 
+def check_gguf_vocab(kvs: list[G.KV], n_vocab: int, where: str) -> None:
+    """Refuse (InputError) a GGUF vocabulary whose parts disagree with each other or with the model,
+    before it is carried into a new file that llama.cpp would reject or misread: the token list
+    (UTF-8, unique, one per embedding row), its types, its scores, its merges (two known tokens each,
+    split at the first space after the first character, as llama.cpp splits them) and the special
+    token ids."""
+    kv = {k.key: k for k in kvs}
+    try:
+        model = kv.get("tokenizer.ggml.model")
+        if model is None or model.vtype != G.STR or model.value not in GGUF_TOKENIZERS:
+            raise ValueError(f"tokenizer.ggml.model is {getattr(model, 'value', None)!r:.40}, not a tokenizer "
+                             "llama.cpp knows")
+        if model.value in ("none", "no_vocab"):
+            return
+        tokens = _gguf_tokens(kv.get("tokenizer.ggml.tokens"), n_vocab)
+        _check_per_token(kv, len(tokens))
+        _check_merges(kv.get("tokenizer.ggml.merges"), set(tokens))
+        for k in kvs:
+            if k.key.startswith("tokenizer.ggml.") and k.key.endswith("_token_id") and (
+                    k.vtype not in G.INTEGER_TYPES or not 0 <= k.value < n_vocab):
+                raise ValueError(f"{k.key} = {k.value!r:.20} is not a token id below {n_vocab}")
+    except ValueError as e:
+        raise InputError(f"{where}: its vocabulary is corrupt ({e}); it is not carried into the output: fix the "
+                         "file, or convert from the Hugging Face folder") from None
+
+
+def _gguf_tokens(toks: G.KV | None, n_vocab: int) -> list[str]:
+    if toks is None or toks.vtype != G.ARR or toks.atype != G.STR:
+        raise ValueError("tokenizer.ggml.tokens is missing or not a list of strings")
+    try:
+        tokens = list(toks.value.decoded("strict") if isinstance(toks.value, G.GGUFStrings) else toks.value)
+    except UnicodeDecodeError:
+        raise ValueError("a token is not UTF-8 text") from None
+    if len(tokens) != n_vocab:
+        raise ValueError(f"{len(tokens)} tokens for a model with {n_vocab} embedding rows")
+    seen: set[str] = set()
+    for t in tokens:
+        if t in seen:
+            raise ValueError(f"the token {t[:30]!r} is listed twice")
+        seen.add(t)
+    return tokens
+
+
+def _check_per_token(kv: dict[str, G.KV], n: int) -> None:
+    for key, what, ok in (("tokenizer.ggml.token_type", "type", lambda x: int(x) in TOKEN_TYPES),
+                          ("tokenizer.ggml.scores", "score", lambda x: math.isfinite(float(x)))):
+        k = kv.get(key)
+        if k is None:
+            continue
+        if k.vtype != G.ARR or k.atype not in G.NUMBER_TYPES or len(k.value) != n:
+            raise ValueError(f"{key} holds {len(k.value) if k.vtype == G.ARR else 'no list of'} numbers for {n} "
+                             "tokens")
+        if not all(ok(x) for x in k.value):
+            raise ValueError(f"a token's {what} in {key} is out of range")
+
+
+def _check_merges(merges: G.KV | None, known: set[str]) -> None:
+    if merges is None:
+        return
+    if merges.vtype != G.ARR or merges.atype != G.STR:
+        raise ValueError("tokenizer.ggml.merges is not a list of strings")
+    for m in merges.value:
+        pos = m.find(" ", 1)
+        if pos < 0 or m[:pos] not in known or m[pos + 1:] not in known:
+            raise ValueError(f"the merge {m[:40]!r} is not two tokens of the list")
+
+
+def _bpe_lists(tj: dict, model: dict, vocab_size: int, path: str) -> tuple[list[str], list[int], list[str]]:
+    """The token list (by id), token types and merges of a byte-level BPE tokenizer.json."""
+    tokens: list[str | None] = [None] * vocab_size
+    types = [UNUSED] * vocab_size
+
+    def place(tok, i, kind: int, what: str) -> None:
+        if not isinstance(tok, str) or isinstance(i, bool) or not isinstance(i, int) or i < 0:
+            raise ValueError(f"{what} {str(tok)[:30]!r}: {str(i)[:20]} is not a token id")
+        if i >= vocab_size:
+            raise InputError(f"{path}: {what} id {i} is outside the model's vocabulary ({vocab_size}); wrong "
+                             "tokenizer?")
+        tokens[i], types[i] = tok, kind
+
+    for tok, i in (model.get("vocab") or {}).items():
+        place(tok, i, NORMAL, "token")
+    for a in tj.get("added_tokens") or []:
+        place(a["content"], a["id"], CONTROL if a.get("special") else USER_DEFINED, "added token")
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+    if not all(isinstance(m, str) for m in merges):
+        raise ValueError("a merge is not text")
+    return [t if t is not None else f"[PAD{i}]" for i, t in enumerate(tokens)], types, merges
+
+
 def vocab_kvs(v: Vocab | None, vocab_size: int, hf_config: dict) -> tuple[list[G.KV], list[str]]:
     """(metadata, notes) for the GGUF's vocabulary; None declares none (not servable by llama.cpp)."""
     if v is None:
@@ -169,23 +265,16 @@ def vocab_kvs(v: Vocab | None, vocab_size: int, hf_config: dict) -> tuple[list[G
         return v.gguf, []
     tj, path = v.tokenizer, v.origin
     model = tj.get("model") or {}
-    if model.get("type") != "BPE":
+    if not isinstance(model, dict) or model.get("type") != "BPE":
+        kind = model.get("type") if isinstance(model, dict) else type(model).__name__
         return ([G.KV("tokenizer.ggml.model", G.STR, "none")],
-                [f"tokenizer type {model.get('type')!r} is not carried (only byte-level BPE); the GGUF declares no "
+                [f"tokenizer type {str(kind)[:40]!r} is not carried (only byte-level BPE); the GGUF declares no "
                  "vocabulary"])
-    tokens: list[str | None] = [None] * vocab_size
-    types = [UNUSED] * vocab_size
-    for tok, i in (model.get("vocab") or {}).items():
-        if i >= vocab_size:
-            raise InputError(f"{path}: token id {i} is outside the model's vocabulary ({vocab_size}); wrong tokenizer?")
-        tokens[i], types[i] = tok, NORMAL
-    for a in tj.get("added_tokens") or []:
-        i = a["id"]
-        if i >= vocab_size:
-            raise InputError(f"{path}: added token id {i} is outside the model's vocabulary ({vocab_size})")
-        tokens[i], types[i] = a["content"], CONTROL if a.get("special") else USER_DEFINED
-    tokens = [t if t is not None else f"[PAD{i}]" for i, t in enumerate(tokens)]
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+    try:
+        tokens, types, merges = _bpe_lists(tj, model, vocab_size, path)
+    except (TypeError, KeyError, AttributeError, ValueError) as e:
+        raise InputError(f"{path}: not a tokenizer.json granite can read ({type(e).__name__}: {str(e)[:80]}); fix it, "
+                         "or remove it for a synthetic vocabulary") from None
     pre, note = _pre_name(tj.get("pre_tokenizer"))
     kv = [G.KV("tokenizer.ggml.model", G.STR, "gpt2"), G.KV("tokenizer.ggml.pre", G.STR, pre),
           G.KV("tokenizer.ggml.tokens", G.ARR, tokens, G.STR), G.KV("tokenizer.ggml.token_type", G.ARR, types, G.I32),

@@ -328,6 +328,6 @@ def write_report_dir(out_dir: Path, report: dict) -> Path:
                  to_markdown(fmt, cols + extra)]
         for p in plots:
             lines += [f"![{p}]({p}.png)", ""]
-        (tmp / "report.md").write_text("\n".join(lines) + "\n")
-        (tmp / "report.json").write_text(json.dumps(json_safe(report), indent=1) + "\n")
+        (tmp / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        (tmp / "report.json").write_text(json.dumps(json_safe(report), indent=1) + "\n", encoding="utf-8")
     return out_dir

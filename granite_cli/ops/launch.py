@@ -70,7 +70,7 @@ def _device_name(index: int | None) -> str:  # called on every launch, so asked 
 def tile_table() -> dict:
     global _TILES
     if _TILES is None:
-        _TILES = json.loads(TABLE.read_text()) if TABLE.is_file() else {}
+        _TILES = json.loads(TABLE.read_text(encoding="utf-8")) if TABLE.is_file() else {}
     return _TILES
 
 
