@@ -23,3 +23,8 @@ class CheckFailed(GraniteError):
     """The work ran, but a check, budget or regression gate did not pass."""
 
     exit_code = 3
+
+
+class GraniteWarning(UserWarning):
+    """Something the user should know that does not stop the work (a config key granite does not
+    read); the CLI prints it as one `warning:` line on stderr."""

@@ -29,12 +29,30 @@ WITH_WEIGHTS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
 
 
 def parse_id(spec: str) -> tuple[str, str | None] | None:
-    """(repo id, revision or None) when `spec` names a Hub repository and no local path, else None."""
+    """(repo id, revision or None) when `spec` names a Hub repository and no local path, else None.
+    A revision that is not a valid git ref name (`..`, an absolute or empty part, control characters,
+    ...) is refused (InputError): it would name a folder outside the Hub's cache."""
     s = str(spec)
     m = _ID.match(s)
-    if not m or "--" in m["repo"] or ".." in m["repo"] or s.endswith(_FILE_SUFFIXES) or Path(s).exists():
+    if not m or "--" in m["repo"] or ".." in m["repo"] or s.lower().endswith(_FILE_SUFFIXES) or Path(s).exists():
         return None
+    if m["rev"] is not None and (why := _bad_revision(m["rev"])):
+        raise InputError(f"{s[:120]!r}: the revision {why}; give a branch, tag or commit of the repository")
     return m["repo"], m["rev"]
+
+
+def _bad_revision(rev: str) -> str | None:
+    """Why `rev` is not a ref name git (and so the Hub) accepts, or None: the rules of
+    `git check-ref-format`, which also keep it from naming a path outside the cache."""
+    if any(ord(c) < 32 or ord(c) == 127 or c in " ~^:?*[\\" for c in rev):
+        return "holds a character a git ref may not (space, control, ~ ^ : ? * [ or backslash)"
+    if rev.startswith("/") or rev.endswith("/") or "//" in rev:
+        return "has an empty or absolute part"
+    if ".." in rev or "@{" in rev or rev.endswith(".") or rev == "@":
+        return "holds '..', '@{' or ends with '.'"
+    if any(part.startswith(".") or part.endswith(".lock") for part in rev.split("/")):
+        return "has a part starting with '.' or ending with '.lock'"
+    return None
 
 
 def model_name(spec: str) -> str:
@@ -85,4 +103,8 @@ def snapshot(spec: str, weights: bool) -> Path:
         raise InputError(f"{spec}: not a valid Hub id ({str(e).splitlines()[0]})") from None
     except E.HfHubHTTPError as e:
         raise GraniteError(f"{spec}: the Hugging Face Hub answered {str(e).splitlines()[0]}") from None
+    snap = Path(path).resolve()
+    cache = Path(constants.HF_HUB_CACHE).resolve()
+    if cache not in snap.parents:  # whatever the revision said, nothing outside the cache is read
+        raise InputError(f"{spec}: resolves to {snap}, outside the Hugging Face cache {cache}; check the revision")
     return Path(path)

@@ -10,7 +10,7 @@ import json
 import pytest
 
 from granite_cli.config import from_hf_dict, load_config, profile_names
-from granite_cli.errors import InputError
+from granite_cli.errors import GraniteWarning, InputError
 from tests.conftest import HF_CLASSES, tiny
 
 ALL = [
@@ -87,10 +87,11 @@ def test_bad_profiles_are_one_line_input_errors(tmp_path, case):
         load_config(p)
 
 
-def test_hf_config_rejects_unknown_keys_and_architectures():
+def test_hf_config_warns_of_unknown_keys_and_rejects_unknown_architectures():
     d = tiny("llama").to_hf_dict()
-    with pytest.raises(InputError, match="unknown key 'rope_thetaa'"):
-        from_hf_dict({**d, "rope_thetaa": 1.0})
+    with pytest.warns(GraniteWarning, match="'rope_thetaa' is not one granite reads.*did you mean 'rope_theta'"):
+        cfg = from_hf_dict({**d, "rope_thetaa": 1.0})
+    assert cfg.rope_theta == tiny("llama").rope_theta  # ignored, as transformers ignores it
     with pytest.raises(InputError, match="unsupported model_type 'mamba2'"):
         from_hf_dict({**d, "model_type": "mamba2"})
 

@@ -34,8 +34,9 @@ class Routing(str, enum.Enum):
 COMMON_KEYS = frozenset({
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
     "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "rope_theta", "rope_scaling",
-    "rope_parameters", "attention_bias",
+    "rope_parameters", "attention_bias", "layer_types",
 })
+SLIDING = "sliding_attention"
 # Defaults every family's transformers class shares (a family's own hf_defaults add to or override these).
 COMMON_DEFAULTS: dict[str, Any] = dict(
     vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -60,8 +61,23 @@ class Arch:
 
     def parse(self, d: dict[str, Any], g: dict[str, Any], source: str) -> dict[str, Any]:
         """The ModelConfig fields of this family beyond the common ones, from config.json `d` and
-        `g` (d over the class defaults). Layer types included."""
-        return {"layer_types": ("attention",) * g["num_hidden_layers"], "position_embedding_type": "rope"}
+        `g` (d over the class defaults). Layer types included: attention on every layer (transformers 5
+        writes them out, full or sliding; sliding_layers() says where a window applies)."""
+        n = g["num_hidden_layers"]
+        raw = d.get("layer_types")
+        if raw is not None:
+            if not isinstance(raw, list) or len(raw) != n:
+                raise InputError(f"{source}: layer_types must list one type per layer ({n})")
+            bad = next((t for t in raw if t not in ("full_attention", "attention", SLIDING)), None)
+            if bad is not None:
+                raise InputError(f"{source}: layer type {str(bad)[:40]!r} is not one architecture {self.name} has "
+                                 "(full_attention or sliding_attention)")
+        return {"layer_types": ("attention",) * n, "position_embedding_type": "rope"}
+
+    def sliding_layers(self, d: dict[str, Any], g: dict[str, Any]) -> list[int]:
+        """The layers transformers limits to a `sliding_window` of keys for config.json `d` (none for
+        most families)."""
+        return []
 
     def export(self, cfg: "ModelConfig") -> dict[str, Any]:
         """The config.json keys of this family beyond the common ones."""

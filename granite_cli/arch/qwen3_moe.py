@@ -34,6 +34,12 @@ class Qwen3Moe(Arch):
                 "num_local_experts": cfg.num_local_experts, "num_experts_per_tok": cfg.num_experts_per_tok,
                 "norm_topk_prob": cfg.norm_topk_prob, "decoder_sparse_step": 1, "mlp_only_layers": []}
 
+    def sliding_layers(self, d: dict[str, Any], g: dict[str, Any]) -> list[int]:
+        """transformers' Qwen3-MoE windows every layer when use_sliding_window is on with a window."""
+        if d.get("use_sliding_window") is True and d.get("sliding_window") is not None:
+            return list(range(g["num_hidden_layers"]))
+        return []
+
     def expert_width(self, cfg) -> int:
         return cfg.moe_intermediate_size if cfg.num_local_experts else 0
 

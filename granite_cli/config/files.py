@@ -19,6 +19,7 @@ from granite_cli.arch.base import layer_types, layers_from_indices, time_step_li
 from granite_cli.config.hf import from_hf_dict
 from granite_cli.config.model import ModelConfig, check_layer_count, check_types, check_value_types, invalid, validate
 from granite_cli.errors import InputError
+from granite_cli.fsutil import file_mode
 
 _PROFILE_KEYS = {f.name for f in dataclasses.fields(ModelConfig)}
 _PROFILE_KEYS -= {"name", "layer_types", "rope_scaling", "time_step_limit"}
@@ -87,6 +88,8 @@ def load_profile_file(path: Path, name: str | None = None) -> ModelConfig:
         d = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise InputError(f"{path}: not valid TOML ({e})") from None
+    except RecursionError:
+        raise InputError(f"{path}: TOML nested too deeply to be a profile") from None
     return from_profile_dict(d, name or Path(path).stem, str(path))
 
 
@@ -108,7 +111,7 @@ def load_config(spec: str | Path | ModelConfig) -> ModelConfig:
         return _load_json(p, p.parent.name or p.stem)
     res = profiles_dir() / f"{s}.toml"
     if "/" not in s and res.is_file():
-        d = tomllib.loads(res.read_text())
+        d = tomllib.loads(res.read_text(encoding="utf-8"))
         return from_profile_dict(d, s, f"profiles/{s}.toml")
     if hub.parse_id(s):
         return _load_json(hub.snapshot(s, weights=False) / "config.json", hub.model_name(s))
@@ -166,7 +169,8 @@ def export_hf_config(cfg: ModelConfig, out_dir: Path, overwrite: bool = True) ->
         raise InputError(f"{out_dir}: a parent is a file, not a folder; choose a path inside a folder") from None
     fd, tmp = tempfile.mkstemp(prefix=".config.json.", suffix=".partial", dir=out_dir)
     try:
-        with os.fdopen(fd, "w") as f:
+        os.fchmod(fd, file_mode())  # the user's umask, not mkstemp's private 0600
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(json.dumps(cfg.to_hf_dict(), indent=2, sort_keys=True) + "\n")
         os.replace(tmp, dst)
     except BaseException:

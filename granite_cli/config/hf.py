@@ -1,22 +1,27 @@
 """Hugging Face `config.json` <-> ModelConfig.
 
 A config.json is read by its `model_type` (the architecture family, granite_cli.arch): keys are the
-common ones or the family's own (an unknown key is an error: a misspelt key must not pass silently),
-each of its JSON type; a missing key takes the family's transformers class default, as transformers
-would. Export writes a `config.json` that the family's transformers config class loads, with layer
-types in the legacy `mamba`/`attention` vocabulary, the one IBM publishes and llama.cpp's converter
+common ones or the family's own, each of its JSON type; a missing key takes the family's transformers
+class default, as transformers would. A key granite does not know is a warning (naming it, with the
+known key it is closest to), never an error: transformers accepts such keys and real checkpoints
+carry them (fine-tuning tools add their own). A known key whose value the core cannot honour (a
+sliding attention window, another activation, MLP biases) is an error: it would give wrong logits.
+Export writes a `config.json` that the family's transformers config class loads, with layer types in
+the legacy `mamba`/`attention` vocabulary, the one IBM publishes and llama.cpp's converter
 reads (transformers 5 maps it on load).
 """
 
 from __future__ import annotations
 
+import difflib
 import json
+import warnings
 from typing import Any
 
 from granite_cli.arch import ARCHITECTURES, ARCHS, get_arch
 from granite_cli.arch.base import COMMON_KEYS
 from granite_cli.config.model import MAX_DIM, ModelConfig, check_layer_count, check_types, invalid, validate
-from granite_cli.errors import InputError
+from granite_cli.errors import GraniteWarning, InputError
 
 # Keys transformers writes that do not change the forward pass (bookkeeping, token ids, training).
 _HF_IGNORED = {
@@ -31,7 +36,16 @@ _HF_IGNORED = {
     "pruned_heads", "finetuning_task", "prefix", "sep_token_id", "decoder_start_token_id",
     "cross_attention_hidden_size",
     "add_cross_attention", "tie_encoder_decoder", "is_decoder",
+    # bookkeeping and generation defaults that PretrainedConfig writes or older configs carry
+    "_attn_implementation_autoset", "attn_implementation", "use_return_dict", "output_scores", "max_length",
+    "min_length", "do_sample", "early_stopping", "num_beams", "num_beam_groups", "diversity_penalty", "temperature",
+    "top_k", "top_p", "typical_p", "repetition_penalty", "length_penalty", "no_repeat_ngram_size",
+    "encoder_no_repeat_ngram_size", "bad_words_ids", "num_return_sequences", "return_dict_in_generate",
+    "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values", "exponential_decay_length_penalty",
+    "suppress_tokens", "begin_suppress_tokens", "keys_to_ignore_at_inference", "cache_implementation",
 }
+# Keys whose values change the forward pass in a way the core does not implement: the values it does.
+_HF_HONOURED = {"hidden_act": ("silu",), "mlp_bias": (False, None), "normalization_function": ("rmsnorm", None)}
 
 # The JSON type of each key the parser reads. null means "not given" (the transformers default) only
 # for the keys in _HF_NULLABLE; anywhere else it is an error, as it would be in transformers' forward.
@@ -40,17 +54,18 @@ _HF_TYPES: dict[str, str] = {
                      "num_key_value_heads", "head_dim", "max_position_embeddings", "shared_intermediate_size",
                      "num_local_experts", "num_experts_per_tok", "mamba_n_heads", "mamba_n_groups", "mamba_d_state",
                      "mamba_d_conv", "mamba_expand", "mamba_chunk_size", "moe_intermediate_size", "num_experts",
-                     "decoder_sparse_step"), "integer"),
+                     "decoder_sparse_step", "sliding_window", "max_window_layers"), "integer"),
     **dict.fromkeys(("rms_norm_eps", "rope_theta", "embedding_multiplier", "attention_multiplier",
                      "residual_multiplier", "logits_scaling"), "number"),
     **dict.fromkeys(("tie_word_embeddings", "attention_bias", "mamba_conv_bias", "mamba_proj_bias",
-                     "norm_topk_prob"), "true or false"),
+                     "norm_topk_prob", "use_sliding_window"), "true or false"),
     **dict.fromkeys(("position_embedding_type", "torch_dtype", "dtype"), "string"),
     **dict.fromkeys(("rope_scaling", "rope_parameters"), "object"),
     **dict.fromkeys(("layer_types", "layers_block_type", "attn_layer_indices", "mlp_only_layers", "time_step_limit"),
                     "list"),
 }
 _HF_NULLABLE = {"num_key_value_heads", "head_dim", "position_embedding_type", "torch_dtype", "dtype", "rope_scaling",
+                "sliding_window",
                 "rope_parameters", "layer_types", "layers_block_type", "attn_layer_indices", "mlp_only_layers",
                 "time_step_limit", "mamba_d_head"}
 
@@ -110,23 +125,50 @@ def _rope_from_hf(d: dict[str, Any], default_theta: float) -> tuple[float, tuple
     return float(theta), scaling
 
 
+def unknown_keys(d: dict[str, Any]) -> list[tuple[str, str | None]]:
+    """The keys of config dict `d` granite does not read, each with the known key it is closest to (a
+    likely misspelling) or None."""
+    arch = ARCHS.get(d.get("model_type")) if isinstance(d.get("model_type"), str) else None
+    if arch is None:
+        return []
+    known = COMMON_KEYS | arch.hf_keys | _HF_IGNORED
+    return [(k, next(iter(difflib.get_close_matches(k, sorted(known), n=1, cutoff=0.8)), None))
+            for k in sorted(d) if k not in known]
+
+
+def _warn_unknown(d: dict[str, Any], source: str) -> None:
+    for k, near in unknown_keys(d):
+        hint = f"; did you mean {near!r}?" if near else " (transformers ignores it too)"
+        warnings.warn(f"{source}: key {k!r} is not one granite reads for model_type {d['model_type']}, so it is "
+                      f"ignored{hint}", GraniteWarning, stacklevel=3)
+
+
+def _check_honoured(d: dict[str, Any], source: str) -> None:
+    for k, ok in _HF_HONOURED.items():
+        if k in d and d[k] not in ok:
+            raise invalid(source, f"{k} = {json.dumps(d[k])[:40]} is not supported (granite's core implements "
+                                  f"{k} = {json.dumps(ok[0])} only); its logits would be wrong")
+
+
 def from_hf_dict(d: dict[str, Any], name: str = "", source: str = "config.json") -> ModelConfig:
-    """Parse a Hugging Face config dict. Unknown keys are errors (a misspelt key must not pass silently),
-    and so are values of the wrong JSON type."""
+    """Parse a Hugging Face config dict. Unknown keys are warnings (GraniteWarning, naming the closest
+    known key); values of the wrong JSON type, and values the core cannot honour, are errors."""
     if not isinstance(d, dict):
         raise invalid(source, "expected a JSON object")
     mt = d.get("model_type")
     if not isinstance(mt, str) or mt not in ARCHS:
         raise invalid(source, f"unsupported model_type {mt!r}; supported: {', '.join(ARCHITECTURES)}")
     arch = ARCHS[mt]
-    known = COMMON_KEYS | arch.hf_keys | _HF_IGNORED
-    unknown = sorted(k for k in d if k not in known)
-    if unknown:
-        more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
-        raise invalid(source, f"unknown key {unknown[0]!r}{more} for model_type {mt}; remove it or check its spelling")
+    _warn_unknown(d, source)
     _check_hf_types(d, source)
+    _check_honoured(d, source)
     defaults = arch.defaults()
     g = {**defaults, **{k: v for k, v in d.items() if v is not None or k not in defaults}}
+    slid = arch.sliding_layers(d, g)
+    if slid and d["sliding_window"] < g["max_position_embeddings"]:
+        raise invalid(source, f"use_sliding_window with a {d['sliding_window']}-token window on {len(slid)} "
+                              f"layer(s) (from layer {slid[0]}) is not supported: granite's core attends to the whole "
+                              "context on every layer, so its logits would be wrong beyond the window")
     heads = g["num_attention_heads"]
     try:
         theta, scaling = _rope_from_hf(d, g.get("rope_theta", 10000.0))
