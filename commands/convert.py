@@ -3,17 +3,12 @@ CLI layer only: parsing, progress and printing; the work is granite_cli.convert.
 
 from __future__ import annotations
 
-import signal
 import sys
 from typing import Annotated, Optional
 
 import typer
 
 from granite_cli.commands.common import Format, FormatOpt, emit_rows, say
-
-
-def _on_term(signum, frame):  # SIGTERM behaves like Ctrl-C: the temporary output is removed
-    raise KeyboardInterrupt
 
 
 def convert(
@@ -81,7 +76,6 @@ def convert(
         if fmt is Format.json:  # the per-tensor plan too (a table would be one row per tensor)
             s["tensor_plan"] = p.tensor_plan()
         return _emit(s, fmt, human_bytes)
-    signal.signal(signal.SIGTERM, _on_term)
     rep = run.execute(p, verify_output=verify, progress=_progress(source), status=say)
     for n in p.notes:
         say(f"note: {n}")
