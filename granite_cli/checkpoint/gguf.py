@@ -33,21 +33,30 @@ NUMBER_TYPES = (*INTEGER_TYPES, F32, F64)
 _SCALAR = {U8: "<B", I8: "<b", U16: "<H", I16: "<h", U32: "<I", I32: "<i", F32: "<f", BOOL: "<?",
            U64: "<Q", I64: "<q", F64: "<d"}
 
-# ggml tensor types this project reads and writes: (name, block elements, block bytes).
-GGML_TYPES = {GGML_F32: ("F32", 1, 4), GGML_F16: ("F16", 1, 2), GGML_Q8_0: ("Q8_0", 32, 34), GGML_BF16: ("BF16", 1, 2)}
-# Names of other common types, for error messages only.
-_OTHER = {2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K"}
+# Every ggml tensor type by id: (name, elements per block, bytes per block), as ggml lays them out.
+GGML_LAYOUT = {
+    0: ("F32", 1, 4), 1: ("F16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20), 6: ("Q5_0", 32, 22),
+    7: ("Q5_1", 32, 24), 8: ("Q8_0", 32, 34), 9: ("Q8_1", 32, 40), 10: ("Q2_K", 256, 84), 11: ("Q3_K", 256, 110),
+    12: ("Q4_K", 256, 144), 13: ("Q5_K", 256, 176), 14: ("Q6_K", 256, 210), 15: ("Q8_K", 256, 292),
+    16: ("IQ2_XXS", 256, 66), 17: ("IQ2_XS", 256, 74), 18: ("IQ3_XXS", 256, 98), 19: ("IQ1_S", 256, 50),
+    20: ("IQ4_NL", 32, 18), 21: ("IQ3_S", 256, 110), 22: ("IQ2_S", 256, 82), 23: ("IQ4_XS", 256, 136),
+    24: ("I8", 1, 1), 25: ("I16", 1, 2), 26: ("I32", 1, 4), 27: ("I64", 1, 8), 28: ("F64", 1, 8),
+    29: ("IQ1_M", 256, 56), 30: ("BF16", 1, 2), 34: ("TQ1_0", 256, 54), 35: ("TQ2_0", 256, 66),
+    39: ("MXFP4", 32, 17),
+}
+# The types this project reads and writes.
+GGML_TYPES = {t: GGML_LAYOUT[t] for t in (GGML_F32, GGML_F16, GGML_Q8_0, GGML_BF16)}
 
 
 def type_name(t: int) -> str:
-    return GGML_TYPES[t][0] if t in GGML_TYPES else _OTHER.get(t, f"type {t}")
+    return GGML_LAYOUT[t][0] if t in GGML_LAYOUT else f"type {t}"
 
 
 def tensor_nbytes(shape: tuple[int, ...], t: int) -> int:
     n = 1
     for s in shape:
         n *= s
-    _, blk, nb = GGML_TYPES[t]
+    _, blk, nb = GGML_LAYOUT[t]
     return n // blk * nb
 
 
@@ -162,10 +171,12 @@ class GGUFStrings:
 class GGUFFile:
     """A mapped GGUF file: `.kv` (key → value), `.tensors` (name → TensorInfo), `.raw(name)`."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, layout_only: bool = False) -> None:
+        """layout_only: accept tensors of any ggml type (to size them); their data cannot be read."""
         from granite_cli.checkpoint.safetensors import open_input
 
         self.path = Path(path)
+        self._known = GGML_LAYOUT if layout_only else GGML_TYPES
         size, fh = open_input(self.path, "GGUF")
         with fh:
             self._mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
@@ -270,7 +281,7 @@ class GGUFFile:
             raise self._corrupt(f"tensor {name!r:.60} has {nd} dimensions; GGUF allows {MAX_DIMS}")
         dims = self._take(f"<{nd}Q")
         gt, off = self._take("<IQ")
-        if gt not in GGML_TYPES:
+        if gt not in self._known:
             raise InputError(
                 f"{self.path}: tensor {name} is {type_name(gt)}, which granite cannot read (F32, F16, BF16, Q8_0); "
                 "convert from the original safetensors checkpoint instead"
@@ -285,7 +296,7 @@ class GGUFFile:
         numel = 1
         for d in shape:
             numel *= d
-        blk = GGML_TYPES[ti.gtype][1]
+        blk = GGML_LAYOUT[ti.gtype][1]
         if numel > self.size * blk or (shape and shape[-1] % blk):
             raise self._corrupt(f"tensor {name!r:.60} has impossible dimensions {list(shape)} for "
                                 f"{type_name(ti.gtype)}")
