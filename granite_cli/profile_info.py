@@ -8,12 +8,19 @@ from granite_cli.config import load_config, profile_names
 from granite_cli.params import count_params
 
 
+def kind(cfg) -> str:
+    """hybrid (Mamba-2 and attention), moe (a Transformer with routed experts) or dense; a hybrid with
+    routed experts is "hybrid moe"."""
+    moe = " moe" if cfg.num_local_experts else ""
+    return "hybrid" + moe if cfg.is_hybrid else ("moe" if moe else "dense")
+
+
 def profile_row(spec: str) -> dict:
     cfg = load_config(spec)
     p = count_params(cfg)
     return {
         "name": cfg.name,
-        "kind": "hybrid" if cfg.is_hybrid else "dense",
+        "kind": kind(cfg),
         "architecture": cfg.architecture,
         "layers": cfg.num_hidden_layers,
         "attention_layers": len(cfg.attention_layers),

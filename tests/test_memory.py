@@ -15,7 +15,7 @@ import torch
 
 from granite_cli.config import load_config
 from granite_cli.errors import InputError
-from granite_cli.memory.claims import all_claims, max_batch, max_context
+from granite_cli.memory.claims import all_claims
 from granite_cli.memory.predict import kv_bytes, kv_state_crossover, predict, state_bytes, weight_bytes
 from granite_cli.memory.trace import LiveTensorBytes, measured_cpu, traced
 from granite_cli.model.loading import build_empty
@@ -102,15 +102,22 @@ def test_live_tensor_tracker_counts_allocations_not_views():
     del a, v, c
 
 
-def test_capacity_is_consistent_with_predictions():
-    cfg = load_config("granite-4.0-h-tiny")
-    mem = 80e9
-    b = max_batch(cfg, mem, 131072)
-    assert predict(cfg, 131072, b).total_bytes <= mem < predict(cfg, 131072, b + 1).total_bytes
-    c = max_context(cfg, mem, 8)
-    assert predict(cfg, c, 8).total_bytes <= mem * 1.0001
-    dense = load_config("qwen3-8b")
-    assert max_batch(dense, mem, 131072) < b  # the hybrid fits more long sessions
+def test_granite_capacity_charges_one_prefill_working_set_per_gpu():
+    from granite_cli.memory.capacity import Deployment, Sized, max_context, sessions
+    from granite_cli.memory.gpus import GPU
+
+    gpu = GPU("x", "x", 80 * 2**30)
+    m, d = Sized.of("granite-4.0-h-tiny"), Deployment("none", gpu, state="fp32")
+    n = sessions(m, d, 131072)["sessions"]
+    one = predict(m.cfg, 131072, 1, state="fp32")
+    per = one.kv_bytes + one.state_bytes
+    assert one.weights_bytes + one.activation_bytes + n * per <= gpu.total_bytes
+    assert one.weights_bytes + one.activation_bytes + (n + 1) * per > gpu.total_bytes
+    c = max_context(m, d, 8)
+    assert sessions(m, d, c)["sessions"] >= 8 and (c == m.cfg.max_position_embeddings or
+                                                     sessions(m, d, c + 1)["sessions"] < 8)
+    dense = Sized.of("qwen3-8b")
+    assert sessions(dense, d, 131072)["sessions"] < n  # the hybrid fits more long sessions
 
 
 def test_claims_table_shape_and_e1b():
@@ -274,9 +281,13 @@ def test_tp_that_does_not_divide_the_heads_is_refused_and_node_capacity_grows_wi
 
     with pytest.raises(InputError, match="cannot be split over 3 GPUs: its 32 attention heads"):
         rank_config(load_config("granite-4.0-h-small"), 3)
-    rows = node_capacity(["granite-4.0-h-small"], [131072], gpus=8, gpu_bytes=80e9)
+    from granite_cli.memory.capacity import Deployment, Sized, sessions
+    from granite_cli.memory.gpus import GPUS
+
+    m, d = Sized.of("granite-4.0-h-small"), Deployment("vllm", GPUS["h100-80gb"])
+    rows = node_capacity([m], [131072], 8, d)
     by = {r["gpus"]: r for r in rows}
-    assert by[1]["sessions@128k"] == max_batch(load_config("granite-4.0-h-small"), 80e9, 131072)
+    assert by[1]["sessions@128k"] == sessions(m, d, 131072)["sessions"]
     assert by[8]["sessions@128k"] > by[4]["sessions@128k"] > by[2]["sessions@128k"] > by[1]["sessions@128k"]
     assert 3 in by and by[3]["tp"] in (1,)  # 3 GPUs: three single-GPU replicas (32 heads do not split in 3)
 

@@ -7,35 +7,9 @@ conditions, the ratio, and a verdict: reproduced / holds only when … / not rep
 from __future__ import annotations
 
 from granite_cli.config import load_config
-from granite_cli.memory.predict import activation_bytes, kv_bytes, predict, state_bytes, weight_bytes
+from granite_cli.memory.predict import predict
 
 GB = 1e9
-
-
-def max_batch(cfg, mem_bytes: float, ctx: int, weights="bf16", kv="bf16", state="fp32", ubatch=4096) -> int:
-    """The most concurrent sequences of `ctx` tokens that fit in `mem_bytes` (0 if not even one)."""
-    w = weight_bytes(cfg, weights)["total"]
-    lo, hi = 0, 1
-    fits = lambda b: w + kv_bytes(cfg, ctx, b, kv) + state_bytes(cfg, b, state, kv)["total"] + \
-        activation_bytes(cfg, min(ctx, ubatch), b, kv) <= mem_bytes  # noqa: E731
-    while fits(hi) and hi < 1 << 20:
-        lo, hi = hi, hi * 2
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return lo  # the bisection keeps fits(lo) true, or lo == 0
-
-
-def max_context(cfg, mem_bytes: float, batch: int, weights="bf16", kv="bf16", state="fp32", ubatch=4096) -> int:
-    """The longest context that `batch` sequences can hold in `mem_bytes` (0 if none)."""
-    w = weight_bytes(cfg, weights)["total"]
-    fixed = w + state_bytes(cfg, batch, state, kv)["total"] + activation_bytes(cfg, ubatch, batch, kv)
-    per_tok = kv_bytes(cfg, 1, batch, kv)
-    if fixed > mem_bytes:
-        return 0
-    if per_tok == 0:
-        return cfg.max_position_embeddings  # no KV: context is free of memory (bounded by the model)
-    return int((mem_bytes - fixed) // per_tok)
 
 
 E1B = {"granite-4.0-h-small": 33, "granite-4.0-h-tiny": 8, "granite-4.0-h-micro": 4, "granite-4.0-micro": 9}
@@ -52,9 +26,11 @@ def _total(cfg, ctx, b, w="bf16", kv="bf16", st="fp32"):
     return predict(cfg, ctx, b, w, kv, st).total_bytes
 
 
-def claim_e1b() -> list[dict]:
+def claim_e1b(names: set[str]) -> list[dict]:
     out = []
     for name, ibm in E1B.items():
+        if name not in names:
+            continue
         cfg = load_config(name)
         ours = _total(cfg, 131072, 1, "int8", "int8", "fp32") / GB
         ratio = ours / ibm
@@ -67,9 +43,11 @@ def claim_e1b() -> list[dict]:
     return out
 
 
-def claim_70pct() -> list[dict]:
+def claim_70pct(names: set[str]) -> list[dict]:
     out = []
     for hyb, dense_list in PAIRS.items():
+        if hyb not in names:
+            continue
         hc = load_config(hyb)
         for dn in dense_list:
             dc = load_config(dn)
@@ -124,4 +102,12 @@ def claim_micro_10gb() -> list[dict]:
 
 
 def all_claims() -> list[dict]:
-    return claim_e1b() + claim_70pct() + claim_micro_10gb()
+    return claims_for(list(E1B) + list(PAIRS))
+
+
+def claims_for(names: list[str]) -> list[dict]:
+    """IBM's claims that concern one of these models (a claim is about a Granite 4.0 model: it is shown
+    when that model is among them)."""
+    have = set(names)
+    micro = claim_micro_10gb() if have & {"granite-4.0-h-micro", "granite-4.0-micro"} else []
+    return claim_e1b(have) + claim_70pct(have) + micro

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,8 +10,12 @@ from pathlib import Path
 from granite_cli.config import load_config
 from granite_cli.errors import InputError
 from granite_cli.fsutil import report_dir
-from granite_cli.memory.claims import all_claims, max_batch, max_context
-from granite_cli.memory.predict import activation_bytes, kv_state_crossover, norm_dtype, predict, weight_bytes
+from granite_cli.memory import engines as E
+from granite_cli.memory.capacity import Deployment, Sized, check_dtypes, max_context, sessions
+from granite_cli.memory.claims import claims_for
+from granite_cli.memory.engines import VllmSettings, check_engine
+from granite_cli.memory.gpus import DEFAULT_GPU, GPU, GPUS, REPORT_GPUS, parse_gpu
+from granite_cli.memory.predict import activation_bytes, kv_state_crossover, predict, weight_bytes
 from granite_cli.memory.shard import MAX_TP, rank_config
 from granite_cli.render import human_bytes, json_safe, to_markdown
 
@@ -19,30 +24,42 @@ DEFAULT_MODELS = [
     "granite-4.0-h-350m", "granite-4.0-1b", "granite-4.0-350m", "granite-3.3-8b", "llama-3.1-8b", "llama-3.2-3b",
     "qwen3-4b", "qwen3-8b", "qwen3-30b-a3b", "qwen3-32b",
 ]
-GPU_SIZES_GB = [24, 48, 80, 141]
 
 # What a report folder may hold of granite's (fsutil checks an existing --out against it up front).
 REPORT_FILES = ("report.md", "report.json", "*.png")
 
-def rows_for(models, ctxs, batches, weights="bf16", kv="bf16", state="fp32", ubatch=4096, tp: int = 1) -> list[dict]:
-    """One row per model, context and batch; with tp > 1 every byte count is one GPU's of `tp`."""
-    for d in (weights, kv, state):
-        norm_dtype(d)
+def rows_for(sized: list[Sized], ctxs, batches, d: Deployment) -> list[dict]:
+    """One row per model, context and batch, by granite's memory model; with d.tp > 1 every byte count
+    is one GPU's of `tp`. Each row also says how many sessions of its context one GPU serves, as the
+    deployment's engine counts them (vLLM's own figures under `vllm`)."""
+    check_dtypes(d)
     out = []
-    for m in models:
-        full = load_config(m)
-        cfg = rank_config(full, tp)
+    for m in sized:
+        cfg = rank_config(m.cfg, d.tp)
+        w = m.weights_bytes(d.weights, d.tp)
         for c in ctxs:
+            cap = sessions(m, d, c)
             for b in batches:
-                p = predict(cfg, c, b, weights, kv, state, ubatch)
-                out.append({
-                    "model": full.name, "kind": "hybrid" if cfg.is_hybrid else "dense", "ctx": c, "batch": b, "tp": tp,
-                    "weights_dtype": weights, "kv_dtype": kv, "state_dtype": state,
-                    "weights_bytes": p.weights_bytes, "kv_bytes": p.kv_bytes, "state_bytes": p.state_bytes,
-                    "activation_bytes": p.activation_bytes, "total_bytes": p.total_bytes,
-                    "decode_activation_bytes": activation_bytes(cfg, 1, b, kv),
-                })
+                p = predict(cfg, c, b, d.weights, d.kv, d.state_dtype, d.ubatch)
+                total = w + p.kv_bytes + p.state_bytes + p.activation_bytes
+                row = {
+                    "model": m.cfg.name, "kind": "hybrid" if cfg.is_hybrid else "dense", "ctx": c, "batch": b,
+                    "tp": d.tp, "weights_dtype": m.weights_label(d.weights), "kv_dtype": d.kv,
+                    "state_dtype": d.state_dtype, "weights_bytes": int(w), "kv_bytes": int(p.kv_bytes),
+                    "state_bytes": int(p.state_bytes), "activation_bytes": int(p.activation_bytes),
+                    "total_bytes": int(total), "decode_activation_bytes": int(activation_bytes(cfg, 1, b, d.kv)),
+                    "engine": d.engine, "gpu": d.gpu.name, "sessions_per_gpu": cap.get("sessions", 0),
+                }
+                if d.engine == "vllm":
+                    row["vllm"] = {k: cap.get(k) for k in VLLM_FIELDS}
+                out.append(row)
     return out
+
+
+# What a row records of vLLM's own figures (the JSON's `vllm` object).
+VLLM_FIELDS = ("attention_block_size", "per_request_bytes", "max_concurrency", "kv_cache_tokens", "available_kv_bytes",
+               "num_blocks", "blocks_per_request", "bytes_per_block", "kv_groups", "group_size", "max_num_seqs",
+               "max_num_batched_tokens", "limited_by", "refused", "log")
 
 
 def _compute_dtype(name: str, fallback: str):
@@ -123,48 +140,55 @@ def _measured_cuda(cfg, r, dtype, ubatch) -> dict:
     return res
 
 
-def capacity(models, ctxs, gpu_gb=GPU_SIZES_GB, weights="bf16", kv="bf16", state="fp32") -> list[dict]:
+def capacity(sized: list[Sized], ctxs, gpus: list[GPU], d: Deployment) -> list[dict]:
+    """Sessions per GPU at each context, for each GPU, as the deployment's engine counts them; and the
+    longest context one session and eight sessions reach (at most the model's limit)."""
     out = []
-    for m in models:
-        cfg = load_config(m)
-        for gb in gpu_gb:
-            mem = gb * 1e9
-            out.append({
-                "model": cfg.name, "gpu_gb": gb,
-                **{f"max_batch@{c // 1024}k": max_batch(cfg, mem, c, weights, kv, state) for c in ctxs},
-                "max_ctx@b1": max_context(cfg, mem, 1, weights, kv, state),
-                "max_ctx@b8": max_context(cfg, mem, 8, weights, kv, state),
-            })
+    for m in sized:
+        for g in gpus:
+            dg = dataclasses.replace(d, gpu=g)
+            row = {"model": m.cfg.name, "gpu": g.name, "gpu_bytes": g.total_bytes, "engine": d.engine, "tp": d.tp}
+            for c in ctxs:
+                row[f"sessions@{_k(c)}"] = sessions(m, dg, c).get("sessions", 0)
+            row["max_ctx@1"] = max_context(m, dg, 1)
+            row["max_ctx@8"] = max_context(m, dg, 8)
+            row["model_limit"] = m.cfg.max_position_embeddings
+            out.append(row)
     return out
 
 
-def node_capacity(models, ctxs, gpus: int = 8, gpu_bytes: float = 80e9, weights="bf16", kv="bf16",
-                  state="fp32") -> list[dict]:
-    """Sessions per node of 1..`gpus` GPUs of `gpu_bytes` each: for each GPU count, the best split into
-    tensor-parallel groups (tp dividing the count and the model) times the sessions one group holds."""
+def _k(c: int) -> str:
+    return f"{c // 1024}k" if c % 1024 == 0 else str(c)
+
+
+def node_capacity(sized: list[Sized], ctxs, gpus: int, d: Deployment) -> list[dict]:
+    """Sessions per node of 1..`gpus` GPUs of d.gpu: for each GPU count, the best split into
+    tensor-parallel groups (tp dividing the count and the model) times the sessions one group holds,
+    as the engine counts them (llama.cpp: tp 1, one server per GPU)."""
     out = []
-    for m in models:
-        full = load_config(m)
+    for m in sized:
         for n in range(1, gpus + 1):
             best = None
             for tp in (t for t in range(1, n + 1) if n % t == 0):
+                if d.engine == "llama.cpp" and tp > 1:
+                    continue
                 try:
-                    cfg = rank_config(full, tp)
+                    rank_config(m.cfg, tp)
                 except InputError:
                     continue
-                per = {c: n // tp * max_batch(cfg, gpu_bytes, c, weights, kv, state) for c in ctxs}
+                dt = dataclasses.replace(d, tp=tp)
+                per = {c: n // tp * sessions(m, dt, c).get("sessions", 0) for c in ctxs}
                 if best is None or per[max(ctxs)] > best[1][max(ctxs)]:
                     best = (tp, per)
             if best:
-                out.append({"model": full.name, "gpus": n, "tp": best[0],
-                            **{f"sessions@{c // 1024}k": v for c, v in best[1].items()}})
+                out.append({"model": m.cfg.name, "gpus": n, "tp": best[0],
+                            **{f"sessions@{_k(c)}": v for c, v in best[1].items()}})
     return out
 
 
-def crossovers(models, kv="bf16", state="fp32") -> list[dict]:
+def crossovers(cfgs, kv="bf16", state="fp32") -> list[dict]:
     out = []
-    for m in models:
-        cfg = load_config(m)
+    for cfg in cfgs:
         x = kv_state_crossover(cfg, kv, state)
         if x is not None:
             out.append({"model": cfg.name, "kv_equals_state_at_ctx": round(x), "kv_dtype": kv, "state_dtype": state})
@@ -182,53 +206,82 @@ def budget_failures(rows: list[dict], budget: float) -> list[str]:
     return fails
 
 
-def full_report(models, ctxs, batches, weights, kv, state, ubatch, tp: int = 1, gpus: int = 8,
-                gpu_bytes: float = 80e9) -> dict:
-    rows = rows_for(models, ctxs, batches, weights, kv, state, ubatch, tp)
+def full_report(o: "MemoryOptions", sized: list[Sized], ctxs: list[int], batches: list[int], d: Deployment) -> dict:
+    rows = rows_for(sized, ctxs, batches, d)
     long = [c for c in ctxs if c >= 4096] or ctxs
+    gpus = [d.gpu] if o.gpu is not None else [GPUS[g] for g in REPORT_GPUS]
     return {
-        "schema_version": 1, "rows": rows, "claims": all_claims(),
-        "capacity": capacity(models, long, weights=weights, kv=kv, state=state),
-        "node_capacity": node_capacity(models, long, gpus, gpu_bytes, weights, kv, state),
-        "gpu_bytes": gpu_bytes,
-        "crossover": crossovers(models, kv, state),
-        "weights": [{"model": c.name, **weight_bytes(c, weights)} for c in map(load_config, models)],
+        "schema_version": 2, "rows": rows, "deployment": d.describe(), "engine": d.engine,
+        "capacity_deployment": d.describe(gpu=len(gpus) == 1),
+        "claims": claims_for([m.cfg.name for m in sized]),
+        "capacity": capacity(sized, long, gpus, d),
+        "node_capacity": node_capacity(sized, long, o.gpus, d),
+        "gpu": d.gpu.name, "gpu_bytes": d.gpu.total_bytes,
+        "crossover": crossovers([m.cfg for m in sized], d.kv, d.state_dtype),
+        "weights": [{"model": m.cfg.name, "stored_as": m.weights_label(d.weights),
+                     **{k: int(v) for k, v in weight_bytes(m.cfg, d.weights).items()},
+                     **({"stored_bytes": int(m.stored.bytes)} if m.stored else {})} for m in sized],
     }
 
 
-def run_report(models: list[str] | None, ctx: str, batch: str, *, weights: str = "bf16", kv: str = "bf16",
-               state: str = "fp32", ubatch: int = 4096, trace: bool = False, measure: bool = False,
-               device: str = "cpu", out: Path | None = None, budget: str | None = None, tp: int = 1, gpus: int = 8,
-               gpu_mem: str = "80GB", say=lambda msg: None) -> "Outcome":
+@dataclass
+class MemoryOptions:
+    """Everything `granite memory-report` takes (the CLI fills it; defaults are the command's)."""
+
+    models: list[str] | None = None
+    ctx: str = "4k,32k,128k"
+    batch: str = "1,8"
+    weights: str = "bf16"
+    kv: str = "bf16"
+    state: str | None = None
+    ubatch: int = 4096
+    trace: bool = False
+    measure: bool = False
+    device: str = "cpu"
+    budget: str | None = None
+    tp: int = 1
+    gpus: int = 8
+    gpu: str | None = None              # a preset or a size; None: h100-80gb for rows, the report's GPUs for capacity
+    engine: str = "vllm"
+    vllm: VllmSettings = dataclasses.field(default_factory=VllmSettings)
+
+
+def run_report(o: MemoryOptions, out: Path | None = None, say=lambda msg: None) -> "Outcome":
     """What `granite memory-report` runs: the options checked before any work (an --out holding files
-    granite did not write is refused up front), the predicted report, optionally traced and measured
-    rows, the report folder. Rows over `budget` are returned, not raised, so the caller shows the table
-    before Outcome.raise_for_budget fails the job (exit 3)."""
-    from granite_cli.fsutil import check_report_dir
+    granite did not write is refused up front), the predicted report with sessions per GPU as the
+    engine counts them, optionally traced and measured rows, the report folder. Rows over the budget
+    are returned, not raised, so the caller shows the table before Outcome.raise_for_budget fails the
+    job (exit 3)."""
+    from granite_cli.fsutil import check_output_paths, check_report_dir
     from granite_cli.render import parse_bytes
     from granite_cli.sizes import parse_list
 
-    models = models or DEFAULT_MODELS
-    ctxs, batches = parse_list(ctx, "context"), parse_list(batch, "batch")
-    if ubatch < 1:
+    ctxs, batches = parse_list(o.ctx, "context"), parse_list(o.batch, "batch")
+    if o.ubatch < 1:
         raise InputError("--ubatch must be at least 1")
-    limit = parse_bytes(budget) if budget is not None else None
-    if device not in ("cpu", "cuda"):
-        raise InputError(f"--device must be cpu or cuda, got {device!r}")
-    if not 1 <= gpus <= MAX_TP:
-        raise InputError(f"--gpus must be between 1 and {MAX_TP}, got {gpus}")
-    if tp > 1 and (trace or measure):
+    limit = parse_bytes(o.budget) if o.budget is not None else None
+    if o.device not in ("cpu", "cuda"):
+        raise InputError(f"--device must be cpu or cuda, got {o.device!r}")
+    if not 1 <= o.gpus <= MAX_TP:
+        raise InputError(f"--gpus must be between 1 and {MAX_TP}, got {o.gpus}")
+    if o.tp > 1 and (o.trace or o.measure):
         raise InputError("--trace and --measure run one device; use them without --tp")
-    gpu_bytes = parse_bytes(gpu_mem)
+    d = Deployment(check_engine(o.engine), parse_gpu(o.gpu or DEFAULT_GPU), o.tp, o.weights, o.kv, o.state, o.ubatch,
+                   o.vllm.check())
+    check_dtypes(d)
+    if d.engine == "llama.cpp":
+        E.cache_type(d.kv)
     if out:
+        check_output_paths(out)
         check_report_dir(out, REPORT_FILES)
-    rep = full_report(models, ctxs, batches, weights, kv, state, ubatch, tp, gpus, gpu_bytes)
-    if trace:
+    sized = [Sized.of(m) for m in (o.models or DEFAULT_MODELS)]
+    rep = full_report(o, sized, ctxs, batches, d)
+    if o.trace:
         say(f"tracing {len(rep['rows'])} case(s) on the meta device ...")
-        add_traced(rep["rows"], ubatch)
-    if measure:
-        say(f"measuring {len(rep['rows'])} case(s) on {device} ...")
-        add_measured(rep["rows"], ubatch, device)
+        add_traced(rep["rows"], o.ubatch)
+    if o.measure:
+        say(f"measuring {len(rep['rows'])} case(s) on {o.device} ...")
+        add_measured(rep["rows"], o.ubatch, o.device)
     if out:
         write_report_dir(out, rep)
         say(f"report written to {Path(out) / 'report.md'}")
@@ -278,19 +331,20 @@ def _plots(report: dict, out: Path) -> list[str]:
     made.append("memory_vs_context")
 
     cap = report["capacity"]
-    keys = [k for k in cap[0] if k.startswith("max_batch@")] if cap else []
+    keys = [k for k in cap[0] if k.startswith("sessions@")] if cap else []
+    gpus = list(dict.fromkeys(c["gpu"] for c in cap))
     if keys:
-        fig, axes = plt.subplots(1, len(GPU_SIZES_GB), figsize=(14, 4), sharey=True)
-        for ax, gb in zip(axes, GPU_SIZES_GB):
+        fig, axes = plt.subplots(1, len(gpus), figsize=(3.6 * len(gpus) + 1, 4), sharey=True, squeeze=False)
+        for ax, g in zip(axes[0], gpus):
             for m in dict.fromkeys(c["model"] for c in cap):
-                c = next(x for x in cap if x["model"] == m and x["gpu_gb"] == gb)
+                c = next(x for x in cap if x["model"] == m and x["gpu"] == g)
                 xs = [int(k.split("@")[1][:-1]) * 1024 for k in keys]
                 ys = [max(c[k], 0.5) for k in keys]
                 ax.plot(xs, ys, "o-", lw=1, ms=3, label=m)
-            ax.set(xscale="log", yscale="log", title=f"{gb} GB", xlabel="context")
+            ax.set(xscale="log", yscale="log", title=g, xlabel="context")
             ax.grid(True, which="both", alpha=0.3)
-        axes[0].set_ylabel("max concurrent sequences (bf16)")
-        axes[-1].legend(fontsize=5)
+        axes[0][0].set_ylabel(f"sessions per GPU ({report['engine']})")
+        axes[0][-1].legend(fontsize=5)
         fig.tight_layout()
         fig.savefig(out / "capacity.png", dpi=110)
         plt.close(fig)
@@ -302,32 +356,42 @@ def write_report_dir(out_dir: Path, report: dict) -> Path:
     out_dir = Path(out_dir)
     with report_dir(out_dir, REPORT_FILES) as tmp:
         plots = _plots(report, tmp)
-        tp = any(r.get("tp", 1) > 1 for r in report["rows"])
-        cols = ["model", *(["tp"] if tp else []), "ctx", "batch", "weights_bytes", "kv_bytes", "state_bytes",
-                "activation_bytes", "total_bytes"]
-        extra = [c for c in ("traced_total_bytes", "measured_total_bytes", "measured_rss_peak_delta_bytes")
-                 if any(c in r for r in report["rows"])]
-        fmt = [{k: (human_bytes(v) if k.endswith("bytes") and isinstance(v, (int, float)) else v) for k, v in r.items()}
-               for r in report["rows"]]
-        lines = ["# granite memory-report", "",
-                 "Predicted from each model's config (weights by dtype; KV for attention layers only; Mamba conv + SSM "
-                 "state per sequence, constant in context; the working set of a 4096-token prefill piece). "
-                 "Sizes in binary units.", "",
-                 "## IBM's claims", "",
-                 "ratio: ours / IBM's figure (E1b); the smallest memory reduction over the grid, hybrid vs dense "
-                 "(70%); the smallest comparable/Micro memory ratio where the conditions hold (E6).", "",
-                 to_markdown(report["claims"], ["claim", "conditions", "ratio", "reduction_range", "verdict"]),
-                 "## Where a hybrid's KV cache overtakes its Mamba state", "", to_markdown(report["crossover"]),
-                 "## Capacity: most concurrent sequences that fit (bf16 weights and KV, fp32 state)", "",
-                 to_markdown(report["capacity"]),
-                 f"## Sessions per node ({human_bytes(report['gpu_bytes'])} GPUs, tensor parallel as vLLM shards; "
-                 "docs/sharding.md)", "",
-                 "For each GPU count, the tensor-parallel size (tp) that holds the most sessions at the longest "
-                 "context, times the groups of that size the node holds.", "",
-                 to_markdown(report["node_capacity"]), "## Memory by model, context and batch", "",
-                 to_markdown(fmt, cols + extra)]
-        for p in plots:
-            lines += [f"![{p}]({p}.png)", ""]
-        (tmp / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        (tmp / "report.md").write_text("\n".join(report_lines(report, plots)) + "\n", encoding="utf-8")
         (tmp / "report.json").write_text(json.dumps(json_safe(report), indent=1) + "\n", encoding="utf-8")
     return out_dir
+
+
+def report_lines(report: dict, plots: list[str] = ()) -> list[str]:
+    rows = report["rows"]
+    tp = any(r.get("tp", 1) > 1 for r in rows)
+    cols = ["model", *(["tp"] if tp else []), "ctx", "batch", "weights_bytes", "kv_bytes", "state_bytes",
+            "activation_bytes", "total_bytes", "sessions_per_gpu"]
+    extra = [c for c in ("traced_total_bytes", "measured_total_bytes", "measured_rss_peak_delta_bytes")
+             if any(c in r for r in rows)]
+    fmt = [{k: (human_bytes(v) if k.endswith("bytes") and isinstance(v, (int, float)) else v) for k, v in r.items()}
+           for r in rows]
+    r0 = rows[0] if rows else {}
+    dtypes = f"weights {r0.get('weights_dtype')}, KV {r0.get('kv_dtype')}, Mamba state {r0.get('state_dtype')}"
+    lines = ["# granite memory-report", "",
+             f"Predicted from each model's config ({dtypes}; KV for attention layers only; Mamba conv + SSM state per "
+             "sequence, constant in context; the working set of a prefill piece). Sizes in binary units. "
+             f"sessions_per_gpu: as {report['deployment']}.", ""]
+    if report["claims"]:
+        lines += ["## IBM's claims", "",
+                  "ratio: ours / IBM's figure (E1b); the smallest memory reduction over the grid, hybrid vs dense "
+                  "(70%); the smallest comparable/Micro memory ratio where the conditions hold (E6).", "",
+                  to_markdown(report["claims"], ["claim", "conditions", "ratio", "reduction_range", "verdict"])]
+    cap_cols = [c for c in (report["capacity"][0] if report["capacity"] else {}) if c != "gpu_bytes"]
+    lines += ["## Where a hybrid's KV cache overtakes its Mamba state", "", to_markdown(report["crossover"]),
+              f"## Sessions per GPU, as the engine counts them: {report['capacity_deployment']}", "",
+              "max_ctx@N: the longest context at which N sessions fit (at most the model's limit, model_limit).", "",
+              to_markdown(report["capacity"], cap_cols),
+              f"## Sessions per node ({report['gpu']}, {human_bytes(report['gpu_bytes'])} each; tensor parallel as "
+              "vLLM shards, docs/sharding.md)", "",
+              "For each GPU count, the tensor-parallel size (tp) that holds the most sessions at the longest "
+              "context, times the groups of that size the node holds.", "",
+              to_markdown(report["node_capacity"]), "## Memory by model, context and batch", "",
+              to_markdown(fmt, cols + extra)]
+    for p in plots:
+        lines += [f"![{p}]({p}.png)", ""]
+    return lines
