@@ -13,15 +13,6 @@ import typer
 from granite_cli.commands.common import Format, FormatOpt, emit_rows, say
 from granite_cli.redact import redact
 
-COLUMNS = ["model", "batch", "ctx", "phase", "status", "tokens_per_s", "latency_ms", "stdev_s", "peak_total_bytes",
-           "predicted_total_bytes", "peak_delta_bytes"]
-SERVE_COLUMNS = ["model", "batch", "ctx", "status", "ttft_ms_p50", "ttft_ms_p90", "itl_ms_p50", "itl_ms_p90",
-                 "e2e_ms_p50", "output_tokens_per_s", "requests_per_s", "max_in_flight", "errors"]
-HEADERS = {"ttft_ms_p50": "TTFT ms", "ttft_ms_p90": "TTFT p90", "itl_ms_p50": "ITL ms", "itl_ms_p90": "ITL p90",
-           "e2e_ms_p50": "e2e ms", "output_tokens_per_s": "out tok/s", "requests_per_s": "req/s",
-           "max_in_flight": "in flight", "tokens_per_s": "tok/s", "latency_ms": "latency ms", "stdev_s": "stdev s",
-           "peak_total_bytes": "peak mem", "predicted_total_bytes": "predicted", "peak_delta_bytes": "peak +mem"}
-
 
 def _fmt_num(v):
     return "" if v is None else (f"{v:,.1f}" if v >= 10 else f"{v:.3f}")
@@ -125,7 +116,7 @@ def bench(
     import torch
 
     from granite_cli.bench.endpoints import ServeOptions
-    from granite_cli.bench.session import duration, run_sweep
+    from granite_cli.bench.session import Gates, Outputs, duration, run_sweep
     from granite_cli.bench.spec import resolve_spec
 
     flags = {"models": model, "ctx": ctx, "batch": batch, "phases": phase, "gen": gen, "dtype": dtype,
@@ -134,28 +125,30 @@ def bench(
              "seed": seed, "guard": guard, "weights": weights}
     spec = resolve_spec(flags, sweep, torch.cuda.is_available(), endpoints=bool(endpoint))
     serve = ServeOptions(endpoint or [], api_key, rate, shared_prefix, request_timeout, slo_ttft, slo_itl)
-    outcome = run_sweep(spec, out=out, jsonl=jsonl, resume=resume, baseline=baseline,
-                        fail_on_regression=fail_on_regression, check=check, say=say,
-                        progress=_Progress(sys.stderr.isatty()), serve=serve)
-    result = outcome.analysis
-    emit_rows(outcome.rows, fmt, columns=_columns(outcome.rows), headers=HEADERS,
-              json_obj={"schema_version": 1, "rows": outcome.rows, "verdicts": result["verdicts"],
-                        "fits": result["fits"], "ratios": result["ratios"],
-                        "serve_ratios": result["serve_ratios"], "wall_s": outcome.wall_s},
-              formatters=FORMATTERS)
-    if fmt is Format.table:
-        for v in result["verdicts"]:
-            say(f"  {v}")
+    outcome = run_sweep(spec, Outputs(out, jsonl, resume), Gates(baseline, fail_on_regression, check), serve, say,
+                        _Progress(sys.stderr.isatty()))
+    _show(outcome, fmt)
     say(f"done in {duration(outcome.wall_s)}")
     outcome.raise_for_gates()
 
 
-def _columns(rows: list[dict]) -> list[str]:
-    """The in-process columns, the server columns, or both when a sweep has both kinds of subject."""
-    served = {r["phase"] == "serve" for r in rows}
-    if served == {True}:
-        return SERVE_COLUMNS
-    return COLUMNS + [c for c in SERVE_COLUMNS if c not in COLUMNS] if True in served else COLUMNS
+def _show(outcome, fmt: Format) -> None:
+    """The rows in the chosen format (JSON: with the analysis), then the verdicts for people."""
+    from granite_cli.bench.row import ModelRow, ServeRow, columns, formats, headers
+
+    kinds = {type(r) for r in outcome.rows}
+    model, serve = columns(ModelRow), columns(ServeRow)
+    cols = serve if kinds == {ServeRow} else model + [c for c in serve if c not in model] if ServeRow in kinds \
+        else model
+    result = outcome.analysis.to_dict()
+    rows = [r.to_dict() for r in outcome.rows]
+    emit_rows(rows, fmt, columns=cols, headers=headers(),
+              json_obj={"schema_version": 1, "rows": rows, "verdicts": result["verdicts"], "fits": result["fits"],
+                        "ratios": result["ratios"], "serve_ratios": result["serve_ratios"], "wall_s": outcome.wall_s},
+              formatters={k: _FORMAT[f] for k, f in formats().items()})
+    if fmt is Format.table:
+        for v in result["verdicts"]:
+            say(f"  {v}")
 
 
 def _bytes(v):
@@ -168,10 +161,7 @@ def _errors(v):
     return "" if not v else ", ".join(f"{k}: {n}" for k, n in sorted(v.items()))
 
 
-FORMATTERS = {"tokens_per_s": _fmt_num, "latency_ms": _fmt_num, "stdev_s": _fmt_num, "peak_total_bytes": _bytes,
-              "predicted_total_bytes": _bytes, "peak_delta_bytes": _bytes, "errors": _errors,
-              **{k: _fmt_num for k in ("ttft_ms_p50", "ttft_ms_p90", "itl_ms_p50", "itl_ms_p90", "e2e_ms_p50",
-                                       "output_tokens_per_s", "requests_per_s")}}
+_FORMAT = {"num": _fmt_num, "bytes": _bytes, "errors": _errors}
 
 
 class _Progress:
@@ -201,11 +191,11 @@ class _Progress:
         else:
             say(msg)
 
-    def row(self, r: dict) -> None:
-        tps = f"{r['tokens_per_s']:.1f} tok/s" if r.get("tokens_per_s") else (r.get("error") or "")
-        line = f"    {r['phase']:7s} {r['status']:7s} {tps}"
+    def row(self, r) -> None:
+        tps = f"{r.tokens_per_s:.1f} tok/s" if r.tokens_per_s else (r.error or "")
+        line = f"    {r.phase:7s} {r.status:7s} {tps}"
         if self.bar:
-            self.bar.console.print(redact(f"{r['model']} b{r['batch']} ctx {r['ctx']}{line}"), markup=False)
+            self.bar.console.print(redact(f"{r.model} b{r.batch} ctx {r.ctx}{line}"), markup=False)
         else:
             say(line)
 

@@ -23,6 +23,7 @@ import torch
 from granite_cli.bench.analysis import analyse
 from granite_cli.bench.estimate import predicted_total
 from granite_cli.bench.report import REPORT_FILES, write_report
+from granite_cli.bench.row import Row
 from granite_cli.checkpoint.dtypes import parse_dtype
 from granite_cli.config import load_config
 from granite_cli.fsutil import MANIFEST, _sha256, _write_manifest
@@ -47,7 +48,7 @@ def upgrade(r: dict) -> dict:
 
 def main(dirs: list[str]) -> int:
     for d in map(Path, dirs):
-        rows = [upgrade(json.loads(x)) for x in (d / "rows.jsonl").read_text().splitlines() if x.strip()]
+        rows = [Row.from_dict(upgrade(json.loads(x))) for x in (d / "rows.jsonl").read_text().splitlines() if x.strip()]
         text = (d / "report.md").read_text()
         m = re.search(r"^- sweep: `(.*)`$", text, re.M)
         spec = json.loads(m.group(1)) if m else {}

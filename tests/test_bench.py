@@ -5,6 +5,7 @@ Run: python -m pytest -q tests/test_bench.py
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import torch
 from granite_cli.bench import runner as runner_mod
 from granite_cli.bench.analysis import analyse, check_claims, regressions
 from granite_cli.bench.fit import describe, fit_scaling
+from granite_cli.bench.row import Row
 from granite_cli.bench.rows import JsonlStore, finished_keys
 from granite_cli.bench.runner import Runner
 from granite_cli.bench.spec import SweepSpec, load_sweep_file, run_defaults
@@ -75,27 +77,27 @@ def test_runner_rows_schema_and_jsonl_round_trip(tmp_path):
     store = JsonlStore(tmp_path / "rows.jsonl")
     rows = []
     Runner(_spec(), lambda r: (rows.append(r), store.append(r))).run()
-    assert [(r["ctx"], r["phase"]) for r in rows] == [(32, "prefill"), (32, "decode"), (64, "prefill"), (64, "decode")]
+    assert [(r.ctx, r.phase) for r in rows] == [(32, "prefill"), (32, "decode"), (64, "prefill"), (64, "decode")]
     for r in rows:
-        assert r["status"] == "ok" and r["valid"] and r["schema_version"] == 1
-        assert r["tokens_per_s"] > 0 and r["latency_ms"] > 0 and len(r["samples_s"]) == 1
-        assert r["kernel_impl"] == "torch" and r["torch"] == torch.__version__
-    assert set(rows[0]["attribution_s"]) == {"mamba", "attention", "moe_mlp", "rest"}
-    assert rows[0]["tokens_per_s"] == pytest.approx(32 / rows[0]["median_s"])
+        assert r.status == "ok" and r.valid and r.schema_version == 1
+        assert r.tokens_per_s > 0 and r.latency_ms > 0 and len(r.samples_s) == 1
+        assert r.kernel_impl == "torch" and r.torch == torch.__version__
+    assert set(rows[0].attribution_s) == {"mamba", "attention", "moe_mlp", "rest"}
+    assert rows[0].tokens_per_s == pytest.approx(32 / rows[0].median_s)
     # CPU decode is eager (CUDA graphs are a GPU path) and has no GPU memory counters
-    assert [r["decode_mode"] for r in rows if r["phase"] == "decode"] == ["eager", "eager"]
-    assert all(r["decode_note"] is None and r["nvml_used_bytes"] is None for r in rows)
+    assert [r.decode_mode for r in rows if r.phase == "decode"] == ["eager", "eager"]
+    assert all(r.decode_note is None and r.nvml_used_bytes is None for r in rows)
     back = store.read()
-    assert [(r["ctx"], r["phase"],
-             r["tokens_per_s"]) for r in back] == [(r["ctx"], r["phase"], r["tokens_per_s"]) for r in rows]
+    assert [(r.ctx, r.phase,
+             r.tokens_per_s) for r in back] == [(r.ctx, r.phase, r.tokens_per_s) for r in rows]
 
 
 def test_cpu_attribution_without_warmup():
     rows = []
     Runner(_spec(ctx=[32], warmup=0, reps=2, phases=["prefill"]), rows.append).run()
     (r,) = rows
-    assert set(r["attribution_s"]) == {"mamba", "attention", "moe_mlp", "rest"} and len(r["samples_s"]) == 2
-    assert r["attribution_s"]["mamba"] > 0 and sum(r["attribution_s"].values()) <= max(r["samples_s"]) * 1.01
+    assert set(r.attribution_s) == {"mamba", "attention", "moe_mlp", "rest"} and len(r.samples_s) == 2
+    assert r.attribution_s["mamba"] > 0 and sum(r.attribution_s.values()) <= max(r.samples_s) * 1.01
 
 
 def test_resume_skips_finished_cases(tmp_path):
@@ -107,7 +109,7 @@ def test_resume_skips_finished_cases(tmp_path):
     assert len(kept) == 2
     new = []
     Runner(_spec(ctx=[32, 64]), new.append, done=finished_keys(kept)).run()
-    assert [(r["ctx"], r["phase"]) for r in new] == [(64, "prefill"), (64, "decode")]
+    assert [(r.ctx, r.phase) for r in new] == [(64, "prefill"), (64, "decode")]
 
 
 def test_shared_prefix_prefill_continues_the_smaller_case_on_the_same_tokens(monkeypatch):
@@ -148,19 +150,19 @@ def test_shared_prefix_prefill_continues_the_smaller_case_on_the_same_tokens(mon
     monkeypatch.setattr(runner_mod.Runner, "_replayed_prefill", replay)
     rows = []
     Runner(_spec(ctx=[32, 64, 80, 96], ubatch=32, reps=2, warmup=1, phases=["prefill"]), rows.append).run()
-    by = {r["ctx"]: r for r in rows}
+    by = {r.ctx: r for r in rows}
     # 64 continues from 32; 80 is not a whole number of pieces, so 96 continues from 64, and 80 from 64
-    assert [by[c]["prefill_from"] for c in (32, 64, 80, 96)] == [None, 32, 64, 64]
+    assert [by[c].prefill_from for c in (32, 64, 80, 96)] == [None, 32, 64, 64]
     assert {(c, pos) for c, pos, _ in runs} == {(32, 0), (64, 32), (80, 64), (96, 64)}
     assert len({tuple(t) for _, _, t in runs}) == 1  # one token stream: every case reads its prefix
     for c in (64, 80, 96):  # each sample is the prefix's time plus the continuation's
-        base = by[by[c]["prefill_from"]]["samples_s"]
-        assert all(x > y for x, y in zip(by[c]["samples_s"], base)) and len(by[c]["samples_s"]) == 2
-        assert by[c]["tokens_per_s"] == pytest.approx(c / by[c]["median_s"])
+        base = by[by[c].prefill_from].samples_s
+        assert all(x > y for x, y in zip(by[c].samples_s, base)) and len(by[c].samples_s) == 2
+        assert by[c].tokens_per_s == pytest.approx(c / by[c].median_s)
     runs.clear()
     rows.clear()
     Runner(_spec(ctx=[32, 64], ubatch=32, phases=["prefill"], share_prefill=False), rows.append).run()
-    assert [r["prefill_from"] for r in rows] == [None, None] and {pos for _, pos, _ in runs} == {0}
+    assert [r.prefill_from for r in rows] == [None, None] and {pos for _, pos, _ in runs} == {0}
 
 
 @pytest.mark.parametrize("share", [True, False])
@@ -170,7 +172,7 @@ def test_a_shared_case_is_skipped_only_for_its_own_time(share):
                rows.append)
     r.predicted_seconds = lambda prev, c: 0.5 * c  # 64 tokens: 32 s from empty, 16 s after the 32 prefix
     r.run()
-    assert [row["status"] for row in rows] == ["ok", "ok" if share else "skipped"]
+    assert [row.status for row in rows] == ["ok", "ok" if share else "skipped"]
 
 
 def test_estimate_counts_a_shared_prefix_once():
@@ -193,7 +195,7 @@ def test_oom_becomes_a_row_and_the_sweep_goes_on(monkeypatch):
     monkeypatch.setattr(runner_mod.Runner, "_prefill_once", flaky)
     rows = []
     Runner(_spec(ctx=[32, 64, 128]), rows.append).run()
-    status = {(r["ctx"], r["phase"]): r["status"] for r in rows}
+    status = {(r.ctx, r.phase): r.status for r in rows}
     assert status[(64, "prefill")] == "oom" and status[(64, "decode")] == "oom"
     assert status[(128, "prefill")] == "ok" and status[(32, "decode")] == "ok"
 
@@ -215,7 +217,7 @@ def test_compiled_decode_mode_is_untimed_first_then_timed_and_falls_back_with_th
     rows = []
     Runner(_spec(ctx=[32], phases=["decode"], compile=True, warmup=0, reps=2), rows.append).run()
     (r,) = rows
-    assert r["decode_mode"] == "compiled" and "first pass" in r["decode_note"] and len(r["samples_s"]) == 2
+    assert r.decode_mode == "compiled" and "first pass" in r.decode_note and len(r.samples_s) == 2
     assert calls == [32, 33] * 3  # untimed compile pass + 2 timed reps, each from the snapshot at depth 32
 
     def broken(model):
@@ -225,7 +227,7 @@ def test_compiled_decode_mode_is_untimed_first_then_timed_and_falls_back_with_th
     rows = []
     Runner(_spec(ctx=[32], phases=["decode"], compile=True), rows.append).run()
     (r,) = rows
-    assert r["status"] == "ok" and r["decode_mode"] == "eager" and "inductor exploded" in r["decode_note"]
+    assert r.status == "ok" and r.decode_mode == "eager" and "inductor exploded" in r.decode_note
 
 
 def test_predicted_slow_case_is_skipped():
@@ -238,15 +240,16 @@ def test_predicted_slow_case_is_skipped():
     r = Runner(spec, rows.append)
     r.predicted_seconds = lambda prev, c: 1e6 if c == 512 else 0.0
     r.run()
-    st = {row["ctx"]: row for row in rows}
-    assert st[512]["status"] == "skipped" and "predicted 1000000 s" in st[512]["error"]
-    assert st[32]["status"] == st[64]["status"] == "ok"
+    st = {row.ctx: row for row in rows}
+    assert st[512].status == "skipped" and "predicted 1000000 s" in st[512].error
+    assert st[32].status == st[64].status == "ok"
 
 
-def _row(model, kind, ctx, t, phase="prefill", batch=1, att=None):
-    return {"model": model, "kind": kind, "ctx": ctx, "batch": batch, "phase": phase, "status": "ok", "median_s": t,
-            "tokens_per_s": batch * ctx / t if phase == "prefill" else batch / t, "latency_ms": t * 1e3,
-            "attribution_s": att, "peak_delta_bytes": ctx * 10, "cache_bytes": ctx, "dtype": "fp32", "device": "cpu"}
+def _row(model, kind, ctx, t, phase="prefill", batch=1, att=None, **more):
+    return Row.from_dict({"model": model, "kind": kind, "ctx": ctx, "batch": batch, "phase": phase, "status": "ok",
+                          "median_s": t, "tokens_per_s": batch * ctx / t if phase == "prefill" else batch / t,
+                          "latency_ms": t * 1e3, "attribution_s": att, "peak_delta_bytes": ctx * 10,
+                          "cache_bytes": ctx, "dtype": "fp32", "device": "cpu", **more})
 
 
 def test_analysis_verdicts_claims_and_regressions():
@@ -254,12 +257,12 @@ def test_analysis_verdicts_claims_and_regressions():
     rows = [_row("h", "hybrid", c, 1e-4 * c, att={"mamba": 8e-5 * c, "attention": 1e-9 * c * c}) for c in n]
     rows += [_row("d", "dense", c, 1e-4 * c + 2e-8 * c * c) for c in n]
     res = analyse(rows)
-    text = "\n".join(res["verdicts"])
+    text = "\n".join(res.verdicts)
     assert "h b1 Mamba layers: linear (doubling 2.0x)" in text
     assert "h b1 attention layers: quadratic (doubling 4.0x)" in text
-    assert any(r["ctx"] == 8192 and r["prefill_speed"] > 1 for r in res["ratios"])
+    assert any(r.ctx == 8192 and r.prefill_speed > 1 for r in res.ratios)
     assert check_claims(rows, res) == []
-    slow = [dict(r, tokens_per_s=r["tokens_per_s"] * 0.8) for r in rows]
+    slow = [dataclasses.replace(r, tokens_per_s=r.tokens_per_s * 0.8) for r in rows]
     assert len(regressions(slow, rows, 0.10)) == len(rows)
     assert regressions(slow, rows, 0.25) == []
 
@@ -308,35 +311,35 @@ def test_memory_verdict_is_the_total_peak_ratio_tracked_and_predicted():
     rows = []
     spec = _spec(models=["tiny-hybrid", "tiny-dense"], ctx=[4096], ubatch=512, gen=2, reps=1, warmup=0)
     Runner(spec, rows.append).run()
-    by = {(r["model"], r["phase"]): r for r in rows}
-    assert all(r["peak_total_source"] == "tracked" and r["status"] == "ok" for r in rows)
-    (ratio,) = analyse(rows)["ratios"]
+    by = {(r.model, r.phase): r for r in rows}
+    assert all(r.peak_total_source == "tracked" and r.status == "ok" for r in rows)
+    (ratio,) = analyse(rows).ratios
     for phase in ("prefill", "decode"):
         h, d = by[("tiny-hybrid", phase)], by[("tiny-dense", phase)]
-        tracked = h["peak_total_bytes"] / d["peak_total_bytes"]
-        predicted = h["predicted_total_bytes"] / d["predicted_total_bytes"]
-        assert ratio[f"{phase}_total_memory"] == pytest.approx(tracked, rel=1e-12) and tracked < 1
-        assert ratio[f"{phase}_total_predicted"] == pytest.approx(predicted, rel=1e-12)
+        tracked = h.peak_total_bytes / d.peak_total_bytes
+        predicted = h.predicted_total_bytes / d.predicted_total_bytes
+        assert getattr(ratio, f"{phase}_total_memory") == pytest.approx(tracked, rel=1e-12) and tracked < 1
+        assert getattr(ratio, f"{phase}_total_predicted") == pytest.approx(predicted, rel=1e-12)
         assert abs(tracked / predicted - 1) < 0.05
         # the tracked total holds the weights and the cache, which an increase over the baseline leaves out
-        assert h["peak_total_bytes"] > h["weights_bytes"] + h["cache_bytes"]
-    verdict = next(v for v in analyse(rows)["verdicts"] if " vs " in v)
-    assert f"prefill {ratio['prefill_total_memory']:.2f}x, decode {ratio['decode_total_memory']:.2f}x" in verdict
+        assert h.peak_total_bytes > h.weights_bytes + h.cache_bytes
+    verdict = next(v for v in analyse(rows).verdicts if " vs " in v)
+    assert f"prefill {ratio.prefill_total_memory:.2f}x, decode {ratio.decode_total_memory:.2f}x" in verdict
 
 
 def test_memory_headline_never_uses_the_increase_over_the_baseline():
     def row(model, kind, phase, total, delta):
-        return {**_row(model, kind, 4096, 1.0, phase=phase), "peak_total_bytes": total, "predicted_total_bytes": total,
-                "peak_total_source": "tracked", "peak_delta_bytes": delta}
+        return _row(model, kind, 4096, 1.0, phase=phase, peak_total_bytes=total, predicted_total_bytes=total,
+                    peak_total_source="tracked", peak_delta_bytes=delta)
 
     # the hybrid's increase over its baseline is 3x the dense one's, its total half: the headline says 0.50x
     rows = [row("h", "hybrid", p, 1_000 * 2**20, 300 * 2**20) for p in ("prefill", "decode")]
     rows += [row("d", "dense", p, 2_000 * 2**20, 100 * 2**20) for p in ("prefill", "decode")]
     res = analyse(rows)
-    (v,) = [v for v in res["verdicts"] if " vs " in v]
+    (v,) = [v for v in res.verdicts if " vs " in v]
     assert "peak memory (tracked: weights + cache + working set) prefill 0.50x, decode 0.50x" in v
     assert "3.00x" not in v and "increase" not in v
-    assert res["ratios"][0]["prefill_increase_memory"] == pytest.approx(3.0)  # kept, as a secondary figure
+    assert res.ratios[0].prefill_increase_memory == pytest.approx(3.0)  # kept, as a secondary figure
 
 
 def test_one_precedence_rule_flag_over_sweep_file_over_default(tmp_path):

@@ -64,10 +64,10 @@ def test_bench_decode_rows_use_cuda_graphs_and_stay_valid():
         spec = SweepSpec(models=["tiny-hybrid"], ctx=[64], batch=[2], phases=["prefill", "decode"], gen=4,
                          dtype="bf16", device="cuda", reps=2, warmup=1, ubatch=32, cuda_graph=graph)
         Runner(spec, rows.append).run()
-    dec = [r for r in rows if r["phase"] == "decode"]
-    assert [r["decode_mode"] for r in dec] == ["cuda_graph", "eager"], [r["decode_note"] for r in dec]
-    assert all(r["status"] == "ok" and r["valid"] for r in rows)
-    assert all(r["memory_source"] == "cuda_allocated" and r["peak_bytes"] > 0 for r in rows)
+    dec = [r for r in rows if r.phase == "decode"]
+    assert [r.decode_mode for r in dec] == ["cuda_graph", "eager"], [r.decode_note for r in dec]
+    assert all(r.status == "ok" and r.valid for r in rows)
+    assert all(r.memory_source == "cuda_allocated" and r.peak_bytes > 0 for r in rows)
 
 
 def test_graph_replay_gives_the_eager_logits():

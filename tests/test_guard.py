@@ -62,31 +62,31 @@ def state_handoff_fault(monkeypatch):
 
 def test_healthy_cases_pass_the_depth_guard_with_their_figures():
     rows = _run(phases=["prefill", "decode"])
-    assert rows and all(r["status"] == "ok" and r["valid"] for r in rows)
+    assert rows and all(r.status == "ok" and r.valid for r in rows)
     for r in rows:
-        assert r["guard_depth_diff"] <= r["guard_tol"] and r["guard_full_diff"] is None
-        assert r["guard_depth_diff"] < r["guard_tol"] / 10  # two fp32 paths over one state agree far inside it
+        assert r.guard_depth_diff <= r.guard_tol and r.guard_full_diff is None
+        assert r.guard_depth_diff < r.guard_tol / 10  # two fp32 paths over one state agree far inside it
 
 
 @pytest.mark.parametrize("phases", [["prefill", "decode"], ["prefill"]])
 def test_a_kv_offset_fault_beyond_the_short_guard_is_caught_at_depth(kv_offset_fault, phases):
     rows = _run(phases=phases)
-    assert all(r["guard_max_diff"] < 1e-5 for r in rows)  # the short guard saw nothing
-    assert rows and all(r["status"] == "invalid" and not r["valid"] for r in rows)
+    assert all(r.guard_max_diff < 1e-5 for r in rows)  # the short guard saw nothing
+    assert rows and all(r.status == "invalid" and not r.valid for r in rows)
     for r in rows:
-        assert r["guard_depth_diff"] > r["guard_tol"]
-        assert r["error"].startswith(f"depth guard at ctx {r['ctx']}: a chunked continuation")
+        assert r.guard_depth_diff > r.guard_tol
+        assert r.error.startswith(f"depth guard at ctx {r.ctx}: a chunked continuation")
     result = analysis.analyse(rows)  # invalid rows are never reported as fast
-    assert result["fits"] == [] and result["verdicts"] == [] and result["ratios"] == []
+    assert result.fits == [] and result.verdicts == [] and result.ratios == []
 
 
 def test_a_state_handoff_fault_is_caught_only_by_the_full_guard(state_handoff_fault):
     depth_only = _run()
-    assert all(r["status"] == "ok" for r in depth_only)  # steps and continuation share the damaged state
+    assert all(r.status == "ok" for r in depth_only)  # steps and continuation share the damaged state
     rows = _run(guard="full")
-    by_ctx = {(r["ctx"], r["phase"]): r for r in rows}
+    by_ctx = {(r.ctx, r.phase): r for r in rows}
     for phase in ("prefill", "decode"):
-        assert by_ctx[(64, phase)]["status"] == "ok"  # full runs at the largest context only
+        assert by_ctx[(64, phase)].status == "ok"  # full runs at the largest context only
         big = by_ctx[(96, phase)]
-        assert big["status"] == "invalid" and big["guard_full_diff"] > big["guard_tol"]
-        assert "a from-empty prefill's logits" in big["error"]
+        assert big.status == "invalid" and big.guard_full_diff > big.guard_tol
+        assert "a from-empty prefill's logits" in big.error

@@ -357,11 +357,16 @@ def test_rows_past_a_file_size_limit_are_an_error_and_whole(tmp_path):
 def test_unwritable_rows_store_is_an_error_not_a_silent_loss(tmp_path, monkeypatch):
     import errno
 
+    from granite_cli.bench.row import Row
     from granite_cli.bench.rows import JsonlStore, RowsNotStored
+
+    def row(n):
+        return Row.from_dict({"model": "m", "dtype": "fp32", "device": "cpu", "batch": 1, "ctx": n, "phase": "prefill",
+                              "status": "ok"})
 
     store = JsonlStore(tmp_path / "rows.jsonl")
     store.open(resume=False)
-    store.append({"model": "m", "n": 1})
+    store.append(row(1))
     real = os.write
 
     def half(fd, data):  # writes part of the row, then the disk is read-only
@@ -370,9 +375,9 @@ def test_unwritable_rows_store_is_an_error_not_a_silent_loss(tmp_path, monkeypat
 
     monkeypatch.setattr(os, "write", half)
     with pytest.raises(RowsNotStored, match="Read-only file system"):
-        store.append({"model": "m", "n": 2})
+        store.append(row(2))
     monkeypatch.undo()
-    assert [json.loads(line) for line in store.path.read_text().splitlines()] == [{"model": "m", "n": 1}]
+    assert [json.loads(line)["ctx"] for line in store.path.read_text().splitlines()] == [1]
 
 
 def test_sigterm_keeps_rows_and_says_so(tmp_path):

@@ -12,7 +12,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # granite_cli.commands). A unit imports only from units in rows below its own.
 LAYERS = [
     {"errors", "redact"},                           # the exit-code errors; secrets kept out of outputs
-    {"arch", "fsutil", "hostmem", "render", "sizes", "hub"},  # architectures, files, host memory, tables, Hub ids
+    # architectures, files, host memory, tables, sizes, Hub ids, IBM's claims as numbers
+    {"arch", "fsutil", "hostmem", "render", "sizes", "hub", "ibm"},
     {"config", "measure"},
     {"checkpoint", "ops", "params"},
     {"model", "env", "flops", "profile_info"},

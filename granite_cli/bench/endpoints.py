@@ -9,10 +9,10 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from granite_cli.bench.rows import SCHEMA_VERSION
+from granite_cli.bench.row import ServeRow, case_key
 from granite_cli.bench.spec import SweepSpec
 from granite_cli.errors import InputError
-from granite_cli.redact import scrub
+from granite_cli.redact import redact, scrub
 from granite_cli.serve.http import HTTPFailure, parse_endpoint, stream_completion
 from granite_cli.serve.load import Server, ServerGone, Workload, probe, run_case, still_there
 
@@ -93,12 +93,8 @@ def kind_of(server: Server) -> str | None:
     return None
 
 
-def case_key(server: Server, batch: int, ctx: int) -> tuple:
-    return (server.name, "server", "endpoint", batch, ctx, PHASE)
-
-
 def run_endpoints(found: list[Server], spec: SweepSpec, opts: ServeOptions, env: dict,
-                  on_row: Callable[[dict], None], on_case: Callable[[dict], None], done: set) -> None:
+                  on_row: Callable[[ServeRow], None], on_case: Callable[[dict], None], done: set) -> None:
     """Each server's cases, batch-major then context; a server that stops answering ends the sweep
     (ServerGone, exit 1) after its row is kept."""
     for server in found:
@@ -106,23 +102,23 @@ def run_endpoints(found: list[Server], spec: SweepSpec, opts: ServeOptions, env:
         warmed = False
         for b in spec.batch:
             for c in spec.ctx:
-                if case_key(server, b, c) in done:
+                if case_key(server.name, "server", "endpoint", b, c, PHASE) in done:
                     continue
                 on_case({"model": server.name, "batch": b, "ctx": c})
                 row = _base(server, kind, spec, b, c, env)
                 if server.n_ctx and c + spec.gen > server.n_ctx:
                     row.update(status="skipped", error=f"prompt + output ({c} + {spec.gen}) exceeds the server's "
                                                        f"context per request ({server.n_ctx})")
-                    on_row(scrub(row))
+                    on_row(row)
                     continue
                 if not warmed:
                     _warm(server, spec, opts)
                     warmed = True
                 w = Workload(ctx=c, concurrency=b, gen=spec.gen, reps=spec.reps, shared_prefix=opts.shared_prefix,
                              rate=opts.rate, timeout=opts.request_timeout, seed=spec.seed)
-                row.update(run_case(server, w))
-                on_row(scrub(row))
-                if row["status"] == "error" and not still_there(server, opts.request_timeout):
+                row.update(**scrub(run_case(server, w)))
+                on_row(row)
+                if row.status == "error" and not still_there(server, opts.request_timeout):
                     raise ServerGone(f"{server.name} at {server.endpoint.url} stopped answering during batch {b} "
                                      f"ctx {c}; the finished rows are kept (rerun with --resume)")
 
@@ -138,8 +134,8 @@ def _warm(server: Server, spec: SweepSpec, opts: ServeOptions) -> None:
             return  # the case itself will count and report the failure
 
 
-def _base(server: Server, kind: str | None, spec: SweepSpec, b: int, c: int, env: dict) -> dict:
-    return {"schema_version": SCHEMA_VERSION, "model": server.name, "kind": kind, "dtype": "server",
-            "device": "endpoint", "batch": b, "ctx": c, "phase": PHASE, "gen": spec.gen, "ubatch": None,
-            "reps": spec.reps, "status": "ok", "error": None, "tokens_per_s": None, "latency_ms": None,
-            "median_s": None, **server.fields(), **env, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+def _base(server: Server, kind: str | None, spec: SweepSpec, b: int, c: int, env: dict) -> ServeRow:
+    """A case's row before it runs (the server's names are redacted: a key may hide in them)."""
+    return ServeRow(model=redact(server.name), kind=kind, dtype="server", device="endpoint", batch=b, ctx=c,
+                    phase=PHASE, gen=spec.gen, reps=spec.reps, **scrub(server.fields()), **env,
+                    time=time.strftime("%Y-%m-%dT%H:%M:%S%z"))

@@ -66,16 +66,21 @@ def fit_scaling(n: list[float], t: list[float]) -> Fit | None:
     return Fit(float(coef[0]), float(coef[1]), float(coef[2]), slopes, doubling, 1 - ss_res / ss_tot)
 
 
+# How a cost's growth per doubling of context reads: below FLAT_DOUBLING flat, below LINEAR_DOUBLING
+# linear (2x), below QUADRATIC_DOUBLING between the two, else quadratic (4x).
+FLAT_DOUBLING, LINEAR_DOUBLING, QUADRATIC_DOUBLING = 1.5, 2.6, 3.4
+
+
 def describe(label: str, fit: Fit | None) -> str:
     """'Mamba layers: linear (doubling 2.0x)' / 'attention layers: quadratic (doubling 3.8x)'."""
     if fit is None or fit.doubling is None:
         return f"{label}: not enough points to fit"
     d = fit.doubling
-    if d < 1.5:
+    if d < FLAT_DOUBLING:
         kind = "flat"
-    elif d < 2.6:
+    elif d < LINEAR_DOUBLING:
         kind = "linear"
-    elif d < 3.4:
+    elif d < QUADRATIC_DOUBLING:
         kind = "between linear and quadratic"
     else:
         kind = "quadratic"

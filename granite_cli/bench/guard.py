@@ -95,13 +95,14 @@ def depth_guard(model, cache, mark: dict, ids: torch.Tensor, steps: list | None,
     return res
 
 
-def judge(rows: list[dict], g: dict) -> None:
-    """Put the depth guard's figures in the case's rows; a failure makes them invalid (never fast)."""
+def judge(rows: list, g: dict) -> None:
+    """Put the depth guard's figures in the case's rows (bench.row.ModelRow); a failure makes them
+    invalid (never fast)."""
     bad = [f"{name} differ from the decode steps by {g[key]:.3g} (tolerance {g['guard_tol']:.3g})"
            for key, name in (("guard_depth_diff", "a chunked continuation's logits"),
                              ("guard_full_diff", "a from-empty prefill's logits"))
            if g[key] is not None and not g[key] <= g["guard_tol"]]
     for row in rows:
-        row.update(g)
-        if bad and row["status"] in ("ok", "invalid"):
-            row.update(status="invalid", valid=False, error=f"depth guard at ctx {row['ctx']}: " + "; ".join(bad))
+        row.update(**g)
+        if bad and row.status in ("ok", "invalid"):
+            row.update(status="invalid", valid=False, error=f"depth guard at ctx {row.ctx}: " + "; ".join(bad))

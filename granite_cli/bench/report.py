@@ -8,8 +8,11 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Callable
 
+from granite_cli.bench.analysis import Analysis, Ratio
+from granite_cli.bench.row import ModelRow, Row, ServeRow, columns, formats, is_nan
 from granite_cli.fsutil import report_dir
-from granite_cli.redact import scrub
+from granite_cli.ibm import MEMORY_RATIO, MEMORY_REDUCTION
+from granite_cli.redact import redact, scrub
 from granite_cli.render import human_bytes, json_safe, to_markdown
 
 PLOTS = {
@@ -22,27 +25,24 @@ PLOTS = {
     "serve_itl": "Servers: inter-token latency vs prompt length (median)",
     "serve_throughput": "Servers: output tokens/s vs concurrent sessions",
 }
-SERVE_COLUMNS = ["model", "batch", "ctx", "status", "ttft_ms_p50", "ttft_ms_p90", "ttft_ms_p99", "itl_ms_p50",
-                 "itl_ms_p90", "tpot_ms_p50", "e2e_ms_p50", "output_tokens_per_s", "requests_per_s", "max_in_flight",
-                 "server_running_max", "errors"]
 
 
 # What a report folder may hold of granite's (fsutil checks an existing --out against it up front).
 REPORT_FILES = ("report.md", "rows.jsonl", "analysis.json", "*.png")
 
-def _plots(rows: list[dict], analysis: dict, out: Path) -> list[str]:
+def _plots(rows: list[Row], analysis: Analysis, out: Path) -> list[str]:
     """Each plot the rows allow, as name.png in `out`; returns the names made."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ok = [r for r in rows if r["status"] == "ok"]
+    ok = [r for r in rows if r.status == "ok"]
     series = defaultdict(list)
     for r in ok:
-        series[(r["model"], r["batch"], r["phase"])].append(r)
+        series[(r.model, r.batch, r.phase)].append(r)
     for rs in series.values():
-        rs.sort(key=lambda r: r["ctx"])
+        rs.sort(key=lambda r: r.ctx)
     made = []
     for name, fig in (("prefill_time", _prefill_plot(plt, series, analysis)), ("decode_tps", _decode_plot(plt, series)),
                       ("memory", _memory_plot(plt, series, analysis)), ("batch", _batch_plot(plt, ok)),
@@ -70,19 +70,19 @@ def _finish(ax, **kw) -> None:
     ax.grid(True, which="both", alpha=0.3)
 
 
-def _prefill_plot(plt, series: dict, analysis: dict):
-    fits = {(f["model"], f["batch"]): f for f in analysis["fits"] if f.get("part") == "total" and "a" in f}
+def _prefill_plot(plt, series: dict, analysis: Analysis):
+    fits = {(f.model, f.batch): f for f in analysis.fits if f.part == "total" and f.a is not None}
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for (m, b, p), rs in sorted(series.items()):
         if p != "prefill":
             continue
-        x, y = [r["ctx"] for r in rs], [r["median_s"] for r in rs]
+        x, y = [r.ctx for r in rs], [r.median_s for r in rs]
         line = ax.plot(x, y, "o-", label=f"{m} b{b}")[0]
         f = fits.get((m, b))
-        if f and f.get("doubling"):
+        if f and f.doubling:
             xs = [x[0] * (x[-1] / x[0]) ** (i / 40) for i in range(41)]
-            ax.plot(xs, [f["a"] + f["b"] * n + f["c"] * n * n for n in xs], ":", color=line.get_color())
-            line.set_label(f"{m} b{b} (doubling {f['doubling']:.2f}x)")
+            ax.plot(xs, [f.a + f.b * n + f.c * n * n for n in xs], ":", color=line.get_color())
+            line.set_label(f"{m} b{b} (doubling {f.doubling:.2f}x)")
     _finish(ax, xscale="log", yscale="log", xlabel="context (tokens)", ylabel="prefill time (s)",
             title=PLOTS["prefill_time"])
     return fig
@@ -92,57 +92,57 @@ def _decode_plot(plt, series: dict):
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for (m, b, p), rs in sorted(series.items()):
         if p == "decode":
-            ax.plot([r["ctx"] for r in rs], [r["tokens_per_s"] for r in rs], "o-", label=f"{m} b{b}")
+            ax.plot([r.ctx for r in rs], [r.tokens_per_s for r in rs], "o-", label=f"{m} b{b}")
     _finish(ax, xscale="log", xlabel="depth (tokens in cache)", ylabel="decode tokens/s", title=PLOTS["decode_tps"])
     return fig
 
 
-def _batch_plot(plt, ok: list[dict]):
+def _batch_plot(plt, ok: list[Row]):
     fig, ax = plt.subplots(figsize=(7, 4.5))
     byb = defaultdict(list)
     for r in ok:
-        if r["phase"] == "prefill":
-            byb[(r["model"], r["ctx"])].append(r)
+        if r.phase == "prefill":
+            byb[(r.model, r.ctx)].append(r)
     for (m, c), rs in sorted(byb.items()):
         if len(rs) > 1:
-            rs.sort(key=lambda r: r["batch"])
-            ax.plot([r["batch"] for r in rs], [r["tokens_per_s"] for r in rs], "o-", label=f"{m} ctx {c}")
+            rs.sort(key=lambda r: r.batch)
+            ax.plot([r.batch for r in rs], [r.tokens_per_s for r in rs], "o-", label=f"{m} ctx {c}")
     _finish(ax, xscale="log", xlabel="batch", ylabel="prefill tokens/s", title=PLOTS["batch"])
     return fig
 
 
-def _attribution_plot(plt, ok: list[dict]):
-    att = [r for r in ok if r["phase"] == "prefill" and r.get("attribution_s")]
+def _attribution_plot(plt, ok: list[Row]):
+    att = [r for r in ok if r.phase == "prefill" and r.attribution_s]
     if not att:
         return None
-    b0 = min(r["batch"] for r in att)
-    att = sorted([r for r in att if r["batch"] == b0], key=lambda r: (r["model"], r["ctx"]))
+    b0 = min(r.batch for r in att)
+    att = sorted([r for r in att if r.batch == b0], key=lambda r: (r.model, r.ctx))
     fig, ax = plt.subplots(figsize=(max(7, 0.5 * len(att)), 4.5))
     bottom = [0.0] * len(att)
     for part in ("mamba", "attention", "moe_mlp", "rest"):
-        vals = [r["attribution_s"].get(part, 0.0) for r in att]
+        vals = [r.attribution_s.get(part, 0.0) for r in att]
         ax.bar(range(len(att)), vals, bottom=bottom, label=part)
         bottom = [a + v for a, v in zip(bottom, vals)]
-    ax.set_xticks(range(len(att)), [f"{r['model']}\n{r['ctx']}" for r in att], fontsize=6, rotation=60)
+    ax.set_xticks(range(len(att)), [f"{r.model}\n{r.ctx}" for r in att], fontsize=6, rotation=60)
     ax.set(ylabel="seconds (one prefill, hooks on)", yscale="log", title=PLOTS["attribution"] + f" (batch {b0})")
     ax.legend(fontsize=7)
     return fig
 
 
-def _serve_ttft_plot(plt, series: dict, analysis: dict):
-    fits = {(f["model"], f["batch"]): f for f in analysis["fits"] if f.get("part") == "ttft" and "a" in f}
+def _serve_ttft_plot(plt, series: dict, analysis: Analysis):
+    fits = {(f.model, f.batch): f for f in analysis.fits if f.part == "ttft" and f.a is not None}
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for (m, b, p), rs in sorted(series.items()):
-        rs = [r for r in rs if r.get("ttft_ms_p50")]
-        if p != "serve" or not rs:
+        rs = [r for r in rs if p == "serve" and r.ttft_ms_p50]
+        if not rs:
             continue
-        x = [r["ctx"] for r in rs]
-        line = ax.plot(x, [r["ttft_ms_p50"] for r in rs], "o-", label=f"{m} c{b}")[0]
+        x = [r.ctx for r in rs]
+        line = ax.plot(x, [r.ttft_ms_p50 for r in rs], "o-", label=f"{m} c{b}")[0]
         f = fits.get((m, b))
-        if f and f.get("doubling") and len(x) > 1:
+        if f and f.doubling and len(x) > 1:
             xs = [x[0] * (x[-1] / x[0]) ** (i / 40) for i in range(41)]
-            ax.plot(xs, [(f["a"] + f["b"] * n + f["c"] * n * n) * 1e3 for n in xs], ":", color=line.get_color())
-            line.set_label(f"{m} c{b} (doubling {f['doubling']:.2f}x)")
+            ax.plot(xs, [(f.a + f.b * n + f.c * n * n) * 1e3 for n in xs], ":", color=line.get_color())
+            line.set_label(f"{m} c{b} (doubling {f.doubling:.2f}x)")
     _finish(ax, xscale="log", yscale="log", xlabel="prompt (tokens)", ylabel="time to first token (ms)",
             title=PLOTS["serve_ttft"])
     return fig
@@ -151,26 +151,26 @@ def _serve_ttft_plot(plt, series: dict, analysis: dict):
 def _serve_line_plot(plt, series: dict, key: str, ylabel: str, name: str):
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for (m, b, p), rs in sorted(series.items()):
-        rs = [r for r in rs if r.get(key)]
-        if p == "serve" and rs:
-            ax.plot([r["ctx"] for r in rs], [r[key] for r in rs], "o-", label=f"{m} c{b}")
+        rs = [r for r in rs if p == "serve" and getattr(r, key)]
+        if rs:
+            ax.plot([r.ctx for r in rs], [getattr(r, key) for r in rs], "o-", label=f"{m} c{b}")
     _finish(ax, xscale="log", xlabel="prompt (tokens)", ylabel=ylabel, title=PLOTS[name])
     return fig
 
 
-def _serve_throughput_plot(plt, ok: list[dict]):
+def _serve_throughput_plot(plt, ok: list[Row]):
     fig, ax = plt.subplots(figsize=(7, 4.5))
     byc = defaultdict(list)
     for r in ok:
-        if r["phase"] == "serve" and r.get("output_tokens_per_s"):
-            byc[(r["model"], r["ctx"])].append(r)
+        if r.phase == "serve" and r.output_tokens_per_s:
+            byc[(r.model, r.ctx)].append(r)
     for (m, c), rs in sorted(byc.items()):
         if len(rs) > 1:
-            rs.sort(key=lambda r: r["batch"])
-            ax.plot([r["batch"] for r in rs], [r["output_tokens_per_s"] for r in rs], "o-", label=f"{m} prompt {c}")
+            rs.sort(key=lambda r: r.batch)
+            ax.plot([r.batch for r in rs], [r.output_tokens_per_s for r in rs], "o-", label=f"{m} prompt {c}")
     _finish(ax, xscale="log", yscale="log", xlabel="concurrent sessions", ylabel="output tokens/s",
             title=PLOTS["serve_throughput"])
-    cs = sorted({r["batch"] for rs in byc.values() for r in rs})
+    cs = sorted({r.batch for rs in byc.values() for r in rs})
     ax.set_xticks(cs, [str(c) for c in cs])
     ax.xaxis.set_minor_locator(plt.NullLocator())
     for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
@@ -178,21 +178,21 @@ def _serve_throughput_plot(plt, ok: list[dict]):
     return fig
 
 
-def _memory_plot(plt, series: dict, analysis: dict):
+def _memory_plot(plt, series: dict, analysis: Analysis):
     """Left: each model's total peak memory per phase vs context (measured, solid; predicted, dashed).
-    Right: the hybrid/dense ratio of the measured totals, with the 0.3 line of IBM's 70% claim.
+    Right: the hybrid/dense ratio of the measured totals, with the line of IBM's 70% claim.
     None when no row has a measured total."""
-    lines = [(k, rs) for k, rs in sorted(series.items()) if any(r.get("peak_total_bytes") for r in rs)]
+    lines = [(k, rs) for k, rs in sorted(series.items()) if k[2] != "serve" and any(r.peak_total_bytes for r in rs)]
     if not lines:
         return None
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.5))
     for (m, b, p), rs in lines:
-        rs = [r for r in rs if r.get("peak_total_bytes")]
-        x = [r["ctx"] for r in rs]
-        ln = ax.plot(x, [r["peak_total_bytes"] / 2**30 for r in rs], "o-" if p == "prefill" else "s-",
+        rs = [r for r in rs if r.peak_total_bytes]
+        x = [r.ctx for r in rs]
+        ln = ax.plot(x, [r.peak_total_bytes / 2**30 for r in rs], "o-" if p == "prefill" else "s-",
                      label=f"{m} b{b} {p}")[0]
-        ax.plot(x, [r["predicted_total_bytes"] / 2**30 for r in rs], "--", color=ln.get_color(), alpha=0.7)
-    src = lines[0][1][0].get("peak_total_source") or "measured"
+        ax.plot(x, [r.predicted_total_bytes / 2**30 for r in rs], "--", color=ln.get_color(), alpha=0.7)
+    src = lines[0][1][0].peak_total_source or "measured"
     ax.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel=f"total peak ({src}), GiB",
            title="Total peak memory (dashed: predicted)")
     ax.yaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:.3g}"))
@@ -200,18 +200,18 @@ def _memory_plot(plt, series: dict, analysis: dict):
     ax.legend(fontsize=6)
     ax.grid(True, which="both", alpha=0.3)
     pairs = defaultdict(list)
-    for r in analysis["ratios"]:
-        pairs[(r["hybrid"], r["dense"], r["batch"])].append(r)
+    for r in analysis.ratios:
+        pairs[(r.hybrid, r.dense, r.batch)].append(r)
     for (h, d, b), rs in sorted(pairs.items()):
-        rs.sort(key=lambda r: r["ctx"])
+        rs.sort(key=lambda r: r.ctx)
         for key, mark in (("prefill_total_memory", "o-"), ("decode_total_memory", "s-")):
-            pts = [(r["ctx"], r[key]) for r in rs if r[key] == r[key]]
+            pts = [(r.ctx, getattr(r, key)) for r in rs if not is_nan(getattr(r, key))]
             if pts:
                 ax2.plot(*zip(*pts), mark, label=f"{h}/{d} b{b} {key.split('_')[0]}")
-    ax2.axhline(0.3, color="grey", ls=":", label="0.3 (70% less)")
+    ax2.axhline(MEMORY_RATIO, color="grey", ls=":", label=f"{MEMORY_RATIO:.1f} ({MEMORY_REDUCTION:.0%} less)")
     ax2.set(xscale="log", xlabel="context (tokens)", ylabel="hybrid / dense total peak", ylim=(0, None),
             title="Hybrid / dense")
-    ctxs = sorted({r["ctx"] for _, rs in lines for r in rs})
+    ctxs = sorted({r.ctx for _, rs in lines for r in rs})
     for a in (ax, ax2):  # one tick per context of the sweep
         a.set_xticks(ctxs, [f"{c // 1024}k" if c % 1024 == 0 else str(c) for c in ctxs], fontsize=7)
         a.xaxis.set_minor_locator(plt.NullLocator())
@@ -220,68 +220,67 @@ def _memory_plot(plt, series: dict, analysis: dict):
     return fig
 
 
-def memory_claims(ratios: list[dict]) -> list[str]:
+def memory_claims(ratios: list[Ratio]) -> list[str]:
     """Where the measured total-peak ratio meets IBM's '70-80% less memory' (ratio under 0.3), and where not."""
     out = []
     for phase in ("prefill", "decode"):
         key = f"{phase}_total_memory"
-        pts = [r for r in ratios if r[key] == r[key]]
+        pts = [(r, getattr(r, key)) for r in ratios if not is_nan(getattr(r, key))]
         if not pts:
             continue
-        met = [r for r in pts if r[key] < 0.3]
-        best = min(pts, key=lambda r: r[key])
-        where = ", ".join(f"b{r['batch']} ctx {r['ctx']} ({r[key]:.2f}x)" for r in met)
-        out.append(f"{phase}: the measured hybrid/dense total peak is under 0.3 (more than 70% less) at "
-                   f"{len(met)} of {len(pts)} case(s)" + (f": {where}" if met else
-                   f"; the lowest is {best[key]:.2f}x at b{best['batch']} ctx {best['ctx']}"))
+        met = [(r, v) for r, v in pts if v < MEMORY_RATIO]
+        best, low = min(pts, key=lambda rv: rv[1])
+        where = ", ".join(f"b{r.batch} ctx {r.ctx} ({v:.2f}x)" for r, v in met)
+        out.append(f"{phase}: the measured hybrid/dense total peak is under {MEMORY_RATIO:.1f} (more than "
+                   f"{MEMORY_REDUCTION:.0%} less) at {len(met)} of {len(pts)} case(s)" + (f": {where}" if met else
+                   f"; the lowest is {low:.2f}x at b{best.batch} ctx {best.ctx}"))
     return out
 
 
-def _serve_section(rows: list[dict]) -> list[str]:
+def _serve_section(rows: list[Row]) -> list[str]:
     """The servers' rows: who served what, then latency percentiles (ms) and throughput per case."""
-    served = [r for r in rows if r["phase"] == "serve"]
+    served = [r for r in rows if r.phase == "serve"]
     if not served:
         return []
-    who = {r["model"]: r for r in served}
+    who = {r.model: r for r in served}
     out = ["", "## Servers", "", "Prompt = `ctx` tokens, `batch` = concurrent sessions (closed loop), latencies in ms "
            "on the client's clock (p50/p90/p99 over every request of the case); `server_running_max` from the "
            "server's /metrics.", ""]
-    out += [f"- {m}: {r.get('engine') or 'unknown engine'} {r.get('server_version') or ''}, serving "
-            f"`{r.get('served_model')}` at {r.get('endpoint')}, {r.get('server_slots') or '?'} slot(s); client CPU "
-            f"`{r.get('cpu')}`" for m, r in who.items()]
-    fmt = {k: (lambda v: None if v is None else round(v, 1)) for k in SERVE_COLUMNS if k.endswith(("_ms_p50", "_ms_p90",
-                                                                                                 "_ms_p99", "_per_s"))}
-    table = [{**r, **{k: f(r.get(k)) for k, f in fmt.items()},
-              "errors": ", ".join(f"{k}: {n}" for k, n in sorted((r.get("errors") or {}).items())) or None}
+    out += [f"- {m}: {r.engine or 'unknown engine'} {r.server_version or ''}, serving "
+            f"`{r.served_model}` at {r.endpoint}, {r.server_slots or '?'} slot(s); client CPU "
+            f"`{r.cpu}`" for m, r in who.items()]
+    cols = columns(ServeRow, "report")
+    nums = [k for k in cols if formats().get(k) == "num"]
+    table = [{**r.to_dict(), **{k: None if getattr(r, k) is None else round(getattr(r, k), 1) for k in nums},
+              "errors": ", ".join(f"{k}: {n}" for k, n in sorted((r.errors or {}).items())) or None}
              for r in served]
-    return out + ["", to_markdown(table, SERVE_COLUMNS)]
+    return out + ["", to_markdown(table, cols)]
 
 
-def write_report(out_dir: Path, rows: list[dict], analysis: dict, spec_dict: dict, wall_s: float | None = None,
+def write_report(out_dir: Path, rows: list[Row], analysis: Analysis, spec_dict: dict, wall_s: float | None = None,
                  say: Callable[[str], None] | None = None) -> Path:
     """report.md, rows.jsonl, analysis.json and the plots, into out_dir (fsutil.report_dir); every
-    string redacted first (granite_cli.redact)."""
+    string redacted (granite_cli.redact)."""
     out_dir = Path(out_dir)
-    rows, analysis, spec_dict = scrub(rows), scrub(analysis), scrub(spec_dict)
+    spec_dict = scrub(spec_dict)
     with report_dir(out_dir, REPORT_FILES, say) as tmp:
         plots = _plots(rows, analysis, tmp)
-        cols = ["model", "batch", "ctx", "phase", "status", "tokens_per_s", "latency_ms", "stdev_s", "peak_total_bytes",
-                "predicted_total_bytes", "cache_bytes", "peak_delta_bytes"]
-        sizes = ("peak_total_bytes", "predicted_total_bytes", "cache_bytes", "peak_delta_bytes")
-        table = [{**r, "tokens_per_s": round(r["tokens_per_s"], 1) if r.get("tokens_per_s") else None,
-                  "latency_ms": round(r["latency_ms"], 2) if r.get("latency_ms") else None,
-                  "stdev_s": round(r["stdev_s"], 4) if r.get("stdev_s") is not None else None,
-                  **{k: human_bytes(r[k]) if r.get(k) is not None else None for k in sizes}}
-                 for r in rows if r["phase"] != "serve"]
+        cols = columns(ModelRow, "report")
+        sizes = [k for k in cols if formats().get(k) == "bytes"]
+        table = [{**r.to_dict(), "tokens_per_s": round(r.tokens_per_s, 1) if r.tokens_per_s else None,
+                  "latency_ms": round(r.latency_ms, 2) if r.latency_ms else None,
+                  "stdev_s": round(r.stdev_s, 4) if r.stdev_s is not None else None,
+                  **{k: human_bytes(getattr(r, k)) if getattr(r, k) is not None else None for k in sizes}}
+                 for r in rows if isinstance(r, ModelRow)]
         env_keys = ("device", "cpu", "gpu", "threads", "torch", "kernel_impl", "commit", "dirty")
-        env = {k: rows[0].get(k) for k in env_keys} if rows else {}
+        env = {k: getattr(rows[0], k, None) for k in env_keys} if rows else {}
         lines = ["# granite bench report", ""]
         lines += [f"- {k}: `{v}`" for k, v in env.items() if v is not None]
         lines += [f"- sweep: `{json.dumps(spec_dict)}`"]
         if wall_s is not None:
             lines.append(f"- wall time: {wall_s:.0f} s")
-        lines += ["", "## Verdicts", ""] + [f"- {v}" for v in analysis["verdicts"]]
-        if claims := memory_claims(analysis["ratios"]):
+        lines += ["", "## Verdicts", ""] + [f"- {v}" for v in analysis.verdicts]
+        if claims := memory_claims(analysis.ratios):
             lines += ["", "## IBM's memory claim (70-80% less than a comparable Transformer)", "",
                       "Measured total peaks (weights + cache + working set; on a CPU the live-tensor tracker's, "
                       "on a GPU the allocator's), hybrid against its dense twin:", ""] + [f"- {c}" for c in claims]
@@ -293,9 +292,10 @@ def write_report(out_dir: Path, rows: list[dict], analysis: dict, spec_dict: dic
         lines += _serve_section(rows)
         for name in plots:
             lines += [f"## {PLOTS[name]}", "", f"![{name}]({name}.png)", ""]
-        (tmp / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        (tmp / "report.md").write_text(redact("\n".join(lines)) + "\n", encoding="utf-8")
         with open(tmp / "rows.jsonl", "w", encoding="utf-8") as f:
             for r in rows:
-                f.write(json.dumps(json_safe(r)) + "\n")
-        (tmp / "analysis.json").write_text(json.dumps(json_safe(analysis), indent=2) + "\n", encoding="utf-8")
+                f.write(json.dumps(json_safe(scrub(r.to_dict()))) + "\n")
+        (tmp / "analysis.json").write_text(json.dumps(json_safe(scrub(analysis.to_dict())), indent=2) + "\n",
+                                           encoding="utf-8")
     return out_dir

@@ -1,16 +1,6 @@
-"""The bench row schema, its environment fields, and JSONL storage (append + flush per row, resume).
-
-A row: schema_version; case parameters (model, kind, dtype, device, batch, ctx, phase, gen, ubatch,
-reps); status (ok | invalid | oom | skipped | error) and error; metrics (tokens_per_s, latency_ms,
-median_s, stdev_s, min_s, max_s, samples_s, peak_bytes, peak_delta_bytes, memory_source,
-reserved_peak_bytes and nvml_used_bytes on a GPU, cache_bytes, attribution_s, prefill_from; the phase's total
-peak of record, peak_total_bytes (weights + cache + working set; peak_total_source tracked on a CPU,
-cuda_allocated on a GPU), memory-report's predicted_total_bytes, weights_bytes, and memory_s (the
-untimed seconds its measurement took); decode_mode
-cuda_graph | compiled | eager and decode_note); the correctness guards (valid, guard_max_diff: the short
-guard at load; guard_depth_diff, guard_full_diff, guard_tol, guard_s: the depth guard at the case's
-context); parameter counts; and the environment (torch, triton, python, cpu, gpu, threads,
-kernel_impl, commit, dirty, time).
+"""Rows files: JSONL storage (append + flush per row, resume), the checks a rows file must pass to be
+appended to, resumed or compared with, and the environment fields every row records. What a row
+is: bench.row.
 """
 
 from __future__ import annotations
@@ -22,18 +12,13 @@ import platform
 import subprocess
 from pathlib import Path
 
+from granite_cli.bench.row import PHASES, SCHEMA_VERSION, STATUSES, Row, case_key
 from granite_cli.errors import GraniteError, InputError
 
-SCHEMA_VERSION = 1
-FINISHED = ("ok", "invalid", "oom", "skipped")
 
-
-def case_key(model: str, spec, batch: int, ctx: int, phase: str) -> tuple:
-    return (model, spec.dtype, spec.device, batch, ctx, phase)
-
-
-def row_key(row: dict) -> tuple:
-    return (row["model"], row["dtype"], row["device"], row["batch"], row["ctx"], row["phase"])
+def spec_key(model: str, spec, batch: int, ctx: int, phase: str) -> tuple:
+    """The key of a case of sweep `spec` before its row exists."""
+    return case_key(model, spec.dtype, spec.device, batch, ctx, phase)
 
 
 def _git() -> tuple[str | None, bool | None]:
@@ -85,8 +70,6 @@ def client_environment() -> dict:
             "commit": commit, "dirty": dirty, "host": os.uname().nodename}
 
 
-PHASES = ("prefill", "decode", "serve")
-STATUSES = ("ok", "invalid", "oom", "skipped", "error")
 # The fields a row is found by (its case), each of its JSON type.
 _KEY_TYPES = {"model": str, "dtype": str, "device": str, "batch": int, "ctx": int, "phase": str, "status": str}
 # Fields the analysis, the verdicts and the regression gate compute with: numbers (or null) where present.
@@ -175,7 +158,7 @@ class JsonlStore:
         self.path = Path(path)
         self.stored = 0
 
-    def open(self, resume: bool) -> list[dict]:
+    def open(self, resume: bool) -> list[Row]:
         """Make the file ready before any work: with `resume`, its whole rows (a last line cut by an
         interruption is removed; each row is checked, InputError naming the first bad one); without,
         an empty file. Refused (InputError) where it cannot be written."""
@@ -192,7 +175,7 @@ class JsonlStore:
             if why := row_problem(r):
                 raise InputError(f"{self.path}: row {i} cannot be resumed from ({why}); rerun without --resume to "
                                  "start the file again, or give another --jsonl")
-        return rows
+        return [Row.from_dict(r) for r in rows]
 
     def _repair(self) -> list[dict]:
         """The rows of the file, after cutting a last line that an interruption left incomplete (or
@@ -216,7 +199,7 @@ class JsonlStore:
                 os.fsync(f.fileno())
         return [json.loads(line) for line in data.decode("utf-8").splitlines() if line.strip()]
 
-    def read(self) -> list[dict]:
+    def read(self) -> list[Row]:
         if not self.path.exists():
             return []
         rows = []
@@ -224,16 +207,18 @@ class JsonlStore:
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
+                d = json.loads(line)
             except (ValueError, RecursionError):
                 continue  # a line cut by an interruption: that case reruns
+            if isinstance(d, dict):
+                rows.append(Row.from_dict(d))
         return rows
 
-    def append(self, row: dict) -> None:
+    def append(self, row: Row) -> None:
         from granite_cli.redact import scrub
         from granite_cli.render import json_safe
 
-        data = (json.dumps(json_safe(scrub(row))) + "\n").encode()
+        data = (json.dumps(json_safe(scrub(row.to_dict()))) + "\n").encode()
         try:
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
         except OSError as e:
@@ -261,11 +246,11 @@ class JsonlStore:
                              "rerun with --resume)")
 
 
-def finished_keys(rows: list[dict]) -> set:
-    return {row_key(r) for r in rows if r.get("status") in FINISHED}
+def finished_keys(rows: list[Row]) -> set:
+    return {r.key for r in rows if r.finished}
 
 
-def read_rows(path: Path) -> list[dict]:
+def read_rows(path: Path) -> list[Row]:
     """Earlier rows to compare with: JSONL, or `granite bench --format json` output; each row checked."""
     bad = InputError(f"{path}: not bench rows (expected JSONL or granite bench --format json output)")
     try:
@@ -287,4 +272,4 @@ def read_rows(path: Path) -> list[dict]:
     for i, r in enumerate(rows, 1):
         if why := row_problem(r):
             raise InputError(f"{path}: row {i} is not a bench row granite can compare with ({why})")
-    return rows
+    return [Row.from_dict(r) for r in rows]

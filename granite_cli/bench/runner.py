@@ -31,7 +31,8 @@ import torch
 from granite_cli.bench.estimate import predicted_total, prefix_point
 from granite_cli.bench.fit import fit_scaling
 from granite_cli.bench.guard import GUARD_TOKENS, correctness_guard, depth_guard, judge
-from granite_cli.bench.rows import SCHEMA_VERSION, RowsNotStored, case_key, environment_fields
+from granite_cli.bench.row import ModelRow
+from granite_cli.bench.rows import RowsNotStored, environment_fields, spec_key
 from granite_cli.bench.spec import SweepSpec
 from granite_cli.bench.steps import compiled_steps, eager_steps, graph_steps
 from granite_cli.checkpoint.dtypes import parse_dtype
@@ -130,7 +131,7 @@ class Runner:
     def __init__(
         self,
         spec: SweepSpec,
-        on_row: Callable[[dict], None],
+        on_row: Callable[[ModelRow], None],
         on_case: Callable[[dict], None] | None = None,
         done: set | None = None,
     ) -> None:
@@ -152,7 +153,7 @@ class Runner:
             cfg = load_config(name)  # fails fast on a bad model before anything heavy
             pending = [
                 (b, c) for b in self.spec.batch for c in self.spec.ctx
-                if any(case_key(cfg.name, self.spec, b, c, p) not in self.done for p in self.spec.phases)
+                if any(spec_key(cfg.name, self.spec, b, c, p) not in self.done for p in self.spec.phases)
             ]
             if not pending:
                 continue
@@ -168,31 +169,23 @@ class Runner:
                 self._case(run, b, c)
             del model, run
 
-    def _row(self, base: dict, b: int, c: int, phase: str, **metrics) -> dict:
-        row = {
-            "schema_version": SCHEMA_VERSION, **base, "dtype": self.spec.dtype, "device": self.device.type,
-            "batch": b, "ctx": c, "phase": phase, "gen": self.spec.gen if phase == "decode" else None,
-            "ubatch": self.spec.ubatch if phase == "prefill" else None, "reps": self.spec.reps,
-            "status": "ok", "error": None, "tokens_per_s": None, "latency_ms": None, "median_s": None,
-            "stdev_s": None, "min_s": None, "max_s": None, "samples_s": [], "peak_bytes": None,
-            "peak_delta_bytes": None, "memory_source": None, "reserved_peak_bytes": None, "nvml_used_bytes": None,
-            "cache_bytes": None, "attribution_s": None, "prefill_from": None, "decode_mode": None, "decode_note": None,
-            "guard_depth_diff": None, "guard_full_diff": None, "guard_tol": None, "guard_s": None,
-            "peak_total_bytes": None, "peak_total_source": None, "predicted_total_bytes": None, "memory_s": None,
-            **self.env, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-        row.update(metrics)
-        if not base["valid"] and row["status"] == "ok":
-            row["status"] = "invalid"
+    def _row(self, base: dict, b: int, c: int, phase: str, **metrics) -> ModelRow:
+        row = ModelRow(**base, dtype=self.spec.dtype, device=self.device.type, batch=b, ctx=c, phase=phase,
+                       gen=self.spec.gen if phase == "decode" else None,
+                       ubatch=self.spec.ubatch if phase == "prefill" else None, reps=self.spec.reps, **self.env,
+                       time=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        row.update(**metrics)
+        if not row.valid and row.status == "ok":
+            row.status = "invalid"
         return row
 
-    def _emit(self, row: dict) -> None:
-        self.done.add(case_key(row["model"], self.spec, row["batch"], row["ctx"], row["phase"]))
+    def _emit(self, row: ModelRow) -> None:
+        self.done.add(row.key)
         self.on_row(row)
 
     def _case(self, run: _ModelRun, b: int, c: int) -> None:
         spec, base = self.spec, run.base
-        phases = [p for p in spec.phases if case_key(base["model"], spec, b, c, p) not in self.done]
+        phases = [p for p in spec.phases if spec_key(base["model"], spec, b, c, p) not in self.done]
         prev = run.fits.setdefault(b, [])
         run.prefix = {k: v for k, v in run.prefix.items() if k == b}  # other batches are done
         start = run.prefix.get(b)
@@ -218,14 +211,14 @@ class Runner:
         except Exception as e:  # noqa: BLE001 - a failed case is a row, the sweep goes on
             status = "oom" if _is_oom(e) else "error"
             for p in phases:
-                if case_key(base["model"], spec, b, c, p) not in self.done:
+                if spec_key(base["model"], spec, b, c, p) not in self.done:
                     self._emit(self._row(base, b, c, p, status=status, error=f"{type(e).__name__}: {str(e)[:300]}"))
         finally:
             del cache
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
 
-    def _measure(self, run: _ModelRun, case: _Case, phases: list[str], prev: list) -> list[dict]:
+    def _measure(self, run: _ModelRun, case: _Case, phases: list[str], prev: list) -> list[ModelRow]:
         """The case's rows: its prefill (always run: decode starts from it), its decode, then the depth
         guard and, on a CPU, the tracked decode step."""
         spec, cache = self.spec, case.cache
@@ -234,11 +227,11 @@ class Runner:
         shareable = self._shareable(case.c)
         snap = cache.snapshot() if ("decode" in phases or shareable) else None
         mark = cache.mark()
-        if prefill_row["status"] in ("ok", "invalid"):
-            prev.append((case.c, prefill_row["median_s"]))
-        if shareable and prefill_row["status"] == "ok":
-            run.prefix[case.b] = {"ctx": case.c, "snap": snap, "samples": prefill_row["samples_s"],
-                                  "attribution": prefill_row["attribution_s"]}
+        if prefill_row.status in ("ok", "invalid"):
+            prev.append((case.c, prefill_row.median_s))
+        if shareable and prefill_row.status == "ok":
+            run.prefix[case.b] = {"ctx": case.c, "snap": snap, "samples": prefill_row.samples_s,
+                                  "attribution": prefill_row.attribution_s}
         steps = None
         rows = [prefill_row] if "prefill" in phases else []
         if "decode" in phases:
@@ -249,7 +242,7 @@ class Runner:
                         full=spec.guard == "full" and case.c == max(spec.ctx))
         judge(rows, {**g, "guard_s": round(time.perf_counter() - t0, 4)})
         if "decode" in phases and self.device.type == "cpu":
-            rows[-1].update(self._tracked_step(run, case, mark))
+            rows[-1].update(**self._tracked_step(run, case, mark))
         return rows
 
     def predicted_seconds(self, prev: list[tuple[int, float]], c: int) -> float:
@@ -289,7 +282,7 @@ class Runner:
             out = model(ids[:, s : s + self.spec.ubatch], cache, logits="last")
         return out
 
-    def _prefill(self, run: _ModelRun, case: _Case) -> dict:
+    def _prefill(self, run: _ModelRun, case: _Case) -> ModelRow:
         spec, model, cache, ids, start = self.spec, run.model, case.cache, case.ids[:, : case.c], case.start
         # Layer-type attribution. CPU: hooks in the first warmup run, or with no warmup in the first
         # timed run (there they only read a timer). GPU: one extra untimed run after the timed ones,
@@ -365,7 +358,7 @@ class Runner:
         return result, out
 
     # ------------------------------------------------------------------------------------------ decode
-    def _decode(self, run: _ModelRun, case: _Case, snap: dict, record: list) -> dict:
+    def _decode(self, run: _ModelRun, case: _Case, snap: dict, record: list) -> ModelRow:
         """Timed decode repetitions from the snapshot; the last one also records each step's probe
         logits into `record` (a gather of a few hundred values a step), for the depth guard."""
         spec, model, cache, nxt = self.spec, run.model, case.cache, case.ids[:, case.c :]

@@ -17,11 +17,12 @@ from typing import Callable
 import torch
 
 from granite_cli.bench import analysis as an
+from granite_cli.bench.analysis import Analysis
 from granite_cli.bench.endpoints import ServeOptions, check_workload, run_endpoints, servers
 from granite_cli.bench.estimate import check_fits, estimate_seconds, matmul_gflops
 from granite_cli.bench.report import REPORT_FILES, write_report
+from granite_cli.bench.row import Row
 from granite_cli.bench.rows import (
-    FINISHED,
     JsonlStore,
     RowsNotStored,
     check_rows_file,
@@ -52,9 +53,29 @@ class Progress:
 
 
 @dataclass
+class Outputs:
+    """Where a sweep's rows and report go: `out` a report folder (rows.jsonl streamed into it unless
+    `jsonl` names another file), `jsonl` a rows file, `resume` to keep the finished rows already there."""
+
+    out: Path | None = None
+    jsonl: Path | None = None
+    resume: bool = False
+
+
+@dataclass
+class Gates:
+    """What fails the run (exit 3): `check` the scaling claims, a drop against `baseline` rows of more
+    than `fail_on_regression` (e.g. "10%")."""
+
+    baseline: Path | None = None
+    fail_on_regression: str | None = None
+    check: bool = False
+
+
+@dataclass
 class Outcome:
-    rows: list[dict]
-    analysis: dict
+    rows: list[Row]
+    analysis: Analysis
     wall_s: float
     gates: list[str] = field(default_factory=list)  # failed --check / --fail-on-regression gates
     fatal: GraniteError | None = None                # what ended the sweep early (a server that stopped)
@@ -64,10 +85,10 @@ class Outcome:
             raise self.fatal
         if self.gates:
             raise CheckFailed(f"{len(self.gates)} check(s) failed: " + "; ".join(self.gates))
-        errored = [r for r in self.rows if r["status"] == "error"]
+        errored = [r for r in self.rows if r.status == "error"]
         if errored:
             e = errored[0]
-            raise GraniteError(f"{len(errored)} case(s) errored, e.g. {e['model']} ctx {e['ctx']}: {e['error']}")
+            raise GraniteError(f"{len(errored)} case(s) errored, e.g. {e.model} ctx {e.ctx}: {e.error}")
 
 
 def parse_threshold(text: str | None, baseline: Path | None) -> float | None:
@@ -91,24 +112,26 @@ def parse_threshold(text: str | None, baseline: Path | None) -> float | None:
     return v
 
 
-def run_sweep(spec: SweepSpec, *, out: Path | None = None, jsonl: Path | None = None, resume: bool = False,
-              baseline: Path | None = None, fail_on_regression: str | None = None, check: bool = False,
-              say: Callable[[str], None] = lambda msg: None, progress: Progress | None = None,
-              serve: ServeOptions | None = None) -> Outcome:
-    """Run the sweep, streaming rows to `jsonl` or `out`/rows.jsonl; write the report into `out`.
-    With `serve`, its endpoints are probed before any work and swept after the in-process models."""
+def run_sweep(spec: SweepSpec, outputs: Outputs | None = None, gates: Gates | None = None,
+              serve: ServeOptions | None = None, say: Callable[[str], None] = lambda msg: None,
+              progress: Progress | None = None) -> Outcome:
+    """Run the sweep, streaming rows to `outputs.jsonl` or `outputs.out`/rows.jsonl; write the report into
+    `outputs.out`. With `serve`, its endpoints are probed before any work and swept after the in-process
+    models."""
     progress = progress or Progress()
-    threshold, base_rows = _check_inputs(spec, out, jsonl, resume, baseline, fail_on_regression, serve)
+    o, g = outputs or Outputs(), gates or Gates()
+    out = o.out
+    threshold, base_rows = _check_inputs(spec, o, g, serve)
     found = servers(serve) if serve and serve.endpoints else []
-    store, kept = _open_store(out, jsonl, resume)
-    rows = [r for r in kept if r.get("status") in FINISHED]
+    store, kept = _open_store(o)
+    rows = [r for r in kept if r.finished]
     device = torch.device(spec.device)
     est = estimate_seconds(spec, matmul_gflops(device, parse_dtype(spec.dtype))) if spec.models else 0.0
     _announce(spec, found, est, say)
     if kept:
         say(f"resuming: {len(finished_keys(kept))} finished row(s) kept from {store.path}")
 
-    def on_row(r: dict) -> None:
+    def on_row(r: Row) -> None:
         rows.append(r)
         if store:
             store.append(r)
@@ -131,33 +154,33 @@ def run_sweep(spec: SweepSpec, *, out: Path | None = None, jsonl: Path | None = 
     progress.stop()
     wall = time.perf_counter() - t0
     order = {m: i for i, m in enumerate([*spec.models, *(s.name for s in found)])}
-    rows.sort(key=lambda r: (order.get(r["model"], len(order)), r["batch"], r["ctx"], r["phase"]))
+    rows.sort(key=lambda r: (order.get(r.model, len(order)), r.batch, r.ctx, r.phase))
     result = an.analyse(rows, slo_ttft_ms=serve.slo_ttft_ms if serve else None,
                         slo_itl_ms=serve.slo_itl_ms if serve else None)
     if out:
         _report(out, rows, result, _sweep_record(spec, found, serve), wall, say, gone)
-    gates = an.check_claims(rows, result) if check else []
+    failed = an.check_claims(rows, result) if g.check else []
     if base_rows is not None and threshold is not None:
-        gates += an.regressions(rows, base_rows, threshold)
-    return Outcome(rows, result, wall, gates, gone)
+        failed += an.regressions(rows, base_rows, threshold)
+    return Outcome(rows, result, wall, failed, gone)
 
 
-def _check_inputs(spec: SweepSpec, out: Path | None, jsonl: Path | None, resume: bool, baseline: Path | None,
-                  fail_on_regression: str | None, serve: ServeOptions | None) -> tuple[float | None, list | None]:
+def _check_inputs(spec: SweepSpec, o: Outputs, g: Gates, serve: ServeOptions | None) -> tuple[float | None,
+                                                                                              list | None]:
     """Every local input checked (exit 2) before any server is asked or any file written; returns the
     regression threshold and the baseline rows."""
-    if resume and not (jsonl or out):
+    if o.resume and not (o.jsonl or o.out):
         raise InputError("--resume needs --jsonl FILE or --out DIR to find finished rows")
-    threshold = parse_threshold(fail_on_regression, baseline)
-    base_rows = read_rows(baseline) if baseline else None
+    threshold = parse_threshold(g.fail_on_regression, g.baseline)
+    base_rows = read_rows(g.baseline) if g.baseline else None
     if serve and serve.endpoints:
         check_workload(spec, serve.validate())
-    check_output_paths(out, jsonl)
+    check_output_paths(o.out, o.jsonl)
     check_fits(spec)
-    if out:
-        check_report_dir(out, REPORT_FILES)
-    if jsonl:
-        check_rows_file(jsonl)
+    if o.out:
+        check_report_dir(o.out, REPORT_FILES)
+    if o.jsonl:
+        check_rows_file(o.jsonl)
     return threshold, base_rows
 
 
@@ -186,7 +209,7 @@ def _sweep_record(spec: SweepSpec, found: list, serve: ServeOptions | None) -> d
     return sweep
 
 
-def _report(out: Path, rows: list[dict], result: dict, sweep: dict, wall: float, say: Callable[[str], None],
+def _report(out: Path, rows: list[Row], result: Analysis, sweep: dict, wall: float, say: Callable[[str], None],
             gone: GraniteError | None) -> None:
     try:
         write_report(out, rows, result, sweep, wall, say=say)
@@ -197,15 +220,15 @@ def _report(out: Path, rows: list[dict], result: dict, sweep: dict, wall: float,
         say(f"note: the report could not be written either ({e.strerror or e})")
 
 
-def _open_store(out: Path | None, jsonl: Path | None, resume: bool) -> tuple[JsonlStore | None, list[dict]]:
+def _open_store(o: Outputs) -> tuple[JsonlStore | None, list[Row]]:
     """Where rows stream to (refused up front if it holds anything granite did not write), and the
     finished rows kept from it with --resume."""
-    if out and not jsonl:
-        prepare_report_dir(out, REPORT_FILES, appended=("rows.jsonl",))
-    if not (jsonl or out):
+    if o.out and not o.jsonl:
+        prepare_report_dir(o.out, REPORT_FILES, appended=("rows.jsonl",))
+    if not (o.jsonl or o.out):
         return None, []
-    store = JsonlStore(jsonl or (Path(out) / "rows.jsonl"))
-    return store, store.open(resume)
+    store = JsonlStore(o.jsonl or (Path(o.out) / "rows.jsonl"))
+    return store, store.open(o.resume)
 
 
 def duration(s: float) -> str:

@@ -7,6 +7,7 @@ conditions, the ratio, and a verdict: reproduced / holds only when … / not rep
 from __future__ import annotations
 
 from granite_cli.config import load_config
+from granite_cli.ibm import MEMORY_REDUCTION
 from granite_cli.memory.predict import predict
 
 GB = 1e9
@@ -56,7 +57,7 @@ def claim_70pct(names: set[str]) -> list[dict]:
                 for b in BATCHES:
                     th, td = _total(hc, ctx, b), _total(dc, ctx, b)
                     grid.append((ctx, b, 1 - th / td))
-            held = [(c, b) for c, b, r in grid if r > 0.70]
+            held = [(c, b) for c, b, r in grid if r > MEMORY_REDUCTION]
             reds = [r for _, _, r in grid]
             if len(held) == len(grid):
                 verdict = "reproduced"

@@ -1,0 +1,269 @@
+"""What a bench row is: one case measured, as a dataclass made of parts (the case, its result, its
+memory, its correctness guard, the model, the environment, a server's figures). A row in the core's
+own forward is a ModelRow; a row against a server (`granite bench --endpoint`) is a ServeRow. Both
+write to JSON as one flat object with the keys the rows files have always had (`to_dict`), and read
+back from one (`from_dict`, which keeps keys it does not know in `extra` and takes defaults for the
+ones an older file lacks). The table and report columns are the fields marked `column(...)`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
+
+SCHEMA_VERSION = 1
+PHASES = ("prefill", "decode", "serve")
+STATUSES = ("ok", "invalid", "oom", "skipped", "error")
+FINISHED = ("ok", "invalid", "oom", "skipped")
+
+
+def case_key(model: str, dtype: str, device: str, batch: int, ctx: int, phase: str) -> tuple:
+    """A case as resume and baselines find it."""
+    return (model, dtype, device, batch, ctx, phase)
+
+
+BOTH = ("table", "report")
+
+
+def column(header: str, fmt: str = "", model: tuple = (), serve: tuple = (), default: Any = None):
+    """A field shown as a column: `model` and `serve` say where for each kind of row ("table": the
+    command's output, "report": report.md); `header` is the table's heading, `fmt` how values print
+    (num, bytes, errors)."""
+    return field(default=default, metadata={"header": header, "fmt": fmt, "model": model, "serve": serve})
+
+
+@dataclass(kw_only=True)
+class Case:
+    """Which case a row measures."""
+
+    schema_version: int = SCHEMA_VERSION
+    model: str = column("model", model=BOTH, serve=BOTH, default="")
+    kind: str | None = None                     # hybrid or dense (the pairing behind the ratios), when known
+    dtype: str = ""
+    device: str = ""
+    batch: int = column("batch", model=BOTH, serve=BOTH, default=0)  # sequences (in-process) or sessions (server)
+    ctx: int = column("ctx", model=BOTH, serve=BOTH, default=0)      # context (in-process) or prompt tokens
+    phase: str = column("phase", model=BOTH, default="")             # prefill, decode or serve
+    gen: int | None = None
+    ubatch: int | None = None
+    reps: int | None = None
+
+    @property
+    def key(self) -> tuple:
+        return case_key(self.model, self.dtype, self.device, self.batch, self.ctx, self.phase)
+
+
+@dataclass(kw_only=True)
+class Result:
+    """How the case went and how fast."""
+
+    status: str = column("status", model=BOTH, serve=BOTH, default="ok")   # ok invalid oom skipped error
+    error: str | None = None
+    tokens_per_s: float | None = column("tok/s", "num", model=BOTH)
+    latency_ms: float | None = column("latency ms", "num", model=BOTH)
+    median_s: float | None = None
+    stdev_s: float | None = column("stdev s", "num", model=BOTH)
+    min_s: float | None = None
+    max_s: float | None = None
+    samples_s: list = field(default_factory=list)
+
+
+@dataclass(kw_only=True)
+class Timing:
+    """Where an in-process case's time went."""
+
+    attribution_s: dict | None = None           # prefill seconds by layer type (mamba, attention, moe_mlp, rest)
+    prefill_from: int | None = None             # the smaller context whose end state this prefill continued
+    decode_mode: str | None = None              # cuda_graph, compiled or eager
+    decode_note: str | None = None
+
+
+@dataclass(kw_only=True)
+class Memory:
+    """An in-process case's memory: measured peaks, and memory-report's prediction."""
+
+    peak_total_bytes: int | None = column("peak mem", "bytes", model=BOTH)   # weights + cache + working set
+    peak_total_source: str | None = None        # tracked (CPU, the live-tensor tracker) or cuda_allocated
+    predicted_total_bytes: int | None = column("predicted", "bytes", model=BOTH)   # memory-report's model of it
+    cache_bytes: int | None = column("cache", "bytes", model=("report",))
+    peak_delta_bytes: int | None = column("peak +mem", "bytes", model=BOTH)  # the peak over the phase's baseline
+    peak_bytes: int | None = None               # RSS (CPU) or allocator (GPU) peak during the phase
+    memory_source: str | None = None
+    reserved_peak_bytes: int | None = None
+    nvml_used_bytes: int | None = None
+    memory_s: float | None = None               # untimed seconds the memory measurement took
+
+
+@dataclass(kw_only=True)
+class Guard:
+    """The correctness guards: at load, and at the case's own depth."""
+
+    valid: bool | None = None
+    guard_max_diff: float | None = None
+    guard_depth_diff: float | None = None
+    guard_full_diff: float | None = None
+    guard_tol: float | None = None
+    guard_s: float | None = None
+
+
+@dataclass(kw_only=True)
+class ModelInfo:
+    params_total: int | None = None
+    params_active: int | None = None
+    weights_bytes: int | None = None
+
+
+@dataclass(kw_only=True)
+class Environment:
+    """What the row was measured on (bench.rows.environment_fields fills it)."""
+
+    granite_version: str | None = None
+    torch: str | None = None
+    triton: str | None = None
+    python: str | None = None
+    cpu: str | None = None
+    gpu: str | None = None
+    threads: int | None = None
+    kernel_impl: str | None = None
+    commit: str | None = None
+    dirty: bool | None = None
+    host: str | None = None
+    host_malloc: str | None = None
+    time: str | None = None
+
+
+@dataclass(kw_only=True)
+class Server:
+    """A server's figures for one case (serve.load.summarize fills them): latency percentiles in ms,
+    throughput, failures, its own metrics and timings, and the client's own cost."""
+
+    endpoint: str | None = None
+    engine: str | None = None
+    server_version: str | None = None
+    served_model: str | None = None
+    server_slots: int | None = None
+    prompt_mode: str | None = None
+    requests: int | None = None
+    requests_ok: int | None = None
+    wall_s: float | None = None
+    prompt_tokens_measured: list | None = None
+    prompt_tokens_exact: bool | None = None
+    output_tokens: int | None = None
+    output_tokens_min: int | None = None
+    cached_prompt_tokens: int | None = None
+    ttft_ms_p50: float | None = column("TTFT ms", "num", serve=BOTH)
+    ttft_ms_p90: float | None = column("TTFT p90", "num", serve=BOTH)
+    ttft_ms_p99: float | None = column("TTFT p99", "num", serve=("report",))
+    itl_ms_p50: float | None = column("ITL ms", "num", serve=BOTH)
+    itl_ms_p90: float | None = column("ITL p90", "num", serve=BOTH)
+    itl_ms_p99: float | None = None
+    tpot_ms_p50: float | None = column("TPOT ms", "num", serve=("report",))
+    tpot_ms_p90: float | None = None
+    tpot_ms_p99: float | None = None
+    e2e_ms_p50: float | None = column("e2e ms", "num", serve=BOTH)
+    e2e_ms_p90: float | None = None
+    e2e_ms_p99: float | None = None
+    output_tokens_per_s: float | None = column("out tok/s", "num", serve=BOTH)
+    total_tokens_per_s: float | None = None
+    requests_per_s: float | None = column("req/s", "num", serve=BOTH)
+    max_in_flight: int | None = column("in flight", serve=BOTH)
+    server_running_max: float | None = column("running", serve=("report",))
+    errors: dict | None = column("errors", "errors", serve=BOTH)
+    tokens_without_chunk: int | None = None
+    server_prompt_ms_p50: float | None = None
+    server_prompt_ms_p90: float | None = None
+    server_prompt_ms_p99: float | None = None
+    server_tpot_ms_p50: float | None = None
+    server_tpot_ms_p90: float | None = None
+    server_tpot_ms_p99: float | None = None
+    client_cpu_ms_per_request: float | None = None
+    rate_rps: float | None = None
+    shared_prefix: int | None = None
+    client_row_ms: float | None = None
+    server_metrics: str | None = None
+    server_waiting_max: float | None = None
+    server_kv_cache_usage_max: float | None = None
+    server_busy_slots_per_decode_max: float | None = None
+    server_kv_cache_source: str | None = None
+    server_ttft_mean_ms: float | None = None
+    token_ids_from: str | None = None
+
+
+@dataclass(kw_only=True)
+class Row(Case, Result):
+    """What every row has; ModelRow and ServeRow add their parts."""
+
+    extra: dict = field(default_factory=dict)   # keys of a rows file this schema does not know, kept as read
+    PARTS: ClassVar[tuple] = (Case, Result)
+
+    @property
+    def finished(self) -> bool:
+        return self.status in FINISHED
+
+    def to_dict(self) -> dict:
+        """The flat JSON object of the rows files: the parts' fields in order, then `extra`."""
+        out: dict[str, Any] = {}
+        for part in self.PARTS:
+            for f in fields(part):
+                out[f.name] = getattr(self, f.name)
+        return {**out, **{k: v for k, v in self.extra.items() if k not in out}}
+
+    def update(self, **values) -> "Row":
+        """Set fields by name (a name the schema does not know goes to `extra`)."""
+        names = {f.name for f in fields(self)}
+        for k, v in values.items():
+            if k in names:
+                setattr(self, k, v)
+            else:
+                self.extra[k] = v
+        return self
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Row":
+        """A row of a rows file (this schema or an older one): ServeRow for phase serve, else ModelRow."""
+        kind = ServeRow if d.get("phase") == "serve" else ModelRow
+        names = {f.name for f in fields(kind)} - {"extra"}
+        row = kind(**{k: v for k, v in d.items() if k in names})
+        row.extra = {k: v for k, v in d.items() if k not in names}
+        return row
+
+
+@dataclass(kw_only=True)
+class ModelRow(Row, Timing, Memory, Guard, ModelInfo, Environment):
+    """A case run in granite's own core (prefill or decode)."""
+
+    PARTS: ClassVar[tuple] = (Case, ModelInfo, Guard, Result, Timing, Memory, Environment)
+
+
+@dataclass(kw_only=True)
+class ServeRow(Row, Server, Environment):
+    """A case sent to a server."""
+
+    PARTS: ClassVar[tuple] = (Case, Result, Server, Environment)
+
+
+def columns(kind: type[Row], where: str = "table") -> list[str]:
+    """The columns of a kind of row (ModelRow or ServeRow) in the command's table or in report.md."""
+    which = "serve" if kind is ServeRow else "model"
+    return [f.name for part in kind.PARTS for f in fields(part) if where in f.metadata.get(which, ())]
+
+
+def _marked(key: str) -> dict[str, str]:
+    return {f.name: f.metadata[key] for part in (*ModelRow.PARTS, Server) for f in fields(part)
+            if f.metadata.get(key)}
+
+
+def headers() -> dict[str, str]:
+    """Each column's heading."""
+    return _marked("header")
+
+
+def formats() -> dict[str, str]:
+    """How each column's values print: num, bytes or errors."""
+    return _marked("fmt")
+
+
+def is_nan(v) -> bool:
+    return isinstance(v, float) and math.isnan(v)
+
