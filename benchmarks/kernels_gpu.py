@@ -135,7 +135,7 @@ def _mm_loop(xs, w, offs):
 
 
 def plan() -> str:
-    from granite_cli.ops.dispatch import OPS
+    from granite_cli.ops import OPS
 
     lines = ["kernels_gpu plan:", "  ceilings: 1 GiB device copy, 8192^3 bf16 matmul",
              "  each kernel against its torch reference: " + ", ".join(OPS),

@@ -66,9 +66,10 @@ def convert(
     from granite_cli.convert import run
     from granite_cli.render import human_bytes
 
-    source = run.open_any(src, from_profile, dtype, seed)
-    p = run.plan(source, dst, dtype=dtype, quant_method=quant, keep=tuple(keep_high_precision or ()),
-                 shard_size=shard_size, force=force, check_disk=not dry_run, no_vocab=no_vocab)
+    o = run.ConvertOptions(dtype, quant, tuple(keep_high_precision or ()), shard_size, force, verify, seed, no_vocab,
+                           from_profile)
+    source = run.open_any(src, o)
+    p = run.plan(source, dst, o, check_disk=not dry_run)
     if dry_run:  # a plan is reported even when it would not fit; the shortfall is a field and a warning
         if short := run.disk_shortfall(p):
             say(f"warning: {short} (a real run stops here, exit 2)")

@@ -10,6 +10,7 @@ import json
 import pytest
 
 from granite_cli.config import from_hf_dict, load_config, profile_names
+from granite_cli.config.hf import to_hf_dict
 from granite_cli.errors import GraniteWarning, InputError
 from tests.conftest import HF_CLASSES, tiny
 
@@ -52,7 +53,7 @@ def test_uncertain_values_carry_comments():
                          [["mamba", "attention", "mamba"], ["linear_attention", "full_attention", "linear_attention"]])
 def test_both_layer_type_vocabularies(types):
     cfg = tiny("granitemoehybrid", num_hidden_layers=3, attention_layers=[1])
-    d = cfg.to_hf_dict()
+    d = to_hf_dict(cfg)
     d["layer_types"] = types
     assert from_hf_dict(d).layer_types == ("mamba", "attention", "mamba")
 
@@ -88,7 +89,7 @@ def test_bad_profiles_are_one_line_input_errors(tmp_path, case):
 
 
 def test_hf_config_warns_of_unknown_keys_and_rejects_unknown_architectures():
-    d = tiny("llama").to_hf_dict()
+    d = to_hf_dict(tiny("llama"))
     with pytest.warns(GraniteWarning, match="'rope_thetaa' is not one granite reads.*did you mean 'rope_theta'"):
         cfg = from_hf_dict({**d, "rope_thetaa": 1.0})
     assert cfg.rope_theta == tiny("llama").rope_theta  # ignored, as transformers ignores it
@@ -98,7 +99,7 @@ def test_hf_config_warns_of_unknown_keys_and_rejects_unknown_architectures():
 
 def test_missing_hf_keys_take_transformers_class_defaults():
     # tie_word_embeddings defaults to False in GraniteMoeHybridConfig (transformers' GraniteMoeHybridConfig)
-    d = tiny("granitemoehybrid").to_hf_dict()
+    d = to_hf_dict(tiny("granitemoehybrid"))
     del d["tie_word_embeddings"], d["rms_norm_eps"]
     cfg = from_hf_dict(d)
     assert cfg.tie_word_embeddings is False and cfg.rms_norm_eps == 1e-6

@@ -19,7 +19,7 @@ import torch
 
 from granite_cli.checkpoint import quant
 from granite_cli.checkpoint.sources import HFSource, open_source
-from granite_cli.convert.run import convert
+from granite_cli.convert.run import ConvertOptions, convert
 from granite_cli.errors import CheckFailed, InputError
 from granite_cli.model.loading import load_model, save_checkpoint
 from tests.conftest import tiny
@@ -79,7 +79,7 @@ def test_dense_rope_model_round_trips_through_granite_gguf(tmp_path):
 
 def test_dtype_conversion_is_exactly_a_cast(tmp_path):
     src = _checkpoint(tmp_path / "src")
-    r = convert(src, tmp_path / "bf", dtype="bf16", shard_size="100KB")
+    r = convert(src, tmp_path / "bf", ConvertOptions(dtype="bf16", shard_size="100KB"))
     assert r["shards"] > 1 and (tmp_path / "bf" / "model.safetensors.index.json").is_file()
     a, b = HFSource(src), HFSource(tmp_path / "bf")
     for n in a.names:
@@ -90,7 +90,7 @@ def test_dtype_conversion_is_exactly_a_cast(tmp_path):
 @pytest.mark.parametrize("method", ["fp8", "int8"])
 def test_quantized_safetensors_within_bound_and_loadable(tmp_path, method):
     src = _checkpoint(tmp_path / "src", "bf16")
-    r = convert(src, tmp_path / "q", quant=method)
+    r = convert(src, tmp_path / "q", ConvertOptions(quant=method))
     v = r["verification"]
     assert v["tensors"]["quantized"] > 0 and 0 < v["tensors"]["worst_error_over_bound"] <= 1
     cfg = json.loads((tmp_path / "q" / "config.json").read_text())
@@ -122,14 +122,14 @@ def test_quantized_safetensors_within_bound_and_loadable(tmp_path, method):
 
 def test_keep_high_precision_patterns(tmp_path):
     src = _checkpoint(tmp_path / "src")
-    convert(src, tmp_path / "q", quant="fp8", keep=("*.self_attn.*",))
+    convert(src, tmp_path / "q", ConvertOptions(quant="fp8", keep=("*.self_attn.*",)))
     out = HFSource(tmp_path / "q")
     assert out._raw("model.layers.1.self_attn.q_proj.weight").dtype == torch.float32
     assert out._raw("model.layers.0.mamba.in_proj.weight").dtype == torch.float8_e4m3fn
 
 
 def test_from_profile_streams_a_loadable_checkpoint(tmp_path):
-    r = convert(None, tmp_path / "p", from_profile="tiny-hybrid", dtype="bf16", shard_size="300KB")
+    r = convert(None, tmp_path / "p", ConvertOptions(from_profile="tiny-hybrid", dtype="bf16", shard_size="300KB"))
     assert r["shards"] >= 2 and r["verification"]["logits"]["max_abs_diff"] == 0.0
     m = load_model(tmp_path / "p", weights="checkpoint")
     assert m.dtype == torch.bfloat16 and m.cfg.layer_types == load_model("tiny-hybrid", device="meta").cfg.layer_types
@@ -176,7 +176,7 @@ def test_truncated_and_corrupt_safetensors(tmp_path):
 
 def test_missing_shard_shape_mismatch_unknown_arch(tmp_path):
     src = tmp_path / "src"
-    convert(None, src, from_profile="tiny-hybrid", shard_size="300KB")
+    convert(None, src, ConvertOptions(from_profile="tiny-hybrid", shard_size="300KB"))
     shard = sorted(src.glob("model-*.safetensors"))[1]
     shard.rename(tmp_path / "away")
     _one_line_exit_2(granite("convert", str(src), str(tmp_path / "o")), "named in the index but missing",
@@ -207,7 +207,7 @@ def test_existing_dst_needs_force_and_too_little_disk(tmp_path, monkeypatch):
         convert(src, tmp_path / "x.gguf")
     assert not (tmp_path / "x.gguf").exists()
     # a dry run plans anyway and reports the shortfall (the CLI warns on stderr and exits 0)
-    p = run_mod.plan(run_mod.open_any(str(src), None, None, 0), tmp_path / "x.gguf", check_disk=False)
+    p = run_mod.plan(run_mod.open_any(str(src)), tmp_path / "x.gguf", check_disk=False)
     s = p.summary()
     assert s["disk_enough"] is False and s["disk_free_bytes"] == 1000 and s["disk_needed_bytes"] > 1000
     assert "too little disk" in run_mod.disk_shortfall(p)
@@ -295,7 +295,7 @@ def test_dry_run_writes_nothing_and_reports_the_plan(tmp_path):
 
 def test_inspect_hf_and_gguf(tmp_path):
     src = _checkpoint(tmp_path / "src")
-    convert(src, tmp_path / "m.gguf", quant="q8_0")
+    convert(src, tmp_path / "m.gguf", ConvertOptions(quant="q8_0"))
     for path, fmt in ((src, "safetensors"), (tmp_path / "m.gguf", "gguf")):
         r = granite("convert", "inspect", str(path), "-f", "json")
         assert r.returncode == 0, r.stderr

@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 
 from granite_cli.checkpoint import gguf as G
 from granite_cli.config import from_hf_dict, load_config
+from granite_cli.config.hf import to_hf_dict
 from granite_cli.errors import InputError
 
 # CI runs a fixed sample (derandomized: the same cases every run, about a minute in all);
@@ -80,7 +81,7 @@ json_value = st.recursive(json_leaf, lambda c: st.lists(c, max_size=4) | st.dict
 
 @pytest.fixture(scope="module")
 def hybrid_hf() -> dict:
-    return load_config("tiny-hybrid").to_hf_dict()
+    return to_hf_dict(load_config("tiny-hybrid"))
 
 
 def _accepted_whole_or_refused(parse, d: dict, extra_keys: list[str], values, data, where: str) -> None:
@@ -189,10 +190,10 @@ def test_safetensors_header_length_is_checked_against_the_file(tmp_path_factory,
 
 @pytest.fixture(scope="module")
 def small_gguf(tmp_path_factory) -> Path:
-    from granite_cli.convert.run import convert
+    from granite_cli.convert.run import ConvertOptions, convert
 
     d = tmp_path_factory.mktemp("g")
-    convert(None, d / "m.gguf", from_profile="tiny-hybrid", verify=False)
+    convert(None, d / "m.gguf", ConvertOptions(from_profile="tiny-hybrid", verify=False))
     return d / "m.gguf"
 
 
@@ -281,9 +282,9 @@ def _rewrite(f: G.GGUFFile, dst: Path, change: dict) -> None:
 # ------------------------------------------------------------------------------------ CLI, end to end
 
 def _ckpt(tmp: Path) -> Path:
-    from granite_cli.convert.run import convert
+    from granite_cli.convert.run import ConvertOptions, convert
 
-    convert(None, tmp / "ckpt", from_profile="tiny-hybrid", verify=False, shard_size="20KB")
+    convert(None, tmp / "ckpt", ConvertOptions(from_profile="tiny-hybrid", verify=False, shard_size="20KB"))
     return tmp / "ckpt"
 
 
@@ -313,7 +314,7 @@ def test_cli_index_weight_map(tmp_path_factory, sharded_ckpt, wm):
 def test_cli_safetensors_header(tmp_path_factory, header):
     d = tmp_path_factory.mktemp("s")
     (d / "ckpt").mkdir()
-    (d / "ckpt" / "config.json").write_text(json.dumps(load_config("tiny-hybrid").to_hf_dict()))
+    (d / "ckpt" / "config.json").write_text(json.dumps(to_hf_dict(load_config("tiny-hybrid"))))
     _write_st(d / "ckpt" / "model.safetensors", header, b"\0" * 16)
     before = listing(d)
     code, out, err = cli("convert", d / "ckpt", d / "out", cwd=d)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from granite_cli.checkpoint.gguf import GGUFFile, dequantize_q8_0, quantize_q8_0
-from granite_cli.convert.run import convert
+from granite_cli.convert.run import ConvertOptions, convert
 from granite_cli.model.loading import load_model, save_checkpoint
 from tests.conftest import tiny
 
@@ -72,7 +72,7 @@ def test_q8_0_bytes_match_the_gguf_package(tmp_path):
 
 def test_q8_0_file_read_back(tmp_path):
     _ckpt(tmp_path / "src")
-    rep = convert(tmp_path / "src", tmp_path / "q.gguf", quant="q8_0")
+    rep = convert(tmp_path / "src", tmp_path / "q.gguf", ConvertOptions(quant="q8_0"))
     assert rep["verification"]["tensors"]["quantized"] > 0
     r = gguf.GGUFReader(str(tmp_path / "q.gguf"))
     types = {x.name: x.tensor_type for x in r.tensors}
@@ -139,9 +139,10 @@ def test_llama_cpp_loads_it_and_matches_our_logits(tmp_path, case):
     over = dict(attention_layers=[0, 1, 2, 3], position_embedding_type="rope") if case.startswith("dense") else {}
     _ckpt(tmp_path / "src", **over)
     kind = case.split("-")[-1]
-    convert(tmp_path / "src", tmp_path / "m.gguf", quant="q8_0" if kind == "q8_0" else None,
-            dtype="bf16" if kind == "bf16" else None)
-    convert(tmp_path / "m.gguf", tmp_path / "back", dtype="fp32")  # what the GGUF holds, as our core reads it
+    convert(tmp_path / "src", tmp_path / "m.gguf", ConvertOptions(quant="q8_0" if kind == "q8_0" else None,
+                                                                  dtype="bf16" if kind == "bf16" else None))
+    # what the GGUF holds, as our core reads it
+    convert(tmp_path / "m.gguf", tmp_path / "back", ConvertOptions(dtype="fp32"))
     m = load_model(tmp_path / "back", weights="checkpoint", dtype="fp32")
     llm = llama_cpp.Llama(model_path=str(tmp_path / "m.gguf"), n_ctx=64, n_batch=64, n_ubatch=64, logits_all=True,
                           verbose=False, type_k=0, type_v=0)  # f32 KV cache

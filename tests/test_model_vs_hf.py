@@ -10,6 +10,7 @@ import json
 import pytest
 import torch
 
+from granite_cli.config.hf import to_hf_dict
 from granite_cli.model.loading import load_model, save_checkpoint
 from tests.conftest import assert_close, hf_load, tiny
 
@@ -67,7 +68,7 @@ def test_greedy_generation_matches_transformers(tmp_path, case):
 def test_checkpoint_saved_by_transformers_loads(tmp_path, vocab):
     transformers = pytest.importorskip("transformers")
     cfg = tiny("granitemoehybrid", mamba_n_groups=2)
-    hf_cfg = transformers.GraniteMoeHybridConfig(**{k: v for k, v in cfg.to_hf_dict().items()
+    hf_cfg = transformers.GraniteMoeHybridConfig(**{k: v for k, v in to_hf_dict(cfg).items()
                                                       if k not in ("architectures", "model_type", "torch_dtype")})
     torch.manual_seed(0)
     hf = transformers.GraniteMoeHybridForCausalLM(hf_cfg).eval()

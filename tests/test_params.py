@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from granite_cli.config import load_config
+from granite_cli.config.hf import to_hf_dict
 from granite_cli.model.loading import build_empty
 from granite_cli.params import count_params
 from tests.conftest import HF_CLASSES, tiny
@@ -27,7 +28,7 @@ def test_counts_equal_transformers_numel(case):
     arch = case.split("-")[0]
     cfg = tiny(arch, **TINY[case])
     hf_cfg_cls = getattr(transformers, HF_CLASSES[arch].replace("ForCausalLM", "Config"))
-    d = {k: v for k, v in cfg.to_hf_dict().items() if k not in ("architectures", "model_type", "torch_dtype")}
+    d = {k: v for k, v in to_hf_dict(cfg).items() if k not in ("architectures", "model_type", "torch_dtype")}
     with torch.device("meta"):
         hf = getattr(transformers, HF_CLASSES[arch])(hf_cfg_cls(**d))
     want = sum(p.numel() for p in hf.parameters())

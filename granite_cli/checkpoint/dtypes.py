@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from granite_cli.errors import InputError
+from granite_cli.ggml import GGML_BF16, GGML_F16, GGML_F32
 
 
 @dataclass(frozen=True)
@@ -23,9 +24,6 @@ class DType:
     ggml: int | None = None
     aliases: tuple[str, ...] = ()
 
-
-# GGML type codes used in GGUF files (F32, F16, Q8_0, BF16)
-GGML_F32, GGML_F16, GGML_Q8_0, GGML_BF16 = 0, 1, 8, 30
 
 TABLE = (
     DType("f32", torch.float32, "float32", "F32", GGML_F32, ("fp32",)),

@@ -19,31 +19,41 @@ from typing import Any
 
 import torch
 
-from granite_cli.checkpoint.dtypes import GGML_BF16, GGML_F16, GGML_F32, GGML_Q8_0, TABLE
+from granite_cli.checkpoint.dtypes import TABLE
 from granite_cli.checkpoint.stream import OrderedWriter, pread, tensor_bytes
 from granite_cli.errors import InputError
+from granite_cli.ggml import (  # noqa: F401 -- the format's names, re-exported for the modules that read GGUF
+    ALIGN,
+    ARR,
+    BOOL,
+    F32,
+    F64,
+    GGML_BF16,
+    GGML_F16,
+    GGML_F32,
+    GGML_LAYOUT,
+    GGML_Q8_0,
+    I8,
+    I16,
+    I32,
+    I64,
+    INTEGER_TYPES,
+    MAGIC,
+    NUMBER_TYPES,
+    Q8_0_BLOCK,
+    Q8_0_BLOCK_BYTES,
+    READ_VERSIONS,
+    STR,
+    U8,
+    U16,
+    U32,
+    U64,
+    VERSION,
+)
 
-MAGIC = b"GGUF"
-ALIGN = 32
-
-# Metadata value types.
-U8, I8, U16, I16, U32, I32, F32, BOOL, STR, ARR, U64, I64, F64 = range(13)
-INTEGER_TYPES = (U8, I8, U16, I16, U32, I32, U64, I64)
-NUMBER_TYPES = (*INTEGER_TYPES, F32, F64)
 _SCALAR = {U8: "<B", I8: "<b", U16: "<H", I16: "<h", U32: "<I", I32: "<i", F32: "<f", BOOL: "<?",
            U64: "<Q", I64: "<q", F64: "<d"}
 
-# Every ggml tensor type by id: (name, elements per block, bytes per block), as ggml lays them out.
-GGML_LAYOUT = {
-    0: ("F32", 1, 4), 1: ("F16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20), 6: ("Q5_0", 32, 22),
-    7: ("Q5_1", 32, 24), 8: ("Q8_0", 32, 34), 9: ("Q8_1", 32, 40), 10: ("Q2_K", 256, 84), 11: ("Q3_K", 256, 110),
-    12: ("Q4_K", 256, 144), 13: ("Q5_K", 256, 176), 14: ("Q6_K", 256, 210), 15: ("Q8_K", 256, 292),
-    16: ("IQ2_XXS", 256, 66), 17: ("IQ2_XS", 256, 74), 18: ("IQ3_XXS", 256, 98), 19: ("IQ1_S", 256, 50),
-    20: ("IQ4_NL", 32, 18), 21: ("IQ3_S", 256, 110), 22: ("IQ2_S", 256, 82), 23: ("IQ4_XS", 256, 136),
-    24: ("I8", 1, 1), 25: ("I16", 1, 2), 26: ("I32", 1, 4), 27: ("I64", 1, 8), 28: ("F64", 1, 8),
-    29: ("IQ1_M", 256, 56), 30: ("BF16", 1, 2), 34: ("TQ1_0", 256, 54), 35: ("TQ2_0", 256, 66),
-    39: ("MXFP4", 32, 17),
-}
 # The types this project reads and writes.
 GGML_TYPES = {t: GGML_LAYOUT[t] for t in (GGML_F32, GGML_F16, GGML_Q8_0, GGML_BF16)}
 
@@ -107,7 +117,7 @@ class GGUFWriter(OrderedWriter):
     format = "GGUF"
 
     def __init__(self, path: Path, kvs: list[KV], tensors: list[TensorInfo]) -> None:
-        head = [MAGIC, struct.pack("<IQQ", 3, len(tensors), len(kvs))]
+        head = [MAGIC, struct.pack("<IQQ", VERSION, len(tensors), len(kvs))]
         for kv in kvs:
             head += [_enc_str(kv.key), struct.pack("<I", kv.vtype), _enc_value(kv.vtype, kv.value, kv.atype)]
         off = 0
@@ -241,7 +251,7 @@ class GGUFFile:
             raise InputError(f"{self.path}: not a GGUF file (bad magic); pass a .gguf written by llama.cpp or granite")
         self._pos = 4
         version, nt, nkv = self._take("<IQQ")
-        if version not in (2, 3):
+        if version not in READ_VERSIONS:
             raise InputError(f"{self.path}: GGUF version {version} is not supported (only 2 and 3)")
         if nt > min(self.size, MAX_TENSORS) or nkv > min(self.size, MAX_KEYS):
             raise InputError(f"{self.path}: corrupt GGUF header (counts {nt}/{nkv})")
@@ -371,7 +381,7 @@ def quantize_q8_0(x: torch.Tensor) -> torch.Tensor:
 
 def dequantize_q8_0(raw: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """Q8_0 bytes → float32 tensor of `shape`, in cache-sized pieces."""
-    blocks = raw.reshape(-1, 34)
+    blocks = raw.reshape(-1, Q8_0_BLOCK_BYTES)
     out = torch.empty(blocks.shape[0], 32, dtype=torch.float32)
     step = 8192
     for i in range(0, blocks.shape[0], step):

@@ -21,7 +21,7 @@ from granite_cli.checkpoint.dtypes import BY_GGML, hf_name, parse_dtype
 from granite_cli.checkpoint.init import TILE, fill_random
 from granite_cli.checkpoint.names import IGNORED_CKPT_SUFFIXES, checkpoint_entries
 from granite_cli.checkpoint.safetensors import SafetensorsFile, checkpoint_files
-from granite_cli.config import ModelConfig, load_config, read_json_config
+from granite_cli.config import ModelConfig, load_config, read_json_config, to_hf_dict
 from granite_cli.errors import InputError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
@@ -258,7 +258,7 @@ class ProfileSource(Source):
         self.cfg = load_config(name)
         dt = parse_dtype(dtype, self.cfg.torch_dtype)
         self.cfg = self.cfg.replace(torch_dtype=hf_name(dt))
-        self.hf_config = self.cfg.to_hf_dict()
+        self.hf_config = to_hf_dict(self.cfg)
         self.path = Path(name)
         self._shapes = expected_shapes(self.cfg)
         self._dtypes = {n: dt for n in self._shapes}

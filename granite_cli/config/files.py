@@ -16,7 +16,7 @@ from typing import Any
 from granite_cli import hub
 from granite_cli.arch import ARCHS
 from granite_cli.arch.base import layer_types, layers_from_indices, time_step_limit
-from granite_cli.config.hf import from_hf_dict
+from granite_cli.config.hf import from_hf_dict, to_hf_dict
 from granite_cli.config.model import ModelConfig, check_layer_count, check_types, check_value_types, invalid, validate
 from granite_cli.errors import InputError
 from granite_cli.fsutil import file_mode
@@ -171,7 +171,7 @@ def export_hf_config(cfg: ModelConfig, out_dir: Path, overwrite: bool = True) ->
     try:
         os.fchmod(fd, file_mode())  # the user's umask, not mkstemp's private 0600
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(json.dumps(cfg.to_hf_dict(), indent=2, sort_keys=True) + "\n")
+            f.write(json.dumps(to_hf_dict(cfg), indent=2, sort_keys=True) + "\n")
         os.replace(tmp, dst)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

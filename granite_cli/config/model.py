@@ -119,12 +119,6 @@ class ModelConfig:
     def replace(self, **changes: Any) -> "ModelConfig":
         return validate(dataclasses.replace(self, **changes))
 
-    # ---- export -----------------------------------------------------------------------------
-    def to_hf_dict(self) -> dict[str, Any]:
-        """A Hugging Face `config.json` dict that the architecture's transformers config class loads."""
-        from granite_cli.config.hf import to_hf_dict
-
-        return to_hf_dict(self)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,7 +20,8 @@ from granite_cli.checkpoint import quant
 from granite_cli.checkpoint.dtypes import BY_TORCH, hf_name, short_name
 from granite_cli.checkpoint.safetensors import SafetensorsWriter, TensorSpec, shard_name, write_index
 from granite_cli.checkpoint.sources import TOKENIZER_FILES, GGUFSource, HFSource, Source
-from granite_cli.convert.plan import STORE, Out, Plan
+from granite_cli.config import to_hf_dict
+from granite_cli.convert.layout import STORE, Out, Plan
 from granite_cli.convert.tokenizer import (
     Vocab,
     check_gguf_vocab,
@@ -102,7 +103,7 @@ def hf_config_out(p: Plan) -> dict:
     """The config.json of the output: the source's (a folder's config.json, the one a granite GGUF
     carries verbatim, else the profile's), with the output's dtype and, for fp8/int8, the
     compressed-tensors quantization_config."""
-    d = dict(p.source.hf_config) if p.source.kind in ("safetensors", "gguf") else p.source.cfg.to_hf_dict()
+    d = dict(p.source.hf_config) if p.source.kind in ("safetensors", "gguf") else to_hf_dict(p.source.cfg)
     d.pop("quantization_config", None)
     dts = {p.hf_dtype[n] for n in p.source.names}
     d["torch_dtype"] = hf_name(p.hf_dtype.get("model.embed_tokens.weight", next(iter(dts))))

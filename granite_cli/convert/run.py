@@ -11,12 +11,13 @@ from typing import Callable
 
 from granite_cli.checkpoint.init import check_seed
 from granite_cli.checkpoint.sources import ProfileSource, Source, open_source
-from granite_cli.convert.plan import Plan, disk_shortfall, plan
+from granite_cli.convert.layout import ConvertOptions, Plan
+from granite_cli.convert.plan import disk_shortfall, plan
 from granite_cli.convert.verify import verify
 from granite_cli.errors import GraniteError, InputError
 from granite_cli.fsutil import Staging, check_destination
 
-__all__ = ["convert", "disk_shortfall", "execute", "open_any", "plan"]
+__all__ = ["ConvertOptions", "convert", "disk_shortfall", "execute", "open_any", "plan"]
 
 
 def execute(p: Plan, *, verify_output: bool = True, progress: Callable[[int, int, str], None] | None = None,
@@ -49,21 +50,20 @@ def execute(p: Plan, *, verify_output: bool = True, progress: Callable[[int, int
     return rep
 
 
-def open_any(src: str | None, from_profile: str | None, dtype: str | None, seed: int = 0) -> Source:
-    if from_profile:
+def open_any(src: str | None, o: ConvertOptions | None = None) -> Source:
+    """SRC, or with o.from_profile random weights at a profile's shapes."""
+    o = o or ConvertOptions()
+    if o.from_profile:
         if src:
             raise InputError("give either SRC or --from-profile, not both")
-        return ProfileSource(from_profile, dtype, check_seed(seed))
+        return ProfileSource(o.from_profile, o.dtype, check_seed(o.seed))
     if not src:
         raise InputError("missing SRC: a checkpoint folder or .gguf file (or --from-profile NAME)")
     return open_source(src)
 
 
-def convert(src: str | Path | None, dst: str | Path, *, from_profile: str | None = None, dtype: str | None = None,
-            quant: str | None = None, keep: tuple[str, ...] = (), shard_size: str = "5GB", force: bool = False,
-            verify: bool = True, seed: int = 0, no_vocab: bool = False) -> dict:
+def convert(src: str | Path | None, dst: str | Path, o: ConvertOptions | None = None) -> dict:
     """The whole conversion in one call (what `granite convert` runs): open, plan, write, verify, rename."""
-    source = open_any(str(src) if src is not None else None, from_profile, dtype, seed)
-    p = plan(source, dst, dtype=dtype, quant_method=quant, keep=keep, shard_size=shard_size, force=force,
-             no_vocab=no_vocab)
-    return execute(p, verify_output=verify)
+    o = o or ConvertOptions()
+    source = open_any(str(src) if src is not None else None, o)
+    return execute(plan(source, dst, o), verify_output=o.verify)

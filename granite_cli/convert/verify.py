@@ -17,7 +17,7 @@ import torch
 from granite_cli.checkpoint import gguf as G
 from granite_cli.checkpoint import quant
 from granite_cli.checkpoint.sources import Source
-from granite_cli.convert.plan import Plan
+from granite_cli.convert.layout import Plan
 from granite_cli.errors import CheckFailed
 
 

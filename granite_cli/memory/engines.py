@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 from granite_cli.config import ModelConfig
 from granite_cli.errors import InputError
+from granite_cli.ggml import BY_NAME
 from granite_cli.memory.predict import BYTES, activation_bytes, norm_dtype
 
 GiB = 2**30
@@ -194,8 +195,7 @@ def vllm_capacity(rank: ModelConfig, tokens: int, max_model_len: int, layout: Vl
 # ---------------------------------------------------------------------------------------- llama.cpp
 
 # ggml types a llama.cpp KV cache may use (-ctk/-ctv): elements per block, bytes per block.
-CACHE_TYPES = {"f32": (1, 4), "f16": (1, 2), "bf16": (1, 2), "q8_0": (32, 34), "q4_0": (32, 18), "q4_1": (32, 20),
-               "q5_0": (32, 22), "q5_1": (32, 24), "iq4_nl": (32, 18)}
+CACHE_TYPES = {t: BY_NAME[t] for t in ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl")}
 
 
 def row_bytes(cache_type: str, n: int) -> int:

@@ -17,9 +17,11 @@ from dataclasses import dataclass
 
 from granite_cli.config import ModelConfig
 from granite_cli.errors import InputError
+from granite_cli.ggml import bytes_per_value
 from granite_cli.params import count_params
 
-BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "int8": 1.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
+BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "int8": 1.0, "q8_0": bytes_per_value("q8_0"),
+         "q4_0": bytes_per_value("q4_0")}
 ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "f32": "fp32", "f16": "fp16", "8bit": "int8"}
 
 

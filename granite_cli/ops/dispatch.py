@@ -17,9 +17,9 @@ import sys
 from types import SimpleNamespace
 
 from granite_cli.errors import InputError
+from granite_cli.ops import OPS
 
 IMPLS = ("auto", "torch", "triton")
-OPS = ("ssd_chunked", "ssd_step", "causal_conv1d", "causal_conv1d_step", "gated_rms_norm", "moe_experts")
 _resolved: str | None = None
 _note = ""
 _spaces: dict[str, SimpleNamespace] = {}

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from granite_cli.ops import basic, dispatch, launch, ssd
+from granite_cli.ops import OPS, basic, launch, ssd
 from granite_cli.ops.launch import dot_precision, grouped_gemm_tiles, low_precision_dots
 
 _P2 = triton.next_power_of_2
@@ -402,7 +402,7 @@ def moe_experts(x, w_in, w_out, weights, ids):
 ssd_chunked_ref, ssd_step_ref = ssd.ssd_chunked, ssd.ssd_step
 causal_conv1d_ref, causal_conv1d_step_ref = basic.causal_conv1d, basic.causal_conv1d_step
 gated_rms_norm_ref, moe_experts_ref = basic.gated_rms_norm, basic.moe_experts
-KERNELS = dispatch.OPS
+KERNELS = OPS
 for _op in KERNELS:
     globals()[_op].__doc__ = globals()[_op + "_ref"].__doc__
 
