@@ -2,10 +2,8 @@
 
 glibc's malloc serves every block above its mmap threshold (at most 32 MiB) with a fresh mmap and
 unmaps it on free, so each large activation of a CPU forward is faulted in and zeroed by the kernel
-again: a batch-4, 4k-token cpu-hybrid prefill took 2.4 million page faults and 6-8 s of system time
-(of 30-40 s of CPU time). With mmap off and trimming off, freed blocks stay in the heap and the next
-layer reuses them: the same prefill then faults almost nothing and took 15.3-16.6 s against
-18.8-21.1 s (two interleaved pairs of processes, two runs each).
+again. With mmap off and trimming off, freed blocks stay in the heap and the next layer reuses them
+(what that saved is measured in docs/decisions.md, "Host heap policy").
 
 This is process-wide, so only the benchmark entry points turn it on (`granite bench` on a CPU, the
 benchmark scripts' workers); importing granite_cli changes nothing. GRANITE_HOST_MALLOC=system

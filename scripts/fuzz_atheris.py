@@ -65,7 +65,7 @@ def main() -> int:
     import atheris
 
     with atheris.instrument_imports(include=["granite_cli"]):
-        import granite_cli.checkpoint.gguf  # noqa: F401
+        import granite_cli.checkpoint.gguf
         import granite_cli.checkpoint.gguf_map  # noqa: F401
         import granite_cli.checkpoint.safetensors as sio
         import granite_cli.checkpoint.sources as sources

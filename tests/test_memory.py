@@ -190,7 +190,7 @@ def test_allocation_replay_peak_equals_the_trackers_over_a_real_run(name, ctx, b
     the tracker over the real run; the replay leaves the cache as it found it."""
     from granite_cli.memory.trace import AllocationReplay, LiveTensorBytes
     from granite_cli.model.loading import load_model
-    from granite_cli.ops.basic import record_routing, replay_routing
+    from granite_cli.ops.routing import record_routing, replay_routing
 
     model = load_model(name)
     ids = torch.randint(0, model.cfg.vocab_size, (batch, ctx), generator=torch.Generator().manual_seed(0))

@@ -14,7 +14,8 @@ from granite_cli.bench.spec import SweepSpec
 from granite_cli.errors import InputError
 from granite_cli.redact import redact, scrub
 from granite_cli.serve.http import HTTPFailure, parse_endpoint, stream_completion
-from granite_cli.serve.load import Server, ServerGone, Workload, probe, run_case, still_there
+from granite_cli.serve.probe import Server, ServerGone, probe, still_there
+from granite_cli.serve.workload import Workload, run_case
 
 PHASE = "serve"
 

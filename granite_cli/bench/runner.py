@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -42,7 +43,7 @@ from granite_cli.hostmem import retain_freed_memory
 from granite_cli.measure import PeakMemory, Stopwatch, sync
 from granite_cli.memory.trace import AllocationReplay, LiveTensorBytes
 from granite_cli.model.loading import load_model
-from granite_cli.ops.basic import record_routing, replay_routing
+from granite_cli.ops.routing import record_routing, replay_routing
 from granite_cli.params import count_params
 
 __all__ = ["GUARD_TOKENS", "Runner"]
@@ -301,7 +302,7 @@ class Runner:
         for r in range(spec.reps):
             # from before the restore: restored KV counts as prefill memory; the first repetition's
             # MoE routing is kept for the allocation replay below
-            with (pm if r == 0 else _null()), (record_routing(routing) if r == 0 else _null()):
+            with (pm if r == 0 else nullcontext()), (record_routing(routing) if r == 0 else nullcontext()):
                 self._prefill_ready(cache, start)
                 if r == 0 and not hook_warm and not gpu:
                     t0 = time.perf_counter()
@@ -374,7 +375,7 @@ class Runner:
                 step, mode, note = graph_steps(model, cache, nxt, spec.gen, snap, warmed=spec.warmup > 0)
                 cache.restore(snap)
             timed_rep = r >= spec.warmup
-            with (pm if r == spec.warmup else _null()), Stopwatch(self.device) as sw:
+            with (pm if r == spec.warmup else nullcontext()), Stopwatch(self.device) as sw:
                 out = step(record) if r == spec.warmup + spec.reps - 1 else step()
             if timed_rep:
                 samples.append(sw.seconds / spec.gen)
@@ -412,11 +413,3 @@ class Runner:
             total = None if tracked is None else weights + case.cache_bytes + tracked
             source = "tracked" if tracked is not None else None
         return {"peak_total_bytes": total, "peak_total_source": source, "predicted_total_bytes": int(pred)}
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return None

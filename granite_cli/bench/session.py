@@ -1,7 +1,7 @@
 """One `granite bench` run as a library call: the output checks, the stored rows (fresh or resumed),
 the up-front refusal and estimate, the sweep, the analysis and report, and the gates.
 
-run_sweep() returns an Outcome; its raise_for_gates() raises CheckFailed (exit 3) for a failed
+run_sweep() returns a SweepOutcome; its raise_for_gates() raises CheckFailed (exit 3) for a failed
 --check or regression gate, and GraniteError (exit 1) when a case errored, after the caller has
 printed the rows.
 """
@@ -36,7 +36,7 @@ from granite_cli.checkpoint.dtypes import parse_dtype
 from granite_cli.errors import CheckFailed, GraniteError, InputError
 from granite_cli.fsutil import check_output_paths, check_report_dir, prepare_report_dir
 from granite_cli.hostmem import retain_freed_memory
-from granite_cli.serve.load import ServerGone
+from granite_cli.serve.probe import ServerGone
 
 
 class Progress:
@@ -73,7 +73,7 @@ class Gates:
 
 
 @dataclass
-class Outcome:
+class SweepOutcome:
     rows: list[Row]
     analysis: Analysis
     wall_s: float
@@ -114,7 +114,7 @@ def parse_threshold(text: str | None, baseline: Path | None) -> float | None:
 
 def run_sweep(spec: SweepSpec, outputs: Outputs | None = None, gates: Gates | None = None,
               serve: ServeOptions | None = None, say: Callable[[str], None] = lambda msg: None,
-              progress: Progress | None = None) -> Outcome:
+              progress: Progress | None = None) -> SweepOutcome:
     """Run the sweep, streaming rows to `outputs.jsonl` or `outputs.out`/rows.jsonl; write the report into
     `outputs.out`. With `serve`, its endpoints are probed before any work and swept after the in-process
     models."""
@@ -162,7 +162,7 @@ def run_sweep(spec: SweepSpec, outputs: Outputs | None = None, gates: Gates | No
     failed = an.check_claims(rows, result) if g.check else []
     if base_rows is not None and threshold is not None:
         failed += an.regressions(rows, base_rows, threshold)
-    return Outcome(rows, result, wall, failed, gone)
+    return SweepOutcome(rows, result, wall, failed, gone)
 
 
 def _check_inputs(spec: SweepSpec, o: Outputs, g: Gates, serve: ServeOptions | None) -> tuple[float | None,

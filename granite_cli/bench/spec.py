@@ -24,7 +24,7 @@ WEIGHTS = ("auto", "random", "checkpoint")
 def run_defaults(gpu: bool, default_sweep: bool, max_ctx: int) -> dict:
     """reps and warmup where the user gives none. On a CPU the default sweep (no model, context,
     batch or sweep file given) and contexts above 16k run one timed repetition with no warmup (the
-    default must finish in under 3 minutes on our 2-core VM); elsewhere 3 reps after 1 warmup."""
+    default must finish in under 3 minutes on a 2-core machine); elsewhere 3 reps after 1 warmup."""
     quick = not gpu and (default_sweep or max_ctx > 16384)
     return {"reps": 1 if quick else 3, "warmup": 0 if quick else 1}
 
@@ -72,7 +72,7 @@ class SweepSpec:
         if not self.max_case_seconds > 0:
             raise InputError("--max-case-seconds must be positive")
         from granite_cli.checkpoint.dtypes import parse_dtype
-        from granite_cli.checkpoint.init import check_seed
+        from granite_cli.checkpoint.random_weights import check_seed
 
         check_seed(self.seed)
         parse_dtype(self.dtype)

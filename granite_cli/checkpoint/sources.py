@@ -18,8 +18,8 @@ from granite_cli.checkpoint import gguf as G
 from granite_cli.checkpoint import gguf_map as mapping
 from granite_cli.checkpoint import quant
 from granite_cli.checkpoint.dtypes import BY_GGML, hf_name, parse_dtype
-from granite_cli.checkpoint.init import TILE, fill_random
 from granite_cli.checkpoint.names import IGNORED_CKPT_SUFFIXES, checkpoint_entries
+from granite_cli.checkpoint.random_weights import TILE, fill_random
 from granite_cli.checkpoint.safetensors import SafetensorsFile, checkpoint_files
 from granite_cli.config import ModelConfig, load_config, read_json_config, to_hf_dict
 from granite_cli.errors import InputError

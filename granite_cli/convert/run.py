@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from granite_cli.checkpoint.init import check_seed
+from granite_cli.checkpoint.random_weights import check_seed
 from granite_cli.checkpoint.sources import ProfileSource, Source, open_source
 from granite_cli.convert.layout import ConvertOptions, Plan
 from granite_cli.convert.plan import disk_shortfall, plan

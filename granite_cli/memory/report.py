@@ -246,11 +246,11 @@ class MemoryOptions:
     vllm: VllmSettings = dataclasses.field(default_factory=VllmSettings)
 
 
-def run_report(o: MemoryOptions, out: Path | None = None, say=lambda msg: None) -> "Outcome":
+def run_report(o: MemoryOptions, out: Path | None = None, say=lambda msg: None) -> "ReportOutcome":
     """What `granite memory-report` runs: the options checked before any work (an --out holding files
     granite did not write is refused up front), the predicted report with sessions per GPU as the
     engine counts them, optionally traced and measured rows, the report folder. Rows over the budget
-    are returned, not raised, so the caller shows the table before Outcome.raise_for_budget fails the
+    are returned, not raised, so the caller shows the table before ReportOutcome.raise_for_budget fails the
     job (exit 3)."""
     from granite_cli.fsutil import check_output_paths, check_report_dir
     from granite_cli.render import parse_bytes
@@ -285,11 +285,11 @@ def run_report(o: MemoryOptions, out: Path | None = None, say=lambda msg: None) 
     if out:
         write_report_dir(out, rep)
         say(f"report written to {Path(out) / 'report.md'}")
-    return Outcome(rep, limit, budget_failures(rep["rows"], limit) if limit is not None else [])
+    return ReportOutcome(rep, limit, budget_failures(rep["rows"], limit) if limit is not None else [])
 
 
 @dataclass
-class Outcome:
+class ReportOutcome:
     """A finished memory report, the budget it was held to (bytes, None for none) and the rows over it."""
 
     report: dict

@@ -14,8 +14,8 @@ import torch.nn as nn
 
 from granite_cli import hub
 from granite_cli.checkpoint.dtypes import hf_name, parse_dtype
-from granite_cli.checkpoint.init import TILE, fill_random
 from granite_cli.checkpoint.names import checkpoint_entries
+from granite_cli.checkpoint.random_weights import TILE, fill_random
 from granite_cli.checkpoint.safetensors import shard_name, write_index, write_safetensors
 from granite_cli.checkpoint.sources import HFSource
 from granite_cli.config import ModelConfig, export_hf_config, load_config

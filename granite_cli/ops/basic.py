@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 
 from granite_cli.arch.base import Routing
+from granite_cli.ops.routing import routed
 
 _NATIVE_BF16: bool | None = None
 
@@ -197,44 +196,6 @@ def route(logits: torch.Tensor, k: int, routing: Routing) -> tuple[torch.Tensor,
     return w, ids
 
 
-class _Routing:
-    """The host-side routing decisions of routed-expert calls: recorded in order during a real run,
-    handed back in the same order during an allocation replay of it (memory.trace.AllocationReplay),
-    whose tensors hold no values to route by."""
-
-    log: list | None = None
-    replay: Iterator | None = None
-
-
-def _routed(decide):
-    if _Routing.replay is not None:
-        return next(_Routing.replay)
-    out = decide()
-    if _Routing.log is not None:
-        _Routing.log.append(out)
-    return out
-
-
-@contextmanager
-def record_routing(log: list):
-    """Append to `log` the routing of every routed-expert call in the block, in order."""
-    _Routing.log = log
-    try:
-        yield log
-    finally:
-        _Routing.log = None
-
-
-@contextmanager
-def replay_routing(log: list):
-    """Routed-expert calls in the block take their routing from `log` (a record_routing of the same run)."""
-    _Routing.replay = iter(log)
-    try:
-        yield
-    finally:
-        _Routing.replay = None
-
-
 def moe_experts(
     x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
 ) -> torch.Tensor:
@@ -258,7 +219,7 @@ def moe_experts(
     if n * k <= 8 and x.device.type != "meta":
         # decode: walk the few (token, expert) pairs directly; no sort, no scatter
         rows = []
-        for t, (es, ws) in enumerate(zip(_routed(lambda: ids.tolist()), wx.unbind(0))):
+        for t, (es, ws) in enumerate(zip(routed(lambda: ids.tolist()), wx.unbind(0))):
             acc = None
             for j, e in enumerate(es):
                 h = linear(x[t], w_in[e])
@@ -274,7 +235,7 @@ def moe_experts(
     if x.device.type == "meta":  # tracing: routing is unknown, assume a balanced split
         counts = [n * k // w_in.shape[0] + (1 if e < n * k % w_in.shape[0] else 0) for e in range(w_in.shape[0])]
     else:
-        counts = _routed(lambda: torch.bincount(flat, minlength=w_in.shape[0]).tolist())
+        counts = routed(lambda: torch.bincount(flat, minlength=w_in.shape[0]).tolist())
     start = 0
     for e, c in enumerate(counts):
         if c == 0:
