@@ -8,6 +8,7 @@ Run: python -m pytest -q tests/test_kernels.py
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import torch
@@ -204,13 +205,52 @@ def test_ssd_bf16_dot_operands_on_cuda(monkeypatch):
 
 
 @pytest.mark.any_device
-def test_references_share_signatures_and_docstrings():
+def test_kernels_share_signatures_and_name_their_references():
     import inspect
 
     for op in T.KERNELS:
         kern, ref = getattr(T, op), getattr(T, op + "_ref")
-        assert kern.__doc__ == ref.__doc__ and kern.__doc__
         assert list(inspect.signature(kern).parameters) == list(inspect.signature(ref).parameters), op
+        # each launcher documents itself (shapes, what it returns) and says which reference it twins
+        assert kern.__doc__ and kern.__doc__ != ref.__doc__, op
+        assert f"{ref.__module__}.{ref.__name__}" in " ".join(kern.__doc__.split()), op
+
+
+def _good_args():
+    g = torch.Generator().manual_seed(3)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    return {
+        "ssd_chunked": [r(1, 8, 4, 16), r(1, 8, 4).abs(), -r(4).abs(), r(1, 8, 2, 16), r(1, 8, 2, 16), 8, r(4),
+                        r(1, 4, 16, 16)],
+        "ssd_step": [r(2, 4, 16, 16), r(2, 4, 16), r(2, 4).abs(), -r(4).abs(), r(2, 2, 16), r(2, 2, 16), r(4)],
+        "causal_conv1d": [r(2, 5, 8), r(8, 1, 4), r(8), r(2, 8, 3)],
+        "causal_conv1d_step": [r(2, 8), r(8, 1, 4), r(8), r(2, 8, 3)],
+        "gated_rms_norm": [r(3, 16), r(3, 16), r(16), 1e-5, 8],
+        "moe_experts": [r(5, 8), r(3, 12, 8), r(3, 8, 6), r(5, 2).abs(), torch.randint(0, 3, (5, 2), generator=g)],
+    }
+
+
+@pytest.mark.parametrize("op,arg,bad,says", [
+    ("ssd_chunked", 1, (1, 8, 3), "dt has shape [1, 8, 3], expected [1, 8, 4]"),
+    ("ssd_chunked", 4, (1, 7, 2, 16), "C has shape [1, 7, 2, 16], expected [1, 8, 2, 16]"),
+    ("ssd_chunked", 7, (1, 4, 16, 8), "initial_state has shape"),
+    ("ssd_chunked", 3, (1, 8, 3, 16), "4 heads do not split into 3 groups"),
+    ("ssd_step", 1, (2, 4, 15), "x has shape [2, 4, 15], expected [2, 4, 16]"),
+    ("ssd_step", 6, (3,), "D has shape [3], expected [4]"),
+    ("causal_conv1d", 1, (8, 4), "weight has shape [8, 4], expected [8, 1, 4]"),
+    ("causal_conv1d", 3, (2, 8, 4), "conv_state has shape [2, 8, 4], expected [2, 8, 3]"),
+    ("causal_conv1d_step", 2, (9,), "bias has shape [9], expected [8]"),
+    ("gated_rms_norm", 1, (3, 15), "z has shape [3, 15], expected [3, 16]"),
+    ("gated_rms_norm", 4, 5, "group size 5 does not divide the width 16"),
+    ("moe_experts", 0, (5, 7), "x has shape [5, 7], expected [5, 8]"),
+    ("moe_experts", 2, (3, 8, 5), "w_out has shape [3, 8, 5], expected [3, 8, 6]"),
+])
+def test_launchers_refuse_wrong_shapes_before_launching(op, arg, bad, says):
+    args = _good_args()[op]
+    getattr(T, op)(*args)  # the good arguments run
+    args[arg] = torch.zeros(bad) if isinstance(bad, tuple) else bad
+    with pytest.raises(ValueError, match=re.escape(says)):
+        getattr(T, op)(*args)
 
 
 def test_whole_model_triton_equals_torch(monkeypatch):

@@ -26,6 +26,15 @@ def dot_precision(t: torch.Tensor) -> str:
     return "ieee" if t.dtype == torch.float32 else "tf32"
 
 
+def expect_shapes(op: str, **tensors: tuple[torch.Tensor | None, tuple[int, ...]]) -> None:
+    """Raise ValueError unless each named tensor has its expected shape (a None tensor is an absent option).
+    A kernel indexes raw pointers, so each launcher calls this first: a wrong shape is an error, not a wrong
+    answer."""
+    for name, (t, want) in tensors.items():
+        if t is not None and tuple(t.shape) != tuple(want):
+            raise ValueError(f"{op}: {name} has shape {list(t.shape)}, expected {list(want)}")
+
+
 # The SSD scan's dot operands on a GPU: "fp32" (tf32 tensor cores for bf16 inputs; the default) or "input"
 # (rounded to the input's bf16/fp16, as mamba_ssm's kernels do). benchmarks/kernels_gpu.py times both;
 # the default changes only with a GPU measurement of speed and error behind it.
