@@ -60,6 +60,18 @@ def model_name(spec: str) -> str:
     return str(spec).split("@", 1)[0].split("/", 1)[1]
 
 
+# What the Hub's refusals mean to a user, first match first (a gated repository is also "not found").
+_REFUSALS = (
+    ("GatedRepoError", "the repository is gated; accept its terms on huggingface.co and set HF_TOKEN "
+                       "(or run `hf auth login`)"),
+    ("RepositoryNotFoundError", "no local folder of that name, and the Hugging Face Hub has no model {repo} "
+                                "(private ones need HF_TOKEN)"),
+    ("RevisionNotFoundError", "the Hub repository {repo} has no revision {rev!r}; use a branch, tag or commit it has"),
+    ("IncompleteSnapshotError", "the Hub cache holds only part of {what} and the Hub cannot be reached; download it "
+                                "with network access (or pass a local folder)"),
+)
+
+
 def snapshot(spec: str, weights: bool) -> Path:
     """The cached snapshot folder of Hub id `spec` (downloading what is missing, unless offline)
     holding config.json, and with weights=True its safetensors and tokenizer files too."""
@@ -78,18 +90,9 @@ def snapshot(spec: str, weights: bool) -> Path:
     what = "its config, safetensors and tokenizer files" if weights else "its config.json"
     try:
         path = snapshot_download(repo, revision=rev, allow_patterns=WITH_WEIGHTS if weights else CONFIG_ONLY)
-    except E.GatedRepoError:
-        raise InputError(f"{spec}: the repository is gated; accept its terms on huggingface.co and set HF_TOKEN "
-                         "(or run `hf auth login`)") from None
-    except E.RepositoryNotFoundError:
-        raise InputError(f"{spec}: no local folder of that name, and the Hugging Face Hub has no model {repo} "
-                         "(private ones need HF_TOKEN)") from None
-    except E.RevisionNotFoundError:
-        raise InputError(f"{spec}: the Hub repository {repo} has no revision {rev!r}; use a branch, tag or "
-                         "commit it has") from None
-    except E.IncompleteSnapshotError:
-        raise InputError(f"{spec}: the Hub cache holds only part of {what} and the Hub cannot be reached; "
-                         "download it with network access (or pass a local folder)") from None
+    except (E.GatedRepoError, E.RepositoryNotFoundError, E.RevisionNotFoundError, E.IncompleteSnapshotError) as e:
+        refusal = next(text for kind, text in _REFUSALS if isinstance(e, getattr(E, kind)))
+        raise InputError(f"{spec}: " + refusal.format(repo=repo, rev=rev, what=what)) from None
     except E.LocalEntryNotFoundError:
         missing = (f"{spec}: no local folder of that name, and {what} {'are' if weights else 'is'} not in the "
                    "Hugging Face cache")

@@ -83,20 +83,7 @@ def rewrite_gguf(src: Path, dst: Path, kv_change=None, shape_change=None) -> Pat
     kv = dict(f.kv)
     kv.update(kv_change or {})
 
-    def typed(k, v):
-        if isinstance(v, bool):
-            return G.KV(k, G.BOOL, v)
-        if isinstance(v, int):
-            return G.KV(k, G.U32 if 0 <= v < 2**32 else G.I64, v)
-        if isinstance(v, float):
-            return G.KV(k, G.F32, v)
-        if isinstance(v, str):
-            return G.KV(k, G.STR, v)
-        el = v[0] if v else 0
-        at = G.STR if isinstance(el, str) else G.F32 if isinstance(el, float) else G.I32
-        return G.KV(k, G.ARR, list(v), at)
-
-    kvs = [typed(k, v) for k, v in kv.items() if k != "general.alignment"]
+    kvs = [G.KV.of(k, v) for k, v in kv.items() if k != "general.alignment"]
     if "general.alignment" in kv:
         kvs.append(G.KV("general.alignment", G.U32, kv["general.alignment"]))
     infos = []
@@ -333,7 +320,7 @@ def run_case(case) -> dict:
         t = Path(td)
         try:
             argv, watched = setup(t)
-        except Exception as e:  # the corpus itself failed: say so rather than hide the case
+        except Exception as e:  # noqa: BLE001 -- the corpus itself failed: say so rather than hide the case
             return {"id": cid, "what": what, "rc": "setup failed", "line": f"{type(e).__name__}: {e}", "want": want}
         before = snapshot(watched) if watched else None
         r = granite(*argv, cwd=t)

@@ -257,23 +257,10 @@ def test_gguf_metadata_values_are_typed_and_ranged(tmp_path_factory, small_gguf,
     build_empty(src.cfg, torch.float32, "meta")
 
 
-def _typed(k, v) -> G.KV:
-    if isinstance(v, bool):
-        return G.KV(k, G.BOOL, v)
-    if isinstance(v, int):
-        return G.KV(k, G.U32 if 0 <= v < 2**32 else G.I64, v)
-    if isinstance(v, float):
-        return G.KV(k, G.F32, v)
-    if isinstance(v, str):
-        return G.KV(k, G.STR, v)
-    el = v[0] if len(v) else 0
-    return G.KV(k, G.ARR, list(v), G.STR if isinstance(el, str) else G.F32 if isinstance(el, float) else G.I32)
-
-
 def _rewrite(f: G.GGUFFile, dst: Path, change: dict) -> None:
     """f with its metadata re-encoded (types from the Python values) and `change` applied."""
     kv = {**f.kv, **change}
-    w = G.GGUFWriter(dst, [_typed(k, v) for k, v in kv.items()], list(f.tensors.values()))
+    w = G.GGUFWriter(dst, [G.KV.of(k, v) for k, v in kv.items()], list(f.tensors.values()))
     for n in f.tensors:
         w.write(n, f.raw(n))
     w.close()

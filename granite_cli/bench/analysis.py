@@ -38,13 +38,19 @@ class Fit:
 
 
 @dataclass
-class Ratio:
-    """Hybrid over dense at one batch and context: speed and memory of each phase."""
+class Pairing:
+    """Which hybrid is compared with which dense model, at one batch (concurrency) and context."""
 
     hybrid: str
     dense: str
     batch: int
     ctx: int
+
+
+@dataclass
+class Ratio(Pairing):
+    """Hybrid over dense at one batch and context: speed and memory of each phase."""
+
     prefill_speed: float = NAN
     decode_speed: float = NAN
     prefill_total_memory: float = NAN
@@ -58,13 +64,9 @@ class Ratio:
 
 
 @dataclass
-class ServeRatio:
+class ServeRatio(Pairing):
     """Hybrid server over dense server at one concurrency and prompt length."""
 
-    hybrid: str
-    dense: str
-    batch: int
-    ctx: int
     ttft: float = NAN
     itl: float = NAN
     output_speed: float = NAN

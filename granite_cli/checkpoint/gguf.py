@@ -81,6 +81,21 @@ class KV:
     value: Any
     atype: int | None = None  # element type when vtype is ARR
 
+    @classmethod
+    def of(cls, key: str, value: Any) -> KV:
+        """The entry a plain Python value (as GGUFFile.kv reads it back) is written as: bool BOOL, int U32
+        where it fits else I64, float F32, str STR, a sequence an ARR typed by its first element."""
+        if isinstance(value, bool):
+            return cls(key, BOOL, value)
+        if isinstance(value, int):
+            return cls(key, U32 if 0 <= value < 2**32 else I64, value)
+        if isinstance(value, float):
+            return cls(key, F32, value)
+        if isinstance(value, str):
+            return cls(key, STR, value)
+        first = value[0] if len(value) else 0
+        return cls(key, ARR, list(value), STR if isinstance(first, str) else F32 if isinstance(first, float) else I32)
+
 
 def _enc_str(s: str) -> bytes:
     b = s.encode("utf-8")
@@ -357,9 +372,8 @@ def quantize_q8_0_pieces(x: torch.Tensor) -> list[torch.Tensor]:
     The rounding is sign(v)·(⌊|v|⌋ + ⌊2·frac(|v|)⌋), with both floors taken by float → int32 casts:
     every step is exact, so ties (common with bf16 inputs) go away from zero and 0.49999997 goes to 0
     (floor(|v| + 0.5) would round it up). Pieces of 256K values keep the passes in cache, and only
-    arithmetic ops with vectorised CPU kernels are used: on this CPU torch's trunc, comparisons to
-    bool and an inf-norm reduction are 3.5-24x slower than a cast or an abs().amax(). The pieces are
-    written as they are, without joining them."""
+    arithmetic ops with vectorised CPU kernels are used (docs/decisions.md, "Q8_0 quantisation"). The
+    pieces are written as they are, without joining them."""
     pieces = []
     for c in row_chunks(x.detach(), 1 << 18):
         b = c.to(torch.float32, copy=True).reshape(-1, 32)

@@ -50,19 +50,23 @@ class Malformed(Exception):
     """A metrics source answered with something that is not what it promises; it is dropped."""
 
 
+def _fetch(ep: Endpoint, path: str, timeout: float) -> bytes | None:
+    """The body of a 200 answer to GET `path`; None where the server has no such page (any other status,
+    or no answer); Malformed where the answer is over the size cap."""
+    try:
+        status, body = get(ep, path, timeout)
+    except HTTPFailure as e:
+        if e.kind == "too_large":
+            raise Malformed(f"{path}: {e.detail}") from None
+        return None
+    return body if status == 200 else None
+
+
 def scrape(ep: Endpoint, timeout: float = 5.0) -> dict[str, float] | None:
     """The metrics now, or None when the server has no /metrics; Malformed when it answers 200 with
     something else."""
-    try:
-        status, body = get(ep, "/metrics", timeout)
-    except HTTPFailure as e:
-        if e.kind == "too_large":
-            raise Malformed(f"/metrics: {e.detail}") from None
-        return None
-    if status != 200:
-        return None
-    m = parse(body.decode("utf-8", "replace"))
-    return m or None
+    body = _fetch(ep, "/metrics", timeout)
+    return (parse(body.decode("utf-8", "replace")) or None) if body is not None else None
 
 
 def _num(v) -> float:
@@ -78,13 +82,8 @@ def slots_usage(ep: Endpoint, timeout: float = 5.0) -> float | None:
     """llama.cpp's KV-cache use from `/slots` (its /metrics no longer says it): the tokens the busy slots
     hold (prompt processed, cached and decoded) over all slots' context. None where there is no /slots;
     Malformed where it answers with something else."""
-    try:
-        status, body = get(ep, "/slots", timeout)
-    except HTTPFailure as e:
-        if e.kind == "too_large":
-            raise Malformed(f"/slots: {e.detail}") from None
-        return None
-    if status != 200:
+    body = _fetch(ep, "/slots", timeout)
+    if body is None:
         return None
     data = json_value(body)
     if not isinstance(data, list) or not all(isinstance(x, dict) for x in data):
@@ -114,8 +113,7 @@ class Sampler:
         self.dropped: list[str] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._has_metrics = True
-        self._has_slots = False
+        self._sources: dict = {scrape: self.samples}   # source → where its answers go, while it answers
 
     def _guarded(self, fn):
         try:
@@ -127,22 +125,17 @@ class Sampler:
         return False
 
     def _sample(self) -> None:
-        if self._has_metrics:
-            m = self._guarded(scrape)
-            if m is False:
-                self._has_metrics = False
-            elif m is not None:
-                self.samples.append(m)
-        if self._has_slots:
-            u = self._guarded(slots_usage)
-            if u is False:
-                self._has_slots = False
-            elif u is not None:
-                self.slots.append(u)
+        for fn, into in list(self._sources.items()):
+            v = self._guarded(fn)
+            if v is False:      # malformed: dropped for the rest of the case
+                del self._sources[fn]
+            elif v is not None:
+                into.append(v)
 
     def start(self) -> "Sampler":
         u = self._guarded(slots_usage)
-        self._has_slots = u is not None and u is not False  # 0.0 (idle) is an answer
+        if u is not None and u is not False:  # 0.0 (idle) is an answer
+            self._sources[slots_usage] = self.slots
         self._sample()
         if self.samples or self.slots:
             self._thread = threading.Thread(target=self._loop, daemon=True)
