@@ -361,3 +361,41 @@ def test_one_precedence_rule_flag_over_sweep_file_over_default(tmp_path):
                                                                          1800.0)
     with pytest.raises(InputError, match="no CUDA device"):
         resolve_spec(none, f, False)  # the file's cuda, with no flag to overrule it
+
+
+def test_a_row_reads_and_writes_the_rows_file_object_unchanged():
+    from granite_cli.bench.row import ModelRow, ServeRow
+
+    # an older file's row: a key this schema dropped, and none of the newer fields
+    old = {"model": "cpu-hybrid", "kind": "hybrid", "dtype": "bf16", "device": "cpu", "batch": 2, "ctx": 512,
+           "phase": "prefill", "status": "ok", "tokens_per_s": 812.5, "legacy_field": [1, 2]}
+    row = Row.from_dict(old)
+    assert isinstance(row, ModelRow) and row.tokens_per_s == 812.5 and row.extra == {"legacy_field": [1, 2]}
+    back = row.to_dict()
+    assert {k: back[k] for k in old} == old                 # every key read is written back as read
+    assert back["schema_version"] == 1 and back["peak_bytes"] is None
+    assert Row.from_dict(json.loads(json.dumps(back))).to_dict() == back
+    serve = Row.from_dict({"model": "m", "phase": "serve", "status": "ok", "ttft_ms_p50": 12.0})
+    assert isinstance(serve, ServeRow) and serve.ttft_ms_p50 == 12.0 and serve.key[-1] == "serve"
+
+
+def test_a_builder_cannot_set_a_field_the_row_does_not_have():
+    row = Row.from_dict({"model": "m", "phase": "decode", "status": "ok"})
+    row.update(tokens_per_s=3.0, peak_bytes=7)
+    assert (row.tokens_per_s, row.peak_bytes) == (3.0, 7)
+    with pytest.raises(KeyError, match="ModelRow has no field tokens_per_sec"):
+        row.update(tokens_per_s=4.0, tokens_per_sec=4.0)
+    assert row.tokens_per_s == 3.0   # nothing set when one name is wrong
+
+
+def test_table_columns_come_from_the_fields():
+    from granite_cli.bench.row import ModelRow, ServeRow, columns, formats, headers
+
+    for kind in (ModelRow, ServeRow):
+        names = {f.name for f in dataclasses.fields(kind)}
+        for where in ("table", "report"):
+            cols = columns(kind, where)
+            assert cols and set(cols) <= names and set(cols) <= set(headers())
+    assert columns(ModelRow)[:4] == ["model", "batch", "ctx", "phase"]
+    assert "ttft_ms_p50" in columns(ServeRow) and "ttft_ms_p50" not in columns(ModelRow)
+    assert formats()["ttft_ms_p50"] == "num"

@@ -63,6 +63,13 @@ class Result:
     tokens_per_s: float | None = column("tok/s", "num", model=BOTH)
     latency_ms: float | None = column("latency ms", "num", model=BOTH)
     median_s: float | None = None
+
+
+@dataclass(kw_only=True)
+class Spread:
+    """An in-process case's repetitions: each one's seconds and their spread (a server case has its
+    percentiles in Server instead)."""
+
     stdev_s: float | None = column("stdev s", "num", model=BOTH)
     min_s: float | None = None
     max_s: float | None = None
@@ -115,27 +122,34 @@ class ModelInfo:
 
 
 @dataclass(kw_only=True)
-class Environment:
-    """What the row was measured on (bench.rows.environment_fields fills it)."""
+class ClientEnvironment:
+    """Where granite ran (a server row's whole environment: bench.rows.client_environment fills it)."""
 
     granite_version: str | None = None
-    torch: str | None = None
-    triton: str | None = None
     python: str | None = None
     cpu: str | None = None
-    gpu: str | None = None
-    threads: int | None = None
-    kernel_impl: str | None = None
     commit: str | None = None
     dirty: bool | None = None
     host: str | None = None
-    host_malloc: str | None = None
     time: str | None = None
 
 
 @dataclass(kw_only=True)
+class Environment(ClientEnvironment):
+    """What an in-process row was measured on: the client's environment and the core's (torch, Triton,
+    the GPU, threads, which kernels, the host allocator); bench.rows.environment_fields fills it."""
+
+    torch: str | None = None
+    triton: str | None = None
+    gpu: str | None = None
+    threads: int | None = None
+    kernel_impl: str | None = None
+    host_malloc: str | None = None
+
+
+@dataclass(kw_only=True)
 class Server:
-    """A server's figures for one case (serve.load.summarize fills them): latency percentiles in ms,
+    """A server's figures for one case (serve.stats.summarize fills them): latency percentiles in ms,
     throughput, failures, its own metrics and timings, and the client's own cost."""
 
     endpoint: str | None = None
@@ -210,13 +224,15 @@ class Row(Case, Result):
         return {**out, **{k: v for k, v in self.extra.items() if k not in out}}
 
     def update(self, **values) -> "Row":
-        """Set fields by name (a name the schema does not know goes to `extra`)."""
-        names = {f.name for f in fields(self)}
+        """Set fields by name. A name the schema does not know is a KeyError: the builders fill rows
+        through here, so a renamed or misspelt key fails where it is written, in the tests, not later in
+        a table or a plot. (Reading a rows file keeps unknown keys in `extra`: see from_dict.)"""
+        names = {f.name for f in fields(self)} - {"extra"}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise KeyError(f"{type(self).__name__} has no field {', '.join(unknown)}")
         for k, v in values.items():
-            if k in names:
-                setattr(self, k, v)
-            else:
-                self.extra[k] = v
+            setattr(self, k, v)
         return self
 
     @classmethod
@@ -230,17 +246,17 @@ class Row(Case, Result):
 
 
 @dataclass(kw_only=True)
-class ModelRow(Row, Timing, Memory, Guard, ModelInfo, Environment):
+class ModelRow(Row, Spread, Timing, Memory, Guard, ModelInfo, Environment):
     """A case run in granite's own core (prefill or decode)."""
 
-    PARTS: ClassVar[tuple] = (Case, ModelInfo, Guard, Result, Timing, Memory, Environment)
+    PARTS: ClassVar[tuple] = (Case, ModelInfo, Guard, Result, Spread, Timing, Memory, Environment)
 
 
 @dataclass(kw_only=True)
-class ServeRow(Row, Server, Environment):
+class ServeRow(Row, Server, ClientEnvironment):
     """A case sent to a server."""
 
-    PARTS: ClassVar[tuple] = (Case, Result, Server, Environment)
+    PARTS: ClassVar[tuple] = (Case, Result, Server, ClientEnvironment)
 
 
 def columns(kind: type[Row], where: str = "table") -> list[str]:
