@@ -34,7 +34,7 @@ CompileOpt = Annotated[Optional[bool], typer.Option(
          "1-2.5 minutes per model and batch size on 2 cores, in untimed first passes.")]
 SweepOpt = Annotated[Optional[Path], typer.Option(
     help="TOML sweep file with any of the options above (models, ctx, batch, phases, gen, dtype, device, reps, "
-         "warmup, ubatch, share_prefill, cuda_graph, compile, max_case_seconds, seed, guard, weights). An "
+         "warmup, ubatch, share_prefill, cuda_graph, compile, max_case_seconds, seed, guard, weights, energy). An "
          "option given on the command line wins over the file, and the file over the defaults.")]
 WeightsOpt = Annotated[Optional[str], typer.Option(
     help="random, checkpoint, or auto (the default: a local folder's weights where it has them, else random "
@@ -43,20 +43,59 @@ WeightsOpt = Annotated[Optional[str], typer.Option(
 EndpointOpt = Annotated[Optional[list[str]], typer.Option(
     "--endpoint", metavar="[NAME=]URL",
     help="An OpenAI-compatible server to sweep (vLLM, SGLang, llama.cpp's llama-server, ...), repeatable, beside or "
-         "instead of -m: --ctx is then prompt tokens, --batch concurrent sessions (closed loop), --gen output tokens, "
-         "--reps requests per session. NAME defaults to the served model.")]
+         "instead of -m: --ctx is then prompt tokens, --batch concurrent sessions (closed loop), --gen output tokens. "
+         "NAME defaults to the served model.")]
 ApiKeyOpt = Annotated[Optional[str], typer.Option(
     envvar="GRANITE_API_KEY", show_default=False, show_envvar=True,
     help="Bearer token for --endpoint servers (never printed or stored).")]
-RateOpt = Annotated[Optional[float], typer.Option(
-    help="Open loop instead: batch x reps requests arriving as a Poisson process at this many per second.")]
+ApiOpt = Annotated[str, typer.Option(
+    help="completions (/v1/completions, exact token-id prompts) or chat (/v1/chat/completions: messages through "
+         "the server's chat template).")]
+RateOpt = Annotated[Optional[str], typer.Option(
+    help="Open loop: requests arriving as a Poisson process at each of these rates per second (e.g. 1,2,4,8: a rate "
+         "sweep, whose knee and best goodput are named); --batch then caps the requests in flight.")]
+RequestsOpt = Annotated[Optional[int], typer.Option(
+    help="Requests per server case (default: 16, or 4 per session if more; with --turns one conversation per "
+         "session; with --rate 10 s of arrivals).")]
+DurationOpt = Annotated[Optional[float], typer.Option(
+    help="Seconds each server case sends requests (with --requests, whichever ends first).")]
+TurnsOpt = Annotated[int, typer.Option(
+    help="Multi-turn sessions: each turn resends the whole history (earlier prompts and answers) and a new user "
+         "message of --ctx tokens; rows get per-turn TTFT and the prompt tokens the server reused.")]
+ThinkOpt = Annotated[float, typer.Option(help="Seconds a session waits between an answer and its next turn.")]
+DatasetOpt = Annotated[Optional[Path], typer.Option(
+    help="Real prompts: JSONL or JSON of {prompt|text}, OpenAI {messages} or ShareGPT {conversations} entries; "
+         "--ctx is then the longest first prompt taken.")]
+LengthsOpt = Annotated[str, typer.Option(
+    help="Prompt lengths around --ctx: exact (the default, for scaling fits), uniform (ctx/2 to 3ctx/2) or "
+         "lognormal (mean ctx).")]
+RunsOpt = Annotated[int, typer.Option(
+    help="Run each server case this many times with fresh prompts; rows get 95% confidence intervals.")]
+RequestsOutOpt = Annotated[Optional[Path], typer.Option(
+    help="Write one JSON line per request (times, tokens, cached tokens, errors) to this file.")]
 SharedPrefixOpt = Annotated[int, typer.Option(
     help="Leading prompt tokens shared by every request of a case (to measure prefix caching); 0 = none.")]
 RequestTimeoutOpt = Annotated[float, typer.Option(help="Seconds a request may take before it counts as a "
                                                       "timeout.")]
 SloTtftOpt = Annotated[Optional[float], typer.Option(
-    help="SLO on p90 time to first token, ms: report the largest concurrency per prompt length that meets it.")]
-SloItlOpt = Annotated[Optional[float], typer.Option(help="SLO on p90 inter-token latency, ms.")]
+    help="SLO on time to first token, ms, at --slo-percentile (and per request, for goodput).")]
+SloItlOpt = Annotated[Optional[float], typer.Option(
+    help="SLO on ITL, the gap between streamed chunks (vLLM's ITL), ms, at --slo-percentile.")]
+SloTpotOpt = Annotated[Optional[float], typer.Option(
+    help="SLO on TPOT, (e2e - TTFT) / (tokens - 1) per request (AIPerf's and GuideLLM's ITL), ms.")]
+SloE2eOpt = Annotated[Optional[float], typer.Option(help="SLO on end-to-end request latency, ms.")]
+SloPctOpt = Annotated[float, typer.Option(help="The percentile the SLOs are judged at per case (default 90).")]
+EnergyOpt = Annotated[Optional[bool], typer.Option(
+    "--energy/--no-energy",
+    help="GPU power and joules per token from NVML where a GPU is visible (in-process, or a server on this host).")]
+DcgmOpt = Annotated[Optional[str], typer.Option(
+    metavar="URL", help="A DCGM exporter (e.g. http://gpu-host:9400) to read a remote server's GPU power from.")]
+
+# Options that only a server sweep reads, and what they default to.
+_SERVE_ONLY = {"api": "completions", "rate": None, "requests": None, "duration": None, "turns": 1,
+               "think_time": 0.0, "dataset": None, "lengths": "exact", "runs": 1, "requests_out": None,
+               "shared_prefix": 0, "request_timeout": 600.0, "slo_ttft": None, "slo_itl": None, "slo_tpot": None,
+               "slo_e2e": None, "slo_percentile": 90.0, "dcgm": None, "api_key": None}
 
 
 def bench(
@@ -97,11 +136,25 @@ def bench(
              "context. A failing case is marked invalid.")] = None,
     endpoint: EndpointOpt = None,
     api_key: ApiKeyOpt = None,
+    api: ApiOpt = "completions",
     rate: RateOpt = None,
+    requests: RequestsOpt = None,
+    duration: DurationOpt = None,
+    turns: TurnsOpt = 1,
+    think_time: ThinkOpt = 0.0,
+    dataset: DatasetOpt = None,
+    lengths: LengthsOpt = "exact",
+    runs: RunsOpt = 1,
+    requests_out: RequestsOutOpt = None,
     shared_prefix: SharedPrefixOpt = 0,
     request_timeout: RequestTimeoutOpt = 600.0,
     slo_ttft: SloTtftOpt = None,
     slo_itl: SloItlOpt = None,
+    slo_tpot: SloTpotOpt = None,
+    slo_e2e: SloE2eOpt = None,
+    slo_percentile: SloPctOpt = 90.0,
+    energy: EnergyOpt = None,
+    dcgm: DcgmOpt = None,
     fmt: FormatOpt = Format.table,
 ) -> None:
     """Sweep context and batch: prefill and decode throughput, latency and memory; fit the scaling.
@@ -111,25 +164,49 @@ def bench(
     comes from its option if given, else from --sweep FILE, else from the default.
 
     Examples: granite bench --ctx 128k;  granite bench -m granite-4.0-h-tiny --ctx 1k-32k*2 --batch 1,8 --out rep/;
-    granite bench --endpoint h=http://127.0.0.1:8080 --endpoint d=http://127.0.0.1:8081 --ctx 512-8k*2 --batch 1,2,4
+    granite bench --endpoint h=http://127.0.0.1:8080 --endpoint d=http://127.0.0.1:8081 --ctx 512-8k*2 --batch 1,2,4;
+    granite bench --endpoint h=URL --endpoint d=URL --ctx 512 --batch 1,4 --turns 4
     """
-    import torch
+    args = dict(locals())  # before any import below can shadow a parameter's name
+    from granite_cli.bench.session import Gates, Outputs, run_sweep
+    from granite_cli.bench.session import duration as took
 
-    from granite_cli.bench.endpoints import ServeOptions
-    from granite_cli.bench.session import Gates, Outputs, duration, run_sweep
-    from granite_cli.bench.spec import resolve_spec
-
-    flags = {"models": model, "ctx": ctx, "batch": batch, "phases": phase, "gen": gen, "dtype": dtype,
-             "device": device, "reps": reps, "warmup": warmup, "ubatch": ubatch, "share_prefill": share_prefill,
-             "cuda_graph": cuda_graph, "compile": compile_decode, "max_case_seconds": max_case_seconds,
-             "seed": seed, "guard": guard, "weights": weights}
-    spec = resolve_spec(flags, sweep, torch.cuda.is_available(), endpoints=bool(endpoint))
-    serve = ServeOptions(endpoint or [], api_key, rate, shared_prefix, request_timeout, slo_ttft, slo_itl)
+    spec, serve = _specs(args)
     outcome = run_sweep(spec, Outputs(out, jsonl, resume), Gates(baseline, fail_on_regression, check), serve, say,
                         _Progress(sys.stderr.isatty()))
     _show(outcome, fmt)
-    say(f"done in {duration(outcome.wall_s)}")
+    say(f"done in {took(outcome.wall_s)}")
     outcome.raise_for_gates()
+
+
+def _specs(a: dict):
+    """The sweep (one precedence rule: option > --sweep file > default) and what is asked of the servers,
+    from bench()'s arguments. An option of one kind of subject given without that subject is refused."""
+    import torch
+
+    from granite_cli.bench.endpoints import ServeOptions
+    from granite_cli.bench.spec import resolve_spec
+    from granite_cli.errors import InputError
+    from granite_cli.serve.stats import Slo
+    from granite_cli.sizes import parse_rates
+
+    given = [k for k, default in _SERVE_ONLY.items() if a[k] != default]
+    if given and not a["endpoint"]:
+        flag = "--" + given[0].replace("_", "-")
+        raise InputError(f"{flag} is for --endpoint servers; give --endpoint URL, or leave {flag} out")
+    flags = {"models": a["model"], "phases": a["phase"], "compile": a["compile_decode"],
+             **{k: a[k] for k in ("ctx", "batch", "gen", "dtype", "device", "reps", "warmup", "ubatch", "share_prefill",
+                                  "cuda_graph", "max_case_seconds", "seed", "guard", "weights", "energy")}}
+    spec = resolve_spec(flags, a["sweep"], torch.cuda.is_available(), endpoints=bool(a["endpoint"]))
+    rate = a["rate"]
+    serve = ServeOptions(
+        a["endpoint"] or [], api_key=a["api_key"], api=a["api"], rates=parse_rates(rate) if rate else None,
+        max_concurrency=spec.batch if rate and a["batch"] else None, shared_prefix=a["shared_prefix"],
+        request_timeout=a["request_timeout"], requests=a["requests"], duration=a["duration"], turns=a["turns"],
+        think_time=a["think_time"], dataset=a["dataset"], lengths=a["lengths"], runs=a["runs"], seed=a["seed"],
+        warmup=1 if a["warmup"] is None else a["warmup"], requests_out=a["requests_out"], energy=spec.energy,
+        dcgm=a["dcgm"], slo=Slo(a["slo_ttft"], a["slo_itl"], a["slo_tpot"], a["slo_e2e"], a["slo_percentile"]))
+    return spec, serve
 
 
 def _show(outcome, fmt: Format) -> None:

@@ -64,3 +64,19 @@ def _geometric(lo: int, hi: int, mult: int) -> list[int]:
         out.append(v)
         v *= mult
     return out
+
+
+def parse_rates(spec: str) -> list[float]:
+    """`2`, `0.5,1,2,4` → sorted unique request rates per second (positive, finite)."""
+    out: list[float] = []
+    for part in str(spec).split(","):
+        try:
+            v = float(part.strip())
+        except ValueError:
+            raise InputError(f"bad --rate {part.strip()!r}: give requests per second, e.g. 2 or 0.5,1,2,4") from None
+        if not (v > 0 and v < float("inf")):
+            raise InputError("--rate must be positive numbers of requests per second")
+        out.append(v)
+    if len(out) > MAX_VALUES:
+        raise InputError(f"bad --rate list: more than {MAX_VALUES} values")
+    return sorted(set(out))

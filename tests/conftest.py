@@ -54,6 +54,17 @@ HF_CLASSES = {
 }
 
 
+def one_error(r, code: int, *words: str) -> str:
+    """The run exited with code, printed exactly one error line holding every word, and no traceback."""
+    assert r.returncode == code, (r.returncode, r.stderr[-2000:])
+    assert "Traceback" not in r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, r.stderr
+    for w in words:
+        assert w in errors[0], errors[0]
+    return errors[0]
+
+
 def hf_load(arch: str, folder):
     transformers = pytest.importorskip("transformers")
     cls = getattr(transformers, HF_CLASSES[arch])

@@ -21,7 +21,7 @@ import pytest
 from tests.hostile_server import HostileServer, drip, good_tokens, send_events, send_json
 
 KEY = "sk-Zq8rW0123456789abcdefSECRETkey"
-RUN = ["--ctx", "16", "--batch", "1", "--gen", "4", "--reps", "2", "--warmup", "0", "--request-timeout", "3"]
+RUN = ["--ctx", "16", "--batch", "1", "--gen", "4", "--requests", "2", "--warmup", "0", "--request-timeout", "3"]
 
 
 def granite(*args, env=None, timeout=120, **kw):
@@ -132,6 +132,51 @@ def test_malformed_stream_is_an_error_row_of_its_kind(server, tmp_path, name, ev
     assert row["status"] == "error" and row["errors"] == {kind: 2}, row["errors"]
     assert row["error"] and row["error"] != "None"
     assert f"Bearer {KEY}" in srv.auth  # the key was sent, and kept out of everything above
+
+
+def _chat(events_of):
+    """A /v1/chat/completions route: the probe's one-token answer, then `events_of(handler, body)` streamed."""
+    def route(h, body):
+        if not body.get("stream"):
+            return send_json(h, {"choices": [{"message": {"role": "assistant", "content": "x"},
+                                              "finish_reason": "length"}], "usage": {"prompt_tokens": 4}})
+        send_events(h, events_of(h, body))
+    return route
+
+
+def _chat_good(n=4):
+    return ([{"choices": [{"delta": {"content": "x"}, "index": 0, "finish_reason": None}]} for _ in range(n - 1)] +
+            [{"choices": [{"delta": {"content": "x"}, "index": 0, "finish_reason": "length"}],
+              "usage": {"prompt_tokens": 8, "completion_tokens": n}}])
+
+
+BAD_CHAT = [
+    ("delta is a list", lambda h, b: [{"choices": [{"delta": ["x"], "finish_reason": "length"}]}], "bad_response"),
+    ("content is a number", lambda h, b: [{"choices": [{"delta": {"content": 7}, "finish_reason": "length"}]}],
+     "bad_response"),
+    ("reasoning is an object", lambda h, b: [{"choices": [{"delta": {"reasoning_content": {}}}]}], "bad_response"),
+    ("cached more than the prompt", lambda h, b: _chat_good()[:-1] + [
+        {"choices": [{"delta": {"content": "x"}, "finish_reason": "length"}],
+         "usage": {"prompt_tokens": 8, "completion_tokens": 4, "prompt_tokens_details": {"cached_tokens": 9}}}],
+     "bad_usage"),
+    ("no finish reason", lambda h, b: _chat_good()[:-1], "cut"),
+]
+
+
+@pytest.mark.parametrize("name,events,kind", BAD_CHAT, ids=[c[0] for c in BAD_CHAT])
+def test_malformed_chat_stream_is_an_error_row_of_its_kind(server, tmp_path, name, events, kind):
+    srv = server({"/v1/chat/completions": _chat(events)})
+    r, rows = sweep(srv, tmp_path, "--api", "chat", "--turns", "2")
+    (row,) = clean(r, 1, rows)
+    # a failed turn ends its conversation: the second turn would resend a broken history
+    assert row["status"] == "error" and row["errors"] == {kind: 1} and row["requests"] == 1
+
+
+def test_a_good_chat_stream_has_its_turns(server, tmp_path):
+    srv = server({"/v1/chat/completions": _chat(lambda h, b: _chat_good())})
+    r, rows = sweep(srv, tmp_path, "--api", "chat", "--turns", "2")
+    (row,) = clean(r, 0, rows)
+    assert row["requests_ok"] == 2 and row["turn_prompt_tokens"] == [8, 8] and row["api"] == "chat"
 
 
 def test_half_bad_case_keeps_its_good_requests(server, tmp_path):
@@ -281,8 +326,10 @@ def test_regression_gates_that_cannot_fire_are_refused(tmp_path, gate):
     assert "--fail-on-regression" in r.stderr
 
 
-@pytest.mark.parametrize("flag,value", [("--rate", "1e-9"), ("--rate", "inf"), ("--request-timeout", "inf"),
-                                        ("--request-timeout", "nan"), ("--slo-ttft", "nan"), ("--reps", "100000000")])
+@pytest.mark.parametrize("flag,value", [
+    ("--rate", "1e-9"), ("--rate", "inf"), ("--request-timeout", "inf"), ("--request-timeout", "nan"),
+    ("--slo-ttft", "nan"), ("--requests", "100000000"), ("--turns", "0"), ("--rate", "1,x"), ("--runs", "1000"),
+    ("--slo-percentile", "100"), ("--api", "embeddings"), ("--lengths", "zipf"), ("--reps", "3")])
 def test_absurd_server_options_are_refused_before_any_request(server, tmp_path, flag, value):
     srv = server({})
     r = granite("bench", "--endpoint", srv.url, "--ctx", "16", flag, value)

@@ -19,6 +19,7 @@ LAYERS = [
     {"model", "env", "flops", "profile_info"},
     {"granite_cli"},                               # the package's own __init__ (lazy entry points)
     {"memory", "convert", "serve"},                # serve: OpenAI-compatible servers as bench subjects
+    {"energy"},                                    # GPU power: NVML here, or a server host's DCGM exporter
     {"bench"},                                     # reads memory's predictions for its verdicts
     {"commands"},                                  # the CLI: parses options, calls one library function
     {"app"},

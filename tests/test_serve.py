@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import one_error
 from tests.fake_server import FakeServer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,16 +32,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _one_line(r, code: int, *words):
-    assert r.returncode == code, (r.returncode, r.stderr[-2000:])
-    assert "Traceback" not in r.stderr
-    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, r.stderr
-    for w in words:
-        assert w in errors[0], errors[0]
-    return errors[0]
 
 
 class LlamaServer:
@@ -104,7 +95,7 @@ def test_a_converted_random_gguf_generates_in_the_real_server(servers):
 def test_endpoint_sweep_exact_prompts_real_concurrency_and_metrics(servers, tmp_path):
     h, d = servers
     r = granite("bench", "--endpoint", f"tiny-hybrid={h.url}", "--endpoint", f"tiny-dense={d.url}",
-                "--ctx", "37,300", "--batch", "1,4", "--gen", "6", "--reps", "2", "--warmup", "0",
+                "--ctx", "37,300", "--batch", "1,4", "--gen", "6", "--requests", "8", "--warmup", "0",
                 "--out", str(tmp_path / "rep"), "-f", "json")
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout)
@@ -114,7 +105,7 @@ def test_endpoint_sweep_exact_prompts_real_concurrency_and_metrics(servers, tmp_
         assert x["status"] == "ok" and x["errors"] is None, x
         # the server's own usage confirms every prompt had exactly the requested length
         assert x["prompt_tokens_measured"] == [x["ctx"], x["ctx"]] and x["prompt_tokens_exact"] is True
-        assert x["output_tokens_min"] == 6 and x["output_tokens"] == 6 * x["batch"] * 2
+        assert x["output_tokens_min"] == 6 and x["output_tokens"] == 6 * 8 and x["requests"] == 8
         assert x["engine"] == "llama.cpp" and x["server_slots"] == 4
         assert x["server_metrics"].startswith("/metrics")
         assert x["server_kv_cache_source"] == "/slots" and 0 <= x["server_kv_cache_usage_max"] <= 1
@@ -136,7 +127,7 @@ def test_endpoint_sweep_exact_prompts_real_concurrency_and_metrics(servers, tmp_
 def test_shared_prefix_is_served_from_the_cache(servers):
     # the dense model: llama.cpp cannot roll a recurrent state back to a partial prefix, so its hybrid
     # recomputes the whole prompt (cached_prompt_tokens 0), which is what this option exists to show
-    r = granite("bench", "--endpoint", servers[1].url, "--ctx", "200", "--batch", "1", "--gen", "2", "--reps", "3",
+    r = granite("bench", "--endpoint", servers[1].url, "--ctx", "200", "--batch", "1", "--gen", "2", "--requests", "3",
                 "--warmup", "0", "--shared-prefix", "150", "-f", "json")
     assert r.returncode == 0, r.stderr[-2000:]
     row = json.loads(r.stdout)["rows"][0]
@@ -145,17 +136,62 @@ def test_shared_prefix_is_served_from_the_cache(servers):
     assert row["cached_prompt_tokens"] >= 150
 
 
+@pytest.fixture(scope="module")
+def cpu_servers(tmp_path_factory):
+    """llama.cpp's server on GGUFs of cpu-hybrid and cpu-dense (the profiles' real layer mix), one slot each."""
+    pytest.importorskip("xllamacpp")
+    d = tmp_path_factory.mktemp("cpu-serve")
+    started = []
+    try:
+        for name in ("cpu-hybrid", "cpu-dense"):
+            r = granite("convert", "--from-profile", name, str(d / f"{name}.gguf"), "--dtype", "bf16", "--no-verify",
+                        "-f", "json")
+            assert r.returncode == 0, r.stderr
+            started.append(LlamaServer(d / f"{name}.gguf", slots=1, ctx_per_slot=1024))
+        yield started
+    finally:
+        for s in started:
+            s.stop()
+
+
+def test_multi_turn_sessions_reuse_as_the_server_reports(cpu_servers, tmp_path):
+    h, d = cpu_servers
+    out = tmp_path / "req.jsonl"
+    r = granite("bench", "--endpoint", f"cpu-hybrid={h.url}", "--endpoint", f"cpu-dense={d.url}", "--ctx", "120",
+                "--batch", "1", "--gen", "8", "--turns", "3", "--warmup", "0", "--requests-out", str(out), "-f", "json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout)
+    rows = {x["model"]: x for x in res["rows"]}
+    recs = [json.loads(x) for x in out.read_text().splitlines()]
+    for name, row in rows.items():
+        assert row["requests_ok"] == 3 and row["turn_prompt_tokens"] == [120, 248, 376], row
+        assert row["turn_reusable_tokens"] == [0, 120, 248]
+        mine = [x for x in recs if x["model"] == name]
+        # the row's reuse is the server's own per-request report, summed
+        assert row["cached_prompt_tokens"] == sum(x["cached_tokens"] for x in mine)
+        assert [x["cached_tokens"] for x in sorted(mine, key=lambda x: x["turn"])] == row["turn_cached_tokens"]
+    dense = rows["cpu-dense"]
+    assert dense["turn_cached_tokens"][0] == 0 and dense["prefix_reuse"] >= 0.95  # the whole history, every turn
+    v = "\n".join(res["verdicts"])
+    assert "cpu-dense c1 3 turns of 120-token messages" in v and "it prefills only the new tokens" in v
+    hyb = rows["cpu-hybrid"]
+    said = ("prefills only the new tokens" if hyb["prefix_reuse"] >= 0.5 else
+            "re-processes the whole history" if hyb["prefix_reuse"] <= 0.05 else "re-processes part of the history")
+    assert "cpu-hybrid c1 3 turns of 120-token messages" in v and said in v
+    assert "cpu-hybrid vs cpu-dense c1 prompt 120 [turns=3]" in v and "TTFT by turn" in v
+
+
 def test_unreachable_endpoint_is_one_line_exit_2():
     port = _free_port()
-    _one_line(granite("bench", "--endpoint", f"http://127.0.0.1:{port}", "--ctx", "32"), 2, "connection refused")
-    _one_line(granite("bench", "--endpoint", "ftp://x", "--ctx", "32"), 2, "not an http(s) URL")
+    one_error(granite("bench", "--endpoint", f"http://127.0.0.1:{port}", "--ctx", "32"), 2, "connection refused")
+    one_error(granite("bench", "--endpoint", "ftp://x", "--ctx", "32"), 2, "not an http(s) URL")
 
 
 def test_api_key_is_sent_and_never_printed(tmp_path):
     fake = FakeServer()
     try:
         r = granite("bench", "--endpoint", f"f={fake.url}", "--api-key", "s3cret-token", "--ctx", "8", "--batch",
-                    "1", "--gen", "2", "--reps", "1", "--jsonl", str(tmp_path / "r.jsonl"), "-f", "json")
+                    "1", "--gen", "2", "--requests", "1", "--jsonl", str(tmp_path / "r.jsonl"), "-f", "json")
     finally:
         fake.stop()
     assert r.returncode == 0, r.stderr
@@ -167,7 +203,7 @@ def test_failed_requests_are_counted_by_kind(tmp_path):
     modes = {0: "500", 1: "cut", 2: "slow"}
     fake = FakeServer(mode=lambda n: modes.get(n % 4, "ok"), slow_s=3.0)
     try:
-        r = granite("bench", "--endpoint", f"f={fake.url}", "--ctx", "8", "--batch", "1", "--gen", "4", "--reps",
+        r = granite("bench", "--endpoint", f"f={fake.url}", "--ctx", "8", "--batch", "1", "--gen", "4", "--requests",
                     "4", "--warmup", "0", "--request-timeout", "1", "-f", "json")
     finally:
         fake.stop()
@@ -181,11 +217,11 @@ def test_failed_requests_are_counted_by_kind(tmp_path):
 def test_a_case_where_every_request_fails_exits_1_with_its_row(tmp_path):
     fake = FakeServer(mode=lambda n: "500")
     try:
-        r = granite("bench", "--endpoint", f"f={fake.url}", "--ctx", "8", "--batch", "2", "--gen", "2", "--reps",
-                    "1", "--warmup", "0", "--jsonl", str(tmp_path / "r.jsonl"), "-f", "json")
+        r = granite("bench", "--endpoint", f"f={fake.url}", "--ctx", "8", "--batch", "2", "--gen", "2", "--requests",
+                    "2", "--warmup", "0", "--jsonl", str(tmp_path / "r.jsonl"), "-f", "json")
     finally:
         fake.stop()
-    _one_line(r, 1, "errored")
+    one_error(r, 1, "errored")
     row = json.loads((tmp_path / "r.jsonl").read_text())
     assert row["status"] == "error" and row["errors"] == {"http_500": 2}
 
@@ -194,10 +230,10 @@ def test_a_server_that_dies_mid_sweep_ends_it_with_the_finished_rows_kept(tmp_pa
     fake = FakeServer(stop_after=2)
     try:
         r = granite("bench", "--endpoint", f"f={fake.url}", "--ctx", "8,16,32", "--batch", "1", "--gen", "2",
-                    "--reps", "2", "--warmup", "0", "--jsonl", str(tmp_path / "r.jsonl"), "-f", "json")
+                    "--requests", "2", "--warmup", "0", "--jsonl", str(tmp_path / "r.jsonl"), "-f", "json")
     finally:
         fake.stop()
-    _one_line(r, 1, "stopped answering")
+    one_error(r, 1, "stopped answering")
     rows = [json.loads(x) for x in (tmp_path / "r.jsonl").read_text().splitlines()]
     assert rows[0]["ctx"] == 8 and rows[0]["status"] == "ok"
     assert rows[-1]["status"] == "error" and len(rows) == 2
@@ -234,8 +270,8 @@ def test_synthetic_vocabulary_is_a_real_byte_level_tokenizer(tmp_path):
 def test_a_server_without_token_id_prompts_gets_text_of_the_exact_length():
     fake = FakeServer(text_only=True)
     try:
-        r = granite("bench", "--endpoint", f"f={fake.url}", "--ctx", "50,300", "--batch", "2", "--gen", "3", "--reps",
-                    "1", "--warmup", "0", "-f", "json")
+        r = granite("bench", "--endpoint", f"f={fake.url}", "--ctx", "50,300", "--batch", "2", "--gen", "3",
+                    "--requests", "2", "--warmup", "0", "-f", "json")
     finally:
         fake.stop()
     assert r.returncode == 0, r.stderr
@@ -251,8 +287,10 @@ def test_ctrl_c_keeps_the_finished_rows(tmp_path):
     rows = tmp_path / "r.jsonl"
     try:
         p = subprocess.Popen([sys.executable, "-m", "granite_cli", "bench", "--endpoint", f"f={fake.url}", "--ctx",
-                              "8,16,32", "--batch", "1", "--gen", "2", "--reps", "2", "--warmup", "0", "--jsonl",
-                              str(rows)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              "8,16,32", "--batch", "1", "--gen", "2", "--requests", "2", "--warmup", "0",
+                              "--jsonl", str(rows)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             # a test run started in the background inherits SIGINT ignored, and Python keeps it so
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.time() + 60
         while time.time() < deadline and not (rows.exists() and rows.read_text().strip()):
             time.sleep(0.1)
@@ -269,10 +307,10 @@ def test_ctrl_c_keeps_the_finished_rows(tmp_path):
 def test_open_loop_rate_and_slo_verdicts():
     fake = FakeServer()
     try:
-        r = granite("bench", "--endpoint", f"f={fake.url}", "--ctx", "8,16", "--batch", "1,2", "--gen", "3", "--reps",
-                    "2", "--warmup", "0", "--slo-ttft", "5000", "--slo-itl", "1000", "-f", "json")
-        o = granite("bench", "--endpoint", f"f={fake.url}", "--ctx", "8", "--batch", "3", "--gen", "3", "--reps",
-                    "2", "--warmup", "0", "--rate", "20", "-f", "json")
+        r = granite("bench", "--endpoint", f"f={fake.url}", "--ctx", "8,16", "--batch", "1,2", "--gen", "3",
+                    "--requests", "12", "--warmup", "0", "--slo-ttft", "5000", "--slo-itl", "1000", "-f", "json")
+        o = granite("bench", "--endpoint", f"f={fake.url}", "--ctx", "8", "--batch", "3", "--gen", "3", "--requests",
+                    "6", "--warmup", "0", "--rate", "20", "-f", "json")
     finally:
         fake.stop()
     assert r.returncode == 0, r.stderr

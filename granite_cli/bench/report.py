@@ -8,7 +8,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Callable
 
-from granite_cli.bench.analysis import Analysis, Ratio
+from granite_cli.bench.findings import Analysis, Ratio
 from granite_cli.bench.row import ModelRow, Row, ServeRow, columns, formats, is_nan
 from granite_cli.fsutil import report_dir
 from granite_cli.ibm import MEMORY_RATIO, MEMORY_REDUCTION
@@ -22,8 +22,9 @@ PLOTS = {
     "batch": "Prefill throughput vs batch",
     "attribution": "Prefill time by layer type",
     "serve_ttft": "Servers: time to first token vs prompt length (median, log-log; dotted: fitted)",
-    "serve_itl": "Servers: inter-token latency vs prompt length (median)",
+    "serve_itl": "Servers: inter-token latency (chunk gap) vs prompt length (median)",
     "serve_throughput": "Servers: output tokens/s vs concurrent sessions",
+    "serve_turns": "Servers: time to first token by turn of a conversation (median)",
 }
 
 
@@ -40,7 +41,8 @@ def _plots(rows: list[Row], analysis: Analysis, out: Path) -> list[str]:
     ok = [r for r in rows if r.status == "ok"]
     series = defaultdict(list)
     for r in ok:
-        series[(r.model, r.batch, r.phase)].append(r)
+        if (getattr(r, "turns", None) or 1) == 1:  # a conversation's turns have their own plot
+            series[(r.model + (f" [{r.workload}]" if r.workload else ""), r.batch, r.phase)].append(r)
     for rs in series.values():
         rs.sort(key=lambda r: r.ctx)
     made = []
@@ -50,7 +52,7 @@ def _plots(rows: list[Row], analysis: Analysis, out: Path) -> list[str]:
                                                                                                    analysis)),
                       ("serve_itl", _serve_line_plot(plt, series, "itl_ms_p50", "inter-token latency (ms)",
                                                      "serve_itl")),
-                      ("serve_throughput", _serve_throughput_plot(plt, ok))):
+                      ("serve_throughput", _serve_throughput_plot(plt, ok)), ("serve_turns", _turns_plot(plt, ok))):
         if fig is None:
             continue
         if not any(ax.has_data() for ax in fig.axes):  # nothing of this kind in the sweep
@@ -129,8 +131,23 @@ def _attribution_plot(plt, ok: list[Row]):
     return fig
 
 
+def _turns_plot(plt, ok: list[Row]):
+    rs = [r for r in ok if isinstance(r, ServeRow) and (r.turns or 1) > 1 and r.turn_ttft_ms_p50]
+    if not rs:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in sorted(rs, key=lambda r: (r.model, r.batch, r.ctx)):
+        pts = [(i + 1, v) for i, v in enumerate(r.turn_ttft_ms_p50) if v is not None]
+        ax.plot(*zip(*pts), "o-", label=f"{r.model} c{r.batch} {r.ctx}-token turns")
+    turns = max(len(r.turn_ttft_ms_p50) for r in rs)
+    _finish(ax, xlabel="turn", ylabel="time to first token (ms)", title=PLOTS["serve_turns"])
+    ax.set_xticks(range(1, turns + 1))
+    return fig
+
+
 def _serve_ttft_plot(plt, series: dict, analysis: Analysis):
-    fits = {(f.model, f.batch): f for f in analysis.fits if f.part == "ttft" and f.a is not None}
+    # a workload's fit is part "ttft [workload]", its series' model label "model [workload]"
+    fits = {(f.model + f.part[4:], f.batch): f for f in analysis.fits if f.part.startswith("ttft") and f.a is not None}
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for (m, b, p), rs in sorted(series.items()):
         rs = [r for r in rs if p == "serve" and r.ttft_ms_p50]
@@ -243,9 +260,12 @@ def _serve_section(rows: list[Row]) -> list[str]:
     if not served:
         return []
     who = {r.model: r for r in served}
-    out = ["", "## Servers", "", "Prompt = `ctx` tokens, `batch` = concurrent sessions (closed loop), latencies in ms "
-           "on the client's clock (p50/p90/p99 over every request of the case); `server_running_max` from the "
-           "server's /metrics.", ""]
+    out = ["", "## Servers", "", "Prompt = `ctx` tokens, `batch` = concurrent sessions (closed loop; with a rate, the "
+           "most requests in flight), latencies in ms on the client's clock over every request of the case (a "
+           "percentile only where the requests support it: p90 from 10, p99 from 100). ITL is the gap between "
+           "streamed chunks (vLLM's ITL); TPOT is per request, (e2e - TTFT) / (tokens - 1), what AIPerf and "
+           "GuideLLM call ITL. `reuse`: the prompt tokens the server reported cached, of those the workload made "
+           "reusable; `server_running_max` from the server's /metrics.", ""]
     out += [f"- {m}: {r.engine or 'unknown engine'} {r.server_version or ''}, serving "
             f"`{r.served_model}` at {r.endpoint}, {r.server_slots or '?'} slot(s); client CPU "
             f"`{r.cpu}`" for m, r in who.items()]
@@ -254,7 +274,23 @@ def _serve_section(rows: list[Row]) -> list[str]:
     table = [{**r.to_dict(), **{k: None if getattr(r, k) is None else round(getattr(r, k), 1) for k in nums},
               "errors": ", ".join(f"{k}: {n}" for k, n in sorted((r.errors or {}).items())) or None}
              for r in served]
-    return out + ["", to_markdown(table, cols)]
+    out += ["", to_markdown(table, cols)]
+    turns = [{"model": r.model, "sessions": r.batch, "turn": i + 1, "prompt tokens": _round(r.turn_prompt_tokens, i),
+              "reusable": _round(r.turn_reusable_tokens, i), "cached": _round(r.turn_cached_tokens, i),
+              "TTFT ms": _round(r.turn_ttft_ms_p50, i, 1), "TPOT ms": _round(r.turn_tpot_ms_p50, i, 1)}
+             for r in served if isinstance(r, ServeRow) and (r.turns or 1) > 1 and r.turn_ttft_ms_p50
+             for i in range(len(r.turn_ttft_ms_p50))]
+    if turns:
+        out += ["", "### Multi-turn sessions", "",
+                "Each turn sends the whole history and a new message; `reusable` is the previous turn's prompt, "
+                "`cached` what the server reported reusing (means over the sessions).", "",
+                to_markdown(turns, list(turns[0]))]
+    return out
+
+
+def _round(xs: list | None, i: int, digits: int = 0):
+    v = xs[i] if xs and i < len(xs) else None
+    return None if v is None else round(v, digits) if digits else round(v)
 
 
 def write_report(out_dir: Path, rows: list[Row], analysis: Analysis, spec_dict: dict, wall_s: float | None = None,

@@ -18,9 +18,10 @@ STATUSES = ("ok", "invalid", "oom", "skipped", "error")
 FINISHED = ("ok", "invalid", "oom", "skipped")
 
 
-def case_key(model: str, dtype: str, device: str, batch: int, ctx: int, phase: str) -> tuple:
-    """A case as resume and baselines find it."""
-    return (model, dtype, device, batch, ctx, phase)
+def case_key(model: str, dtype: str, device: str, batch: int, ctx: int, phase: str, workload: str = "") -> tuple:
+    """A case as resume and baselines find it (`workload`: what else sets a server case apart, such as its
+    rate or turns; empty for the in-process cases)."""
+    return (model, dtype, device, batch, ctx, phase, workload)
 
 
 BOTH = ("table", "report")
@@ -45,13 +46,14 @@ class Case:
     batch: int = column("batch", model=BOTH, serve=BOTH, default=0)  # sequences (in-process) or sessions (server)
     ctx: int = column("ctx", model=BOTH, serve=BOTH, default=0)      # context (in-process) or prompt tokens
     phase: str = column("phase", model=BOTH, default="")             # prefill, decode or serve
+    workload: str | None = column("workload", serve=BOTH)  # a server case's rate, turns, API, dataset, ...
     gen: int | None = None
     ubatch: int | None = None
     reps: int | None = None
 
     @property
     def key(self) -> tuple:
-        return case_key(self.model, self.dtype, self.device, self.batch, self.ctx, self.phase)
+        return case_key(self.model, self.dtype, self.device, self.batch, self.ctx, self.phase, self.workload or "")
 
 
 @dataclass(kw_only=True)
@@ -148,9 +150,26 @@ class Environment(ClientEnvironment):
 
 
 @dataclass(kw_only=True)
+class Energy:
+    """GPU energy over the measured work (NVML, or a server host's DCGM exporter; granite_cli.energy)."""
+
+    energy_j: float | None = None
+    power_w_mean: float | None = None
+    power_w_max: float | None = None
+    gpu_util_pct_mean: float | None = None
+    gpu_mem_used_max_bytes: float | None = None
+    sm_clock_mhz_mean: float | None = None
+    energy_source: str | None = None
+    j_per_prompt_token: float | None = None
+    j_per_output_token: float | None = column("J/out tok", "num", model=("report",), serve=("report",))
+
+
+@dataclass(kw_only=True)
 class Server:
-    """A server's figures for one case (serve.stats.summarize fills them): latency percentiles in ms,
-    throughput, failures, its own metrics and timings, and the client's own cost."""
+    """A server's figures for one case (serve.stats.summarize fills them): the workload, latency
+    distributions in ms (ITL: the gap between streamed chunks, as vLLM names it; TPOT: per request,
+    (e2e − TTFT) / (tokens − 1), what AIPerf and GuideLLM call ITL), throughput, failures, prompt reuse,
+    SLO attainment, per-turn figures, the server's own metrics and timings, and the client's own cost."""
 
     endpoint: str | None = None
     engine: str | None = None
@@ -158,6 +177,16 @@ class Server:
     served_model: str | None = None
     server_slots: int | None = None
     prompt_mode: str | None = None
+    api: str | None = None
+    rate_rps: float | None = None
+    offered_rps: float | None = None            # open loop: the rate the arrivals drawn actually offered
+    turns: int | None = None
+    think_time_s: float | None = None
+    runs: int | None = None
+    prompt_seed: int | None = None
+    dataset: str | None = None
+    lengths: str | None = None
+    duration_s: float | None = None
     requests: int | None = None
     requests_ok: int | None = None
     wall_s: float | None = None
@@ -165,18 +194,29 @@ class Server:
     prompt_tokens_exact: bool | None = None
     output_tokens: int | None = None
     output_tokens_min: int | None = None
-    cached_prompt_tokens: int | None = None
+    ttft_ms_mean: float | None = None
+    ttft_ms_std: float | None = None
     ttft_ms_p50: float | None = column("TTFT ms", "num", serve=BOTH)
     ttft_ms_p90: float | None = column("TTFT p90", "num", serve=BOTH)
+    ttft_ms_p95: float | None = None
     ttft_ms_p99: float | None = column("TTFT p99", "num", serve=("report",))
-    itl_ms_p50: float | None = column("ITL ms", "num", serve=BOTH)
+    itl_ms_mean: float | None = None
+    itl_ms_std: float | None = None
+    itl_ms_p50: float | None = column("ITL ms (chunk gap)", "num", serve=BOTH)
     itl_ms_p90: float | None = column("ITL p90", "num", serve=BOTH)
+    itl_ms_p95: float | None = None
     itl_ms_p99: float | None = None
-    tpot_ms_p50: float | None = column("TPOT ms", "num", serve=("report",))
-    tpot_ms_p90: float | None = None
+    tpot_ms_mean: float | None = None
+    tpot_ms_std: float | None = None
+    tpot_ms_p50: float | None = column("TPOT ms (per request)", "num", serve=BOTH)
+    tpot_ms_p90: float | None = column("TPOT p90", "num", serve=BOTH)
+    tpot_ms_p95: float | None = None
     tpot_ms_p99: float | None = None
+    e2e_ms_mean: float | None = None
+    e2e_ms_std: float | None = None
     e2e_ms_p50: float | None = column("e2e ms", "num", serve=BOTH)
     e2e_ms_p90: float | None = None
+    e2e_ms_p95: float | None = None
     e2e_ms_p99: float | None = None
     output_tokens_per_s: float | None = column("out tok/s", "num", serve=BOTH)
     total_tokens_per_s: float | None = None
@@ -184,6 +224,27 @@ class Server:
     max_in_flight: int | None = column("in flight", serve=BOTH)
     server_running_max: float | None = column("running", serve=("report",))
     errors: dict | None = column("errors", "errors", serve=BOTH)
+    ttft_ms_p50_ci95: list | None = None        # over --runs: each run's own figure
+    tpot_ms_p50_ci95: list | None = None
+    itl_ms_p50_ci95: list | None = None
+    output_tokens_per_s_ci95: list | None = None
+    cached_prompt_tokens: int | None = None     # the server's usage (or llama.cpp's timings.cache_n), summed
+    reusable_prompt_tokens: int | None = None   # what the workload made reusable: a shared prefix, the history
+    prefix_reuse: float | None = column("reuse", "num", serve=("report",))  # reused of reusable, 0-1
+    unexpected_reuse_tokens: int | None = None  # reused beyond that: an earlier run's prompts still cached
+    server_prefix_hits: float | None = None     # the server's prefix-cache counters over the case (tokens)
+    server_prefix_queries: float | None = None
+    server_prefix_source: str | None = None
+    slo: str | None = None
+    slo_percentiles: dict | None = None         # the case's figures at the SLO's percentile
+    slo_attained: float | None = None           # share of requests meeting every per-request SLO
+    goodput_rps: float | None = column("goodput req/s", "num", serve=("report",))
+    turn_ttft_ms_p50: list | None = None        # per turn of a conversation (index 0 = turn 1)
+    turn_tpot_ms_p50: list | None = None
+    turn_itl_ms_p50: list | None = None
+    turn_prompt_tokens: list | None = None
+    turn_cached_tokens: list | None = None
+    turn_reusable_tokens: list | None = None
     tokens_without_chunk: int | None = None
     server_prompt_ms_p50: float | None = None
     server_prompt_ms_p90: float | None = None
@@ -192,7 +253,6 @@ class Server:
     server_tpot_ms_p90: float | None = None
     server_tpot_ms_p99: float | None = None
     client_cpu_ms_per_request: float | None = None
-    rate_rps: float | None = None
     shared_prefix: int | None = None
     client_row_ms: float | None = None
     server_metrics: str | None = None
@@ -246,17 +306,17 @@ class Row(Case, Result):
 
 
 @dataclass(kw_only=True)
-class ModelRow(Row, Spread, Timing, Memory, Guard, ModelInfo, Environment):
+class ModelRow(Row, Spread, Timing, Memory, Energy, Guard, ModelInfo, Environment):
     """A case run in granite's own core (prefill or decode)."""
 
-    PARTS: ClassVar[tuple] = (Case, ModelInfo, Guard, Result, Spread, Timing, Memory, Environment)
+    PARTS: ClassVar[tuple] = (Case, ModelInfo, Guard, Result, Spread, Timing, Memory, Energy, Environment)
 
 
 @dataclass(kw_only=True)
-class ServeRow(Row, Server, ClientEnvironment):
+class ServeRow(Row, Server, Energy, ClientEnvironment):
     """A case sent to a server."""
 
-    PARTS: ClassVar[tuple] = (Case, Result, Server, ClientEnvironment)
+    PARTS: ClassVar[tuple] = (Case, Result, Server, Energy, ClientEnvironment)
 
 
 def columns(kind: type[Row], where: str = "table") -> list[str]:

@@ -218,32 +218,40 @@ class JsonlStore:
         from granite_cli.redact import scrub
         from granite_cli.render import json_safe
 
-        data = (json.dumps(json_safe(scrub(row.to_dict()))) + "\n").encode()
-        try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
-        except OSError as e:
-            raise self._lost(e) from None
-        try:
-            size = os.fstat(fd).st_size
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
-                os.fsync(fd)
-            except OSError as e:
-                try:
-                    os.ftruncate(fd, size)  # no cut row is left behind
-                except OSError:
-                    pass
-                raise self._lost(e) from None
-        finally:
-            os.close(fd)
+        append_whole(self.path, (json.dumps(json_safe(scrub(row.to_dict()))) + "\n").encode(), "a row",
+                     self.stored)
         self.stored += 1
 
-    def _lost(self, e: OSError) -> RowsNotStored:
-        return RowsNotStored(f"cannot store a row in {self.path} ({e.strerror or e}); the sweep stopped, and the "
-                             f"{self.stored} row(s) stored before are kept whole (free space or fix the folder, then "
-                             "rerun with --resume)")
+
+def append_whole(path: Path, data: bytes, what: str, stored: int | None = None) -> None:
+    """Append `data` to `path` and fsync, or leave the file as it was: a write that fails is undone to the
+    last whole line and raised as RowsNotStored (exit 1) naming what was lost."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise _lost(path, e, what, stored) from None
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        except OSError as e:
+            try:
+                os.ftruncate(fd, size)  # no cut line is left behind
+            except OSError:
+                pass
+            raise _lost(path, e, what, stored) from None
+    finally:
+        os.close(fd)
+
+
+def _lost(path: Path, e: OSError, what: str, stored: int | None) -> RowsNotStored:
+    kept = (f"the {stored} row(s) stored before are kept whole" if stored is not None else
+            "what was stored before is kept whole")
+    return RowsNotStored(f"cannot store {what} in {path} ({e.strerror or e}); the sweep stopped, and {kept} (free "
+                         "space or fix the folder, then rerun with --resume)")
 
 
 def finished_keys(rows: list[Row]) -> set:

@@ -38,6 +38,7 @@ from granite_cli.bench.spec import SweepSpec
 from granite_cli.bench.steps import compiled_steps, eager_steps, graph_steps
 from granite_cli.checkpoint.dtypes import parse_dtype
 from granite_cli.config import load_config
+from granite_cli.energy import NvmlSource, PowerMeter, load_nvml, nvml_index
 from granite_cli.errors import InputError
 from granite_cli.hostmem import retain_freed_memory
 from granite_cli.measure import PeakMemory, Stopwatch, sync
@@ -299,6 +300,7 @@ class Runner:
                 self._prefill_once(model, cache, ids)
         samples, routing, finite = [], [], True
         pm = PeakMemory(self.device)
+        meter = self._meter()
         for r in range(spec.reps):
             # from before the restore: restored KV counts as prefill memory; the first repetition's
             # MoE routing is kept for the allocation replay below
@@ -313,6 +315,7 @@ class Runner:
                         out = self._prefill_once(model, cache, ids)
                     samples.append(sw.seconds)
             finite = finite and bool(torch.isfinite(out).all())
+        energy = self._energy(meter, prompt=spec.reps * case.b * case.c)
         t0 = time.perf_counter()
         tracked = None if gpu else self._replayed_prefill(model, cache, ids, start, routing)
         memory_s = None if gpu else round(time.perf_counter() - t0, 4)
@@ -329,10 +332,27 @@ class Runner:
                         memory_source=pm.source, reserved_peak_bytes=pm.reserved, nvml_used_bytes=pm.nvml_used,
                         cache_bytes=case.cache_bytes, attribution_s=attribution,
                         prefill_from=None if start is None else start["ctx"],
-                        **self._totals(run, case, pm, tracked, min(c, spec.ubatch)), memory_s=memory_s)
+                        **self._totals(run, case, pm, tracked, min(c, spec.ubatch)), memory_s=memory_s, **energy)
         if not finite:
             row.update(status="invalid", error="non-finite logits")
         return row
+
+    def _meter(self):
+        """A started power meter on this run's GPU (NVML), or None (a CPU, --no-energy, no NVML)."""
+        if self.device.type != "cuda" or not self.spec.energy or (nvml := load_nvml()) is None:
+            return None
+        index = nvml_index(nvml, str(torch.cuda.get_device_properties(self.device).uuid), self.device.index or 0)
+        return PowerMeter(NvmlSource(nvml, [index])).start()
+
+    def _energy(self, meter, prompt: int = 0, output: int = 0) -> dict:
+        """The timed repetitions' GPU energy, per prompt token (prefill) or per output token (decode)."""
+        if meter is None:
+            return {}
+        sync(self.device)
+        e = meter.stop()
+        joules = e["energy_j"]
+        return {**e, "j_per_prompt_token": joules / prompt if joules is not None and prompt else None,
+                "j_per_output_token": joules / output if joules is not None and output else None}
 
     def _replayed_prefill(self, model, cache, ids, start: dict | None, routing: list) -> int:
         """The CPU prefill's working set of record: the live-tensor tracker over an allocation replay of
@@ -368,7 +388,10 @@ class Runner:
         step, mode, note = eager_steps(model, cache, nxt, spec.gen), "eager", None
         if spec.compile and self.device.type == "cpu":
             step, mode, note = compiled_steps(model, cache, nxt, spec.gen, snap)
+        meter = None
         for r in range(spec.warmup + spec.reps):
+            if r == spec.warmup:
+                meter = self._meter()
             cache.restore(snap)
             if r == spec.warmup and self.device.type == "cuda" and spec.cuda_graph:
                 # After the eager warmups (Triton kernels compiled, cuBLAS initialised): capture.
@@ -380,12 +403,13 @@ class Runner:
             if timed_rep:
                 samples.append(sw.seconds / spec.gen)
                 finite = finite and bool(torch.isfinite(out).all())
+        energy = self._energy(meter, output=spec.reps * case.b * spec.gen)
         st = _stats(samples)
         row = self._row(run.base, case.b, case.c, "decode", **st, tokens_per_s=case.b / st["median_s"],
                         latency_ms=st["median_s"] * 1e3, peak_bytes=pm.peak, peak_delta_bytes=pm.delta,
                         memory_source=pm.source, cache_bytes=case.cache_bytes, reserved_peak_bytes=pm.reserved,
                         nvml_used_bytes=pm.nvml_used, decode_mode=mode, decode_note=note,
-                        **self._totals(run, case, pm, None, 1))
+                        **self._totals(run, case, pm, None, 1), **energy)
         if not finite:
             row.update(status="invalid", error="non-finite logits")
         return row

@@ -18,7 +18,8 @@ import torch
 
 from granite_cli.bench import analysis as an
 from granite_cli.bench.analysis import Analysis
-from granite_cli.bench.endpoints import ServeOptions, check_workload, run_endpoints, servers
+from granite_cli.bench.endpoints import RequestsFile, ServeOptions, cases, check_workload, run_endpoints, servers
+from granite_cli.bench.endpoints import check_fits as check_server_fits
 from granite_cli.bench.estimate import check_fits, estimate_seconds, matmul_gflops
 from granite_cli.bench.report import REPORT_FILES, write_report
 from granite_cli.bench.row import Row
@@ -31,7 +32,7 @@ from granite_cli.bench.rows import (
     read_rows,
 )
 from granite_cli.bench.runner import Runner
-from granite_cli.bench.spec import SweepSpec
+from granite_cli.bench.spec import IN_PROCESS_FIELDS, SweepSpec
 from granite_cli.checkpoint.dtypes import parse_dtype
 from granite_cli.errors import CheckFailed, GraniteError, InputError
 from granite_cli.fsutil import check_output_paths, check_report_dir, prepare_report_dir
@@ -79,6 +80,7 @@ class SweepOutcome:
     wall_s: float
     gates: list[str] = field(default_factory=list)  # failed --check / --fail-on-regression gates
     fatal: GraniteError | None = None                # what ended the sweep early (a server that stopped)
+    fresh: list[Row] = field(default_factory=list)   # the rows this run made (not those kept by --resume)
 
     def raise_for_gates(self) -> None:
         if self.fatal is not None:
@@ -89,6 +91,10 @@ class SweepOutcome:
         if errored:
             e = errored[0]
             raise GraniteError(f"{len(errored)} case(s) errored, e.g. {e.model} ctx {e.ctx}: {e.error}")
+        if self.fresh and all(r.status == "skipped" for r in self.fresh):
+            e = self.fresh[0]
+            raise GraniteError(f"no case was measured: all {len(self.fresh)} were skipped, e.g. {e.model} batch "
+                               f"{e.batch} ctx {e.ctx}: {e.error}")
 
 
 def parse_threshold(text: str | None, baseline: Path | None) -> float | None:
@@ -123,11 +129,16 @@ def run_sweep(spec: SweepSpec, outputs: Outputs | None = None, gates: Gates | No
     out = o.out
     threshold, base_rows = _check_inputs(spec, o, g, serve)
     found = servers(serve) if serve and serve.endpoints else []
+    if found:
+        check_server_fits(found, spec, serve)
     store, kept = _open_store(o)
+    requests_file = RequestsFile(serve.requests_out) if found and serve.requests_out else None
+    if requests_file:
+        requests_file.open(o.resume)
     rows = [r for r in kept if r.finished]
     device = torch.device(spec.device)
     est = estimate_seconds(spec, matmul_gflops(device, parse_dtype(spec.dtype))) if spec.models else 0.0
-    _announce(spec, found, est, say)
+    _announce(spec, found, serve, est, say)
     if kept:
         say(f"resuming: {len(finished_keys(kept))} finished row(s) kept from {store.path}")
 
@@ -137,14 +148,17 @@ def run_sweep(spec: SweepSpec, outputs: Outputs | None = None, gates: Gates | No
             store.append(r)
         progress.row(r)
 
-    progress.start((len(spec.models) + len(found)) * len(spec.ctx) * len(spec.batch), est)
+    progress.start(len(spec.models) * len(spec.ctx) * len(spec.batch) + (len(found) * len(cases(spec, serve))
+                                                                          if found else 0), est)
+    fresh_from = len(rows)
     t0 = time.perf_counter()
     gone = None
     try:
         if spec.models:
             Runner(spec, on_row, on_case=progress.case, done=finished_keys(kept)).run()
         if found:
-            run_endpoints(found, spec, serve, client_environment(), on_row, progress.case, finished_keys(kept))
+            run_endpoints(found, spec, serve, client_environment(), on_row, progress.case, finished_keys(kept),
+                          requests_file.append if requests_file else None)
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: the CLI says "interrupted" and what was kept
         progress.stop()
         e.args = (f"{len(rows)} row(s) kept in {store.path} (rerun with --resume)",) if store else ()
@@ -153,16 +167,16 @@ def run_sweep(spec: SweepSpec, outputs: Outputs | None = None, gates: Gates | No
         gone = e
     progress.stop()
     wall = time.perf_counter() - t0
+    fresh = rows[fresh_from:]
     order = {m: i for i, m in enumerate([*spec.models, *(s.name for s in found)])}
-    rows.sort(key=lambda r: (order.get(r.model, len(order)), r.batch, r.ctx, r.phase))
-    result = an.analyse(rows, slo_ttft_ms=serve.slo_ttft_ms if serve else None,
-                        slo_itl_ms=serve.slo_itl_ms if serve else None)
+    rows.sort(key=lambda r: (order.get(r.model, len(order)), r.workload or "", r.batch, r.ctx, r.phase))
+    result = an.analyse(rows, slo=serve.slo if serve else None)
     if out:
         _report(out, rows, result, _sweep_record(spec, found, serve), wall, say, gone)
     failed = an.check_claims(rows, result) if g.check else []
     if base_rows is not None and threshold is not None:
         failed += an.regressions(rows, base_rows, threshold)
-    return SweepOutcome(rows, result, wall, failed, gone)
+    return SweepOutcome(rows, result, wall, failed, gone, fresh)
 
 
 def _check_inputs(spec: SweepSpec, o: Outputs, g: Gates, serve: ServeOptions | None) -> tuple[float | None,
@@ -184,28 +198,59 @@ def _check_inputs(spec: SweepSpec, o: Outputs, g: Gates, serve: ServeOptions | N
     return threshold, base_rows
 
 
-def _announce(spec: SweepSpec, found: list, est: float, say: Callable[[str], None]) -> None:
+def _announce(spec: SweepSpec, found: list, serve: ServeOptions | None, est: float,
+              say: Callable[[str], None]) -> None:
     if spec.models:
         say(f"granite bench: {len(spec.models)} model(s) x {len(spec.batch)} batch x {len(spec.ctx)} context(s) "
             f"on {spec.device} ({spec.dtype}, {spec.reps} rep(s) + {spec.warmup} warmup); expected about "
             f"{duration(est)}")
     for s in found:
         say(f"granite bench: endpoint {s.name} ({s.engine or 'unknown engine'} {s.version or ''}".rstrip() +
-            f", serving {s.served_model}) x {len(spec.batch)} concurrency x {len(spec.ctx)} prompt length(s), "
-            f"{spec.gen} output tokens, {spec.reps} request(s) per session")
+            f", serving {s.served_model}): {serve_plan(spec, serve)}")
     if spec.device == "cpu" and spec.models:
         say("note: CPU timings share this machine with whatever else runs; compare ratios, not absolute times")
         if retain_freed_memory() == "glibc-retain":  # the runner would apply it too; here, to say so
             say("note: freed heap memory is kept for reuse during the sweep (GRANITE_HOST_MALLOC=system turns it off)")
 
 
+def serve_plan(spec: SweepSpec, serve: ServeOptions) -> str:
+    """What each server case sends, in words."""
+    api = "chat completions" if serve.api == "chat" else "completions"
+    prompts = (f"prompts from {serve.loaded.label}" if serve.loaded else
+               f"{'exact' if serve.lengths == 'exact' else serve.lengths} prompt lengths {_list(spec.ctx)}")
+    n = serve.requests if serve.requests is not None else None
+    budget = (f"{n} request(s) per case" if n is not None else "the default requests per case") + \
+        (f" or {serve.duration:g} s" if serve.duration else "")
+    if serve.rates:
+        cap = f"at most {_list(serve.max_concurrency)} in flight" if serve.max_concurrency else "no in-flight cap"
+        loop = f"open loop at {_list(serve.rates)} request(s)/s, {cap}"
+    else:
+        loop = f"closed loop, {_list(spec.batch)} session(s)"
+        if serve.turns > 1:
+            loop += f" of {serve.turns}-turn conversations" + (f" ({serve.think_time:g} s think time)"
+                                                                if serve.think_time else "")
+    runs = f", {serve.runs} runs" if serve.runs > 1 else ""
+    return f"{loop}; {api}, {prompts}, {spec.gen} output tokens, {budget}{runs}; prompt seed {serve.seed}"
+
+
+def _list(xs) -> str:
+    return ",".join(f"{x:g}" if isinstance(x, float) else str(x) for x in xs)
+
+
 def _sweep_record(spec: SweepSpec, found: list, serve: ServeOptions | None) -> dict:
     """The sweep as the report records it, with what was asked of the servers (the key stays out)."""
     sweep = spec.as_dict()
+    if found and not spec.models:
+        # nothing ran in-process: its settings would read as if they had shaped the server rows
+        for k in IN_PROCESS_FIELDS:
+            sweep.pop(k, None)
     if found:
         sweep["endpoints"] = {s.name: s.endpoint.url for s in found}
-        sweep.update({k: getattr(serve, k) for k in ("rate", "shared_prefix", "request_timeout", "slo_ttft_ms",
-                                                      "slo_itl_ms")})
+        sweep.update({k: getattr(serve, k) for k in ("api", "rates", "max_concurrency", "shared_prefix",
+                                                      "request_timeout", "requests", "duration", "turns",
+                                                      "think_time", "lengths", "runs", "seed")})
+        sweep["dataset"] = serve.loaded.label if serve.loaded else None
+        sweep["slo"] = serve.slo.describe() or None
     return sweep
 
 

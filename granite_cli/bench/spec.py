@@ -48,6 +48,7 @@ class SweepSpec:
     seed: int = 0
     guard: str = "depth"
     weights: str = "auto"
+    energy: bool = True        # GPU energy per token from NVML (in-process on CUDA; servers on this host)
 
     def validate(self, endpoints: bool = False) -> "SweepSpec":
         if not self.models and not endpoints:
@@ -86,15 +87,15 @@ class SweepSpec:
 _FILE_TYPES = {"models": (list, str), "ctx": (list, str, int), "batch": (list, str, int), "phases": (list, str),
                "gen": int, "dtype": str, "device": str, "reps": int, "warmup": int, "cuda_graph": bool,
                "compile": bool, "share_prefill": bool, "ubatch": int, "max_case_seconds": (int, float), "seed": int,
-               "guard": str, "weights": str}
+               "guard": str, "weights": str, "energy": bool}
 _FILE_WORDS = {k: ("true or false" if v is bool else "an integer" if v is int else "a string" if v is str
                    else "a number" if k == "max_case_seconds" else "a list or a string")
                for k, v in _FILE_TYPES.items()}
 
 
 def load_sweep_file(path: str | Path) -> dict:
-    """A TOML sweep file with any of: models, ctx, batch, phases, gen, dtype, device, reps, warmup,
-    ubatch, share_prefill, max_case_seconds, seed. ctx and batch may be lists or range strings."""
+    """A TOML sweep file whose keys are SweepSpec fields (models, ctx, batch, gen, reps, energy, ...).
+    ctx and batch may be lists or range strings."""
     try:
         d = tomllib.loads(Path(path).read_bytes().decode("utf-8"))
     except OSError as e:
@@ -135,7 +136,11 @@ def load_sweep_file(path: str | Path) -> dict:
 # one precedence rule for every field: an option on the command line, else the sweep file, else the default
 
 FLAG_FIELDS = ("models", "ctx", "batch", "phases", "gen", "dtype", "device", "reps", "warmup", "ubatch",
-               "share_prefill", "cuda_graph", "compile", "max_case_seconds", "seed", "guard", "weights")
+               "share_prefill", "cuda_graph", "compile", "max_case_seconds", "seed", "guard", "weights", "energy")
+# Fields a server sweep does not read: given with --endpoint alone, they would be silently ignored.
+IN_PROCESS_FIELDS = ("reps", "dtype", "device", "phases", "ubatch", "share_prefill", "cuda_graph", "compile",
+               "max_case_seconds", "guard", "weights")
+_FLAG = {"phases": "phase"}
 GPU_MODELS, CPU_MODELS = ["granite-4.0-h-micro", "granite-4.0-micro"], ["cpu-hybrid", "cpu-dense"]
 
 
@@ -169,6 +174,12 @@ def resolve_spec(flags: dict, sweep_file: str | Path | None, cuda_available: boo
     spec = SweepSpec(**{**quick, "models": models, "dtype": "bf16" if gpu else "fp32",
                         "batch": [1] if "ctx" in chosen else [1, 4], **chosen, "ctx": ctx, "device": device})
     spec.models = list(spec.models)
+    if endpoints and not spec.models:
+        idle = [k for k in IN_PROCESS_FIELDS if given.get(k) is not None]
+        if idle:
+            hint = "; give --requests N per server case (or --duration S)" if idle[0] == "reps" else ""
+            raise InputError(f"--{_FLAG.get(idle[0], idle[0]).replace('_', '-')} is for in-process models (-m); with "
+                             f"only --endpoint it would change nothing{hint}")
     if spec.compile and gpu:
         raise InputError("--compile is for CPU decode; on a GPU decode steps replay as CUDA graphs (--cuda-graph)")
     if spec.compile:

@@ -234,12 +234,62 @@ class Timed:
     finish_reason: str | None
     prompt_tokens: int | None      # from the response's usage, when the server reports it
     completion_tokens: int | None
-    cached_tokens: int | None
+    cached_tokens: int | None      # prompt tokens the server reused (usage, else llama.cpp's timings.cache_n)
     server_timings: dict | None = None  # llama.cpp's own: prompt_ms, predicted_per_token_ms, ...
+    text: str = ""                 # the answer, as the next turn of a conversation sends it back
+
+    @property
+    def ttft(self) -> float | None:
+        return self.chunks[0] - self.sent if self.chunks else None
+
+    @property
+    def e2e(self) -> float:
+        return self.done - self.sent
+
+    @property
+    def output_tokens(self) -> int:
+        return self.completion_tokens or len(self.chunks)
+
+    @property
+    def tpot(self) -> float | None:
+        """Time per output token after the first: (end to end − TTFT) / (tokens − 1), what vLLM calls TPOT
+        and AIPerf and GuideLLM call ITL."""
+        n = self.output_tokens
+        return (self.done - self.chunks[0]) / (n - 1) if self.chunks and n > 1 else None
+
+    @property
+    def gaps(self) -> list[float]:
+        """The gaps between streamed chunks: what vLLM calls ITL."""
+        return [b - a for a, b in zip(self.chunks, self.chunks[1:])]
 
 
 def _bad(what: str) -> HTTPFailure:
     return HTTPFailure("bad_response", what)
+
+
+# Where each API puts a streamed token's text: /v1/completions in choices[].text, /v1/chat/completions in
+# choices[].delta.content (reasoning models stream reasoning_content first).
+APIS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
+
+
+def _choice_text(c: dict, api: str) -> str | None:
+    """The text a streamed choice carries (None: it carries none), its type checked."""
+    if api == "chat":
+        d = c.get("delta")
+        if d is None:
+            return None
+        if not isinstance(d, dict):
+            raise _bad(f"choices[].delta is {type(d).__name__}, not an object")
+        for key in ("content", "reasoning_content"):
+            if d.get(key) is not None and not isinstance(d[key], str):
+                raise _bad(f"choices[].delta.{key} is {type(d[key]).__name__}, not a string")
+        if d.get("content") is None and d.get("reasoning_content") is None:
+            return None
+        return (d.get("reasoning_content") or "") + (d.get("content") or "")
+    t = c.get("text")
+    if t is not None and not isinstance(t, str):
+        raise _bad(f"choices[].text is {type(t).__name__}, not a string")
+    return t
 
 
 def _event(data: bytes) -> dict:
@@ -257,8 +307,6 @@ def _event(data: bytes) -> dict:
     for c in choices or []:
         if not isinstance(c, dict):
             raise _bad(f"a choice is {type(c).__name__}, not an object")
-        if c.get("text") is not None and not isinstance(c["text"], str):
-            raise _bad(f"choices[].text is {type(c['text']).__name__}, not a string")
         if c.get("finish_reason") is not None and not isinstance(c["finish_reason"], str):
             raise _bad(f"finish_reason is {type(c['finish_reason']).__name__}, not a string")
     if ev.get("usage") is not None and not isinstance(ev["usage"], dict):
@@ -299,20 +347,22 @@ def _timings(t) -> dict | None:
     return out or None
 
 
-def stream_completion(ep: Endpoint, body: dict, timeout: float) -> Timed:
-    """POST /v1/completions with stream=true; raise HTTPFailure for an HTTP error, a request not
-    finished within `timeout` seconds, a stream that ends before its finish_reason and [DONE], or an
-    answer that breaks the API (types, impossible counts, more tokens than asked)."""
+def stream_completion(ep: Endpoint, body: dict, timeout: float, api: str = "completions") -> Timed:
+    """POST /v1/completions (or, with api="chat", /v1/chat/completions) with stream=true; raise HTTPFailure
+    for an HTTP error, a request not finished within `timeout` seconds, a stream that ends before its
+    finish_reason and [DONE], or an answer that breaks the API (types, impossible counts, more tokens than
+    asked)."""
     payload = json.dumps({**body, "stream": True, "stream_options": {"include_usage": True}}).encode()
     max_tokens = body.get("max_tokens")
     most = (4 * max_tokens + 64) if isinstance(max_tokens, int) else None
     chunks: list[float] = []
+    text: list[str] = []
     finish = usage = timings = None
     events = 0
     with _Request(ep, timeout) as q:
         sent = time.perf_counter()
         try:
-            q.conn.request("POST", ep.prefix + "/v1/completions", body=payload, headers=ep.headers(body=True))
+            q.conn.request("POST", ep.prefix + APIS[api], body=payload, headers=ep.headers(body=True))
             r = q.conn.getresponse()
             if r.status != 200:
                 raise HTTPFailure(f"http_{r.status}", r.read(4096).decode("utf-8", "replace").strip())
@@ -334,10 +384,12 @@ def stream_completion(ep: Endpoint, body: dict, timeout: float) -> Timed:
                 ev = _event(data)
                 events += 1
                 for c in ev.get("choices") or []:
+                    t = _choice_text(c, api)
                     # a token's chunk: text (empty while a character's bytes are incomplete); llama.cpp's closing
                     # chunk carries only the finish reason
-                    if "text" in c and (c["text"] or not c.get("finish_reason")):
+                    if t is not None and (t or not c.get("finish_reason")):
                         chunks.append(now)
+                        text.append(t)
                     finish = c.get("finish_reason") or finish
                 if most is not None and len(chunks) > most:
                     raise _bad(f"more than {most} token chunks for max_tokens {max_tokens}")
@@ -351,4 +403,7 @@ def stream_completion(ep: Endpoint, body: dict, timeout: float) -> Timed:
         except Exception as e:  # noqa: BLE001
             raise q.failure(e) from None
     prompt, completion, cached = _usage(usage or {}, max_tokens if isinstance(max_tokens, int) else None)
-    return Timed(sent, chunks, time.perf_counter(), finish, prompt, completion, cached, _timings(timings))
+    own = _timings(timings)
+    if cached is None and own and "cache_n" in own and (prompt is None or own["cache_n"] <= prompt):
+        cached = int(own["cache_n"])
+    return Timed(sent, chunks, time.perf_counter(), finish, prompt, completion, cached, own, "".join(text))

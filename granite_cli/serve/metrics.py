@@ -4,7 +4,8 @@ running and waiting requests, KV-cache use, and its TTFT histogram's mean over t
 Names differ by engine: vLLM (`vllm:num_requests_running`, `vllm:kv_cache_usage_perc`, before 0.9
 `vllm:gpu_cache_usage_perc`, the histogram `vllm:time_to_first_token_seconds`) and llama.cpp's server
 (`llamacpp:requests_processing`, `llamacpp:requests_deferred`, `llamacpp:n_busy_slots_per_decode`),
-whose KV-cache use comes from its `/slots` instead.
+whose KV-cache use comes from its `/slots` instead; and each engine's prefix-cache counters (tokens hit
+and queried), whose change over a case says how much of its prompts the server reused.
 """
 
 from __future__ import annotations
@@ -27,12 +28,19 @@ GAUGES = {
     "busy_slots_per_decode": ("llamacpp:n_busy_slots_per_decode",),
 }
 TTFT_HIST = ("vllm:time_to_first_token_seconds", "sglang:time_to_first_token_seconds")
+# Prefix-cache counters (tokens), per engine: (hits, [what the queries add up to]). vLLM counts the
+# tokens it looked up; SGLang's prompt-token counter is every prompt token; llama.cpp's counts only the
+# tokens it processed, so its queries are those plus the cached ones. The first engine present wins.
+PREFIX_COUNTERS = (
+    ("vllm:prefix_cache_hits_total", ("vllm:prefix_cache_queries_total",)),
+    ("vllm:prefix_cache_hits", ("vllm:prefix_cache_queries",)),
+    ("sglang:cached_tokens_total", ("sglang:prompt_tokens_total",)),
+    ("llamacpp:prompt_tokens_cached_total", ("llamacpp:prompt_tokens_total", "llamacpp:prompt_tokens_cached_total")),
+)
 
 
-def parse(text: str) -> dict[str, float]:
-    """Prometheus text → {name: value}, label sets summed (a server with one model has one of each);
-    lines that are not samples, and values that are not finite, are left out."""
-    out: dict[str, float] = {}
+def sample_lines(text: str):
+    """(name, value) of each Prometheus sample line with a finite value; other lines are left out."""
     for line in text.splitlines():
         m = _LINE.match(line)
         if not m:
@@ -42,7 +50,14 @@ def parse(text: str) -> dict[str, float]:
         except ValueError:
             continue
         if math.isfinite(v):
-            out[m.group(1)] = out.get(m.group(1), 0.0) + v
+            yield m.group(1), v
+
+
+def parse(text: str) -> dict[str, float]:
+    """Prometheus text → {name: value}, label sets summed (a server with one model has one of each)."""
+    out: dict[str, float] = {}
+    for name, v in sample_lines(text):
+        out[name] = out.get(name, 0.0) + v
     return out
 
 
@@ -168,6 +183,7 @@ class Sampler:
                                          "/slots" if self.slots else None)
         if out["server_kv_cache_usage_max"] is None and self.slots:
             out["server_kv_cache_usage_max"] = max(self.slots)
+        out.update(prefix_counters(self.samples))
         out["server_ttft_mean_ms"] = None
         for h in TTFT_HIST:
             a, b = (self.samples[0], self.samples[-1]) if self.samples else ({}, {})
@@ -176,3 +192,22 @@ class Sampler:
                 out["server_ttft_mean_ms"] = (b[h + "_sum"] - a.get(h + "_sum", 0.0)) / n * 1e3
                 break
         return out
+
+
+def prefix_counters(samples: list[dict[str, float]]) -> dict:
+    """The prefix-cache tokens hit and queried over a case (its counters' change from the first sample to
+    the last); None where the server exposes no such counter. A counter that fell (a restarted server)
+    gives None rather than a negative count."""
+    out = {"server_prefix_hits": None, "server_prefix_queries": None, "server_prefix_source": None}
+    if len(samples) < 2:
+        return out
+    a, b = samples[0], samples[-1]
+    for hits, queries in PREFIX_COUNTERS:
+        if hits in b and all(q in b for q in queries):
+            dh = b[hits] - a.get(hits, 0.0)
+            dq = sum(b[q] - a.get(q, 0.0) for q in queries)
+            if dh >= 0 and dq >= 0:
+                out.update(server_prefix_hits=dh, server_prefix_queries=dq, server_prefix_source=hits)
+            return out
+    return out
+

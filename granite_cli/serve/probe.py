@@ -49,10 +49,10 @@ def _text(v, limit: int = 200) -> str | None:
     return printable(str(v), limit) or None
 
 
-def probe(ep: Endpoint, timeout: float = 600.0) -> Server:
+def probe(ep: Endpoint, timeout: float = 600.0, api: str = "completions") -> Server:
     """Ask the server what it serves; any failure here is the user's URL or server, one line, exit 2.
     `timeout` is the request timeout: the one-token completion may take that long, each GET at most
-    GET_TIMEOUT seconds."""
+    GET_TIMEOUT seconds. With api="chat", the server must answer a one-token chat completion too."""
     where = f"--endpoint {ep.url}"
     quick = min(GET_TIMEOUT, timeout)
     try:
@@ -89,8 +89,22 @@ def probe(ep: Endpoint, timeout: float = 600.0) -> Server:
     version = _json_or_none(ep, "/version", quick)
     if version and not s.version:
         s.version = _text(version.get("version"), 100)
-    s.prompt_mode = _prompt_mode(s, timeout)
+    s.prompt_mode = _prompt_mode(s, timeout) if api == "completions" else _chat_mode(s, timeout)
     return s
+
+
+def _chat_mode(s: Server, timeout: float) -> str:
+    """"chat" where the server answers /v1/chat/completions (it applies its chat template); else refused."""
+    try:
+        status, _ = post_json(s.endpoint, "/v1/chat/completions", {
+            "model": s.served_model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}, timeout)
+    except HTTPFailure as e:
+        raise InputError(f"--endpoint {s.endpoint.url}: a one-token chat completion failed ({e}); is the model "
+                         "loaded?") from None
+    if status != 200:
+        raise InputError(f"--endpoint {s.endpoint.url}: /v1/chat/completions answered HTTP {status}; the server "
+                         "has no chat endpoint or no chat template for its model (use --api completions)")
+    return "chat"
 
 
 def _prompt_mode(s: Server, timeout: float) -> str:
