@@ -13,12 +13,12 @@ import typer
 from granite_cli.commands.common import Format, FormatOpt, emit_rows, say
 from granite_cli.redact import redact
 
-
-def _fmt_num(v):
-    return "" if v is None else (f"{v:,.1f}" if v >= 10 else f"{v:.3f}")
-
-
 # The options whose help is long, declared once here to keep bench() readable.
+CtxOpt = Annotated[Optional[str], typer.Option(
+    help="Contexts: one value is the sweep up to it (128k: 512, 1k, ... 128k on a CPU, from 1k on a GPU; at least 4 "
+         "contexts) so the scaling can be fitted; =128k is that context alone; a list 1k,4k,128k or a range "
+         "1k-128k*2 / 512-4k+512 is exactly what it says, as is a sweep file's ctx. With only --endpoint, one value "
+         "is one prompt length.")]
 SharePrefillOpt = Annotated[Optional[bool], typer.Option(
     "--share-prefill/--no-share-prefill",
     help="On a CPU, a context's prefill continues from a smaller context's end state where that is a whole "
@@ -103,7 +103,7 @@ def bench(
         "--model", "-m", metavar="MODEL",
         help="Profile, config.json, checkpoint folder or Hub id org/name[@rev] (repeatable).")] = None,
     weights: WeightsOpt = None,
-    ctx: Annotated[Optional[str], typer.Option(help="Contexts: 1k,4k,128k or a range 1k-128k*2 / 512-4k+512.")] = None,
+    ctx: CtxOpt = None,
     batch: Annotated[Optional[str], typer.Option(help="Batch sizes: 1,4 or a range 1-16*2.")] = None,
     phase: Annotated[Optional[str], typer.Option(help="prefill, decode, or prefill,decode (the default).")] = None,
     gen: Annotated[Optional[int], typer.Option(help="Decode tokens timed per repetition (default 16).")] = None,
@@ -238,7 +238,19 @@ def _errors(v):
     return "" if not v else ", ".join(f"{k}: {n}" for k, n in sorted(v.items()))
 
 
-_FORMAT = {"num": _fmt_num, "bytes": _bytes, "errors": _errors}
+def _number(v):
+    from granite_cli.render import number_text
+
+    return number_text(v)
+
+
+def _percent(v):
+    from granite_cli.render import percent_text
+
+    return percent_text(v)
+
+
+_FORMAT = {"num": _number, "pct": _percent, "bytes": _bytes, "errors": _errors}
 
 
 class _Progress:

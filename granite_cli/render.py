@@ -51,6 +51,27 @@ def cell(v: Any) -> str:
     return str(v)
 
 
+def number_text(v: float | None) -> str:
+    """A measurement for people to read: thousands separated, no scientific notation, about three
+    significant digits below 10 (0.00123, 4.56, 78.9, 1,190,980)."""
+    if v is None or isinstance(v, float) and math.isnan(v):
+        return ""
+    if v == 0:
+        return "0"
+    a = abs(v)
+    if a >= 100:
+        return f"{v:,.0f}"
+    if a >= 10:
+        return f"{v:.1f}"
+    decimals = max(2, 2 - math.floor(math.log10(a)))
+    return f"{v:.{decimals}f}"
+
+
+def percent_text(v: float | None) -> str:
+    """A fraction as a percentage (0.334 -> 33.4%)."""
+    return "" if v is None or isinstance(v, float) and math.isnan(v) else f"{v * 100:.1f}%"
+
+
 def to_csv(rows: Sequence[dict], columns: Sequence[str] | None = None) -> str:
     cols = columns_of(rows, columns)
     buf = io.StringIO()

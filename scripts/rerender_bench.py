@@ -8,6 +8,10 @@ memory-report's prediction from its model's config. A CPU row from before has no
 tracker did not run), so its measured ratio stays n/a until the sweep is rerun. A folder that an
 earlier granite wrote without a manifest gets one listing the report files it holds (README.md and
 other notes stay the user's), so the new report is written in place beside them.
+
+Rows from before the roofline fields get their FLOPs, bytes and achieved rates from their own median
+time (the FLOP and byte models need only the case); the fractions of the machine's ceilings need the
+probes of the machine that ran them, so those stay blank until the sweep is rerun.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import torch
 from granite_cli.bench.analysis import analyse
 from granite_cli.bench.estimate import predicted_total
 from granite_cli.bench.report import REPORT_FILES, write_report
+from granite_cli.bench.roofline import rates, work
 from granite_cli.bench.row import Row
 from granite_cli.checkpoint.dtypes import parse_dtype
 from granite_cli.config import load_config
@@ -33,9 +38,15 @@ from granite_cli.params import count_params
 def upgrade(r: dict) -> dict:
     if r.get("phase") == "serve":  # a server's row: nothing of ours to predict
         return r
-    if r.get("status") not in ("ok", "invalid") or r.get("predicted_total_bytes") is not None:
+    if r.get("status") not in ("ok", "invalid"):
         return r
     cfg = load_config(r["model"])
+    if r.get("work_flops") is None and r.get("median_s"):
+        flops, moved = work(cfg, r["phase"], r["batch"], r["ctx"], r.get("gen") or 16, r.get("ubatch"),
+                            parse_dtype(r["dtype"]).itemsize, r.get("device") or "cpu")
+        r = {**r, **rates(flops, moved, r["median_s"], None)}
+    if r.get("predicted_total_bytes") is not None:
+        return r
     weights = count_params(cfg).total * parse_dtype(r["dtype"]).itemsize
     tokens = 1 if r["phase"] == "decode" else min(r["ctx"], r.get("ubatch") or 4096)
     gen = r.get("gen") or 16

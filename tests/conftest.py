@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -52,6 +54,12 @@ HF_CLASSES = {
     "qwen3": "Qwen3ForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
 }
+
+
+def granite(*args, timeout=600) -> subprocess.CompletedProcess:
+    """The CLI as a user runs it, in a fresh interpreter."""
+    return subprocess.run([sys.executable, "-m", "granite_cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def one_error(r, code: int, *words: str) -> str:

@@ -375,7 +375,7 @@ BENCH = ["bench", "-m", "tiny-hybrid", "--batch", "1", "--gen", "2", "--reps", "
 
 def test_resume_after_cut_lines_leaves_whole_rows(tmp_path):
     rows = tmp_path / "rows.jsonl"
-    clean(granite(*BENCH, "--ctx", "32", "--jsonl", rows), 0, rows)
+    clean(granite(*BENCH, "--ctx", "=32", "--jsonl", rows), 0, rows)
     for ctx in ("32,64", "32,64,128"):
         with open(rows, "ab") as f:
             f.write(b'{"schema_version": 1, "model": "tiny-hyb')  # a row cut by a kill

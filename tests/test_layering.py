@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 LAYERS = [
     {"errors", "redact", "ggml"},                  # exit-code errors; secrets out of outputs; GGUF/ggml constants
     # architectures, files, host memory, tables, sizes, Hub ids, IBM's claims as numbers
-    {"arch", "fsutil", "hostmem", "render", "sizes", "hub", "ibm"},
+    {"arch", "fsutil", "hostmem", "render", "html", "sizes", "hub", "ibm"},
     {"config", "measure"},
     {"checkpoint", "ops", "params"},
     {"model", "env", "flops", "profile_info"},

@@ -11,16 +11,19 @@ from typing import Callable
 from granite_cli.bench.findings import Analysis, Ratio
 from granite_cli.bench.row import ModelRow, Row, ServeRow, columns, formats, is_nan
 from granite_cli.fsutil import report_dir
+from granite_cli.html import markdown_to_html
 from granite_cli.ibm import MEMORY_RATIO, MEMORY_REDUCTION
 from granite_cli.redact import redact, scrub
-from granite_cli.render import human_bytes, json_safe, to_markdown
+from granite_cli.render import human_bytes, json_safe, number_text, percent_text, to_markdown
 
+ATTRIBUTION_PARTS = ("mamba", "attention", "moe_mlp", "rest")
 PLOTS = {
     "prefill_time": "Prefill time vs context (log-log, fitted a + b·n + c·n²)",
     "decode_tps": "Decode tokens/s vs depth",
     "memory": "Total peak memory vs context (weights + cache + working set; dashed: predicted)",
     "batch": "Prefill throughput vs batch",
     "attribution": "Prefill time by layer type",
+    "roofline": "Roofline: achieved FLOP/s against FLOP per byte (measured ceilings)",
     "serve_ttft": "Servers: time to first token vs prompt length (median, log-log; dotted: fitted)",
     "serve_itl": "Servers: inter-token latency (chunk gap) vs prompt length (median)",
     "serve_throughput": "Servers: output tokens/s vs concurrent sessions",
@@ -29,7 +32,7 @@ PLOTS = {
 
 
 # What a report folder may hold of granite's (fsutil checks an existing --out against it up front).
-REPORT_FILES = ("report.md", "rows.jsonl", "analysis.json", "*.png")
+REPORT_FILES = ("report.md", "report.html", "rows.jsonl", "analysis.json", "*.png")
 
 def _plots(rows: list[Row], analysis: Analysis, out: Path) -> list[str]:
     """Each plot the rows allow, as name.png in `out`; returns the names made."""
@@ -39,16 +42,12 @@ def _plots(rows: list[Row], analysis: Analysis, out: Path) -> list[str]:
     import matplotlib.pyplot as plt
 
     ok = [r for r in rows if r.status == "ok"]
-    series = defaultdict(list)
-    for r in ok:
-        if (getattr(r, "turns", None) or 1) == 1:  # a conversation's turns have their own plot
-            series[(r.model + (f" [{r.workload}]" if r.workload else ""), r.batch, r.phase)].append(r)
-    for rs in series.values():
-        rs.sort(key=lambda r: r.ctx)
+    series = _series(ok)
     made = []
     for name, fig in (("prefill_time", _prefill_plot(plt, series, analysis)), ("decode_tps", _decode_plot(plt, series)),
                       ("memory", _memory_plot(plt, series, analysis)), ("batch", _batch_plot(plt, ok)),
-                      ("attribution", _attribution_plot(plt, ok)), ("serve_ttft", _serve_ttft_plot(plt, series,
+                      ("attribution", _attribution_plot(plt, ok)), ("roofline", _roofline_plot(plt, ok)),
+                      ("serve_ttft", _serve_ttft_plot(plt, series,
                                                                                                    analysis)),
                       ("serve_itl", _serve_line_plot(plt, series, "itl_ms_p50", "inter-token latency (ms)",
                                                      "serve_itl")),
@@ -63,6 +62,17 @@ def _plots(rows: list[Row], analysis: Analysis, out: Path) -> list[str]:
         plt.close(fig)
         made.append(name)
     return made
+
+
+def _series(rows: list[Row]) -> dict[tuple, list[Row]]:
+    """The ok rows by (model [workload], batch, phase), each in context order."""
+    series = defaultdict(list)
+    for r in rows:
+        if r.status == "ok" and (getattr(r, "turns", None) or 1) == 1:  # a conversation's turns: their own plot
+            series[(r.model + (f" [{r.workload}]" if r.workload else ""), r.batch, r.phase)].append(r)
+    for rs in series.values():
+        rs.sort(key=lambda r: r.ctx)
+    return series
 
 
 def _finish(ax, **kw) -> None:
@@ -114,21 +124,74 @@ def _batch_plot(plt, ok: list[Row]):
 
 
 def _attribution_plot(plt, ok: list[Row]):
+    """Top: each prefill's time by layer type as shares of its total (linear, so no segment falls
+    below an axis floor), the total in seconds above the bar. Bottom: the same seconds side by side
+    on a log axis, so a part a hundred times smaller than the rest is still drawn."""
     att = [r for r in ok if r.phase == "prefill" and r.attribution_s]
     if not att:
         return None
     b0 = min(r.batch for r in att)
     att = sorted([r for r in att if r.batch == b0], key=lambda r: (r.model, r.ctx))
-    fig, ax = plt.subplots(figsize=(max(7, 0.5 * len(att)), 4.5))
+    parts = [p for p in ATTRIBUTION_PARTS if any(r.attribution_s.get(p) for r in att)]
+    fig, (top, low) = plt.subplots(2, 1, figsize=(max(7.0, 0.55 * len(att)), 8), sharex=True)
+    xs = range(len(att))
+    totals = [sum(r.attribution_s.get(p, 0.0) for p in parts) or 1.0 for r in att]
     bottom = [0.0] * len(att)
-    for part in ("mamba", "attention", "moe_mlp", "rest"):
+    for i, part in enumerate(parts):
+        shares = [r.attribution_s.get(part, 0.0) / t * 100 for r, t in zip(att, totals)]
+        top.bar(xs, shares, bottom=bottom, label=part, color=f"C{i}")
+        for x, (b, v) in enumerate(zip(bottom, shares)):
+            if v >= 6:
+                top.text(x, b + v / 2, f"{v:.0f}%", ha="center", va="center", fontsize=6)
+        bottom = [a + v for a, v in zip(bottom, shares)]
+    for x, t in enumerate(totals):
+        top.text(x, 101, number_text(t) + " s", ha="center", va="bottom", fontsize=6)
+    top.set(ylabel="share of prefill time (%)", ylim=(0, 110), title=PLOTS["attribution"] + f" (batch {b0})")
+    top.legend(fontsize=7, loc="lower right")
+    width = 0.8 / len(parts)
+    for i, part in enumerate(parts):
         vals = [r.attribution_s.get(part, 0.0) for r in att]
-        ax.bar(range(len(att)), vals, bottom=bottom, label=part)
-        bottom = [a + v for a, v in zip(bottom, vals)]
-    ax.set_xticks(range(len(att)), [f"{r.model}\n{r.ctx}" for r in att], fontsize=6, rotation=60)
-    ax.set(ylabel="seconds (one prefill, hooks on)", yscale="log", title=PLOTS["attribution"] + f" (batch {b0})")
-    ax.legend(fontsize=7)
+        low.bar([x + (i - (len(parts) - 1) / 2) * width for x in xs], [v if v > 0 else float("nan") for v in vals],
+                width, color=f"C{i}", label=part)
+    low.set(ylabel="seconds (log)", yscale="log")
+    low.grid(True, which="both", axis="y", alpha=0.3)
+    low.set_xticks(list(xs), [f"{r.model}\n{r.ctx}" for r in att], fontsize=6, rotation=60)
     return fig
+
+
+def _roofline_plot(plt, ok: list[Row]):
+    """Achieved FLOP/s against arithmetic intensity, one point per in-process case, under the device's
+    two measured ceilings (matmul rate, copy bandwidth)."""
+    rs = [r for r in ok if isinstance(r, ModelRow) and r.achieved_tflops and r.intensity_flop_per_byte]
+    ceil = next((r for r in rs if r.ceiling_gflops and r.ceiling_gbps), None)
+    if not rs:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    by = defaultdict(list)
+    for r in rs:
+        by[(r.model, r.batch, r.phase)].append(r)
+    for i, ((m, b, p), pts) in enumerate(sorted(by.items())):
+        pts.sort(key=lambda r: r.ctx)
+        ax.plot([r.intensity_flop_per_byte for r in pts], [r.achieved_tflops * 1e3 for r in pts],
+                "o" if p == "prefill" else "s", color=f"C{i}", label=f"{m} b{b} {p}")
+        for r in (pts[0], pts[-1]):
+            ax.annotate(_ctx_label(r.ctx), (r.intensity_flop_per_byte, r.achieved_tflops * 1e3), fontsize=6,
+                        xytext=(3, 3), textcoords="offset points")
+    if ceil is not None:
+        lo = min(r.intensity_flop_per_byte for r in rs) / 3
+        hi = max(r.intensity_flop_per_byte for r in rs) * 3
+        ridge = ceil.ceiling_gflops / ceil.ceiling_gbps
+        xs = sorted({lo, hi, min(max(ridge, lo), hi)})
+        ax.plot(xs, [min(ceil.ceiling_gflops, ceil.ceiling_gbps * x) for x in xs], "k-", lw=1,
+                label=f"ceilings: {number_text(ceil.ceiling_gflops)} GFLOP/s matmul, "
+                      f"{number_text(ceil.ceiling_gbps)} GB/s copy")
+    _finish(ax, xscale="log", yscale="log", xlabel="arithmetic intensity (FLOP per byte moved)",
+            ylabel="achieved GFLOP/s", title=PLOTS["roofline"])
+    return fig
+
+
+def _ctx_label(c: int) -> str:
+    return f"{c // 1024}k" if c % 1024 == 0 else str(c)
 
 
 def _turns_plot(plt, ok: list[Row]):
@@ -208,10 +271,12 @@ def _memory_plot(plt, series: dict, analysis: Analysis):
         x = [r.ctx for r in rs]
         ln = ax.plot(x, [r.peak_total_bytes / 2**30 for r in rs], "o-" if p == "prefill" else "s-",
                      label=f"{m} b{b} {p}")[0]
-        ax.plot(x, [r.predicted_total_bytes / 2**30 for r in rs], "--", color=ln.get_color(), alpha=0.7)
+        pred = [(r.ctx, r.predicted_total_bytes / 2**30) for r in rs if r.predicted_total_bytes]
+        if pred:  # a marker on each prediction: one context still draws it
+            ax.plot(*zip(*pred), "x--", color=ln.get_color(), alpha=0.7, ms=7)
     src = lines[0][1][0].peak_total_source or "measured"
     ax.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel=f"total peak ({src}), GiB",
-           title="Total peak memory (dashed: predicted)")
+           title="Total peak memory (x, dashed: predicted)")
     ax.yaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:.3g}"))
     ax.yaxis.set_minor_formatter(plt.FuncFormatter(lambda v, _: f"{v:.3g}"))
     ax.legend(fontsize=6)
@@ -230,7 +295,7 @@ def _memory_plot(plt, series: dict, analysis: Analysis):
             title="Hybrid / dense")
     ctxs = sorted({r.ctx for _, rs in lines for r in rs})
     for a in (ax, ax2):  # one tick per context of the sweep
-        a.set_xticks(ctxs, [f"{c // 1024}k" if c % 1024 == 0 else str(c) for c in ctxs], fontsize=7)
+        a.set_xticks(ctxs, [_ctx_label(c) for c in ctxs], fontsize=7)
         a.xaxis.set_minor_locator(plt.NullLocator())
     ax2.legend(fontsize=6)
     ax2.grid(True, which="both", alpha=0.3)
@@ -271,7 +336,7 @@ def _serve_section(rows: list[Row]) -> list[str]:
             f"`{r.cpu}`" for m, r in who.items()]
     cols = columns(ServeRow, "report")
     nums = [k for k in cols if formats().get(k) == "num"]
-    table = [{**r.to_dict(), **{k: None if getattr(r, k) is None else round(getattr(r, k), 1) for k in nums},
+    table = [{**r.to_dict(), **{k: number_text(getattr(r, k)) for k in nums},
               "errors": ", ".join(f"{k}: {n}" for k, n in sorted((r.errors or {}).items())) or None}
              for r in served]
     out += ["", to_markdown(table, cols)]
@@ -288,6 +353,19 @@ def _serve_section(rows: list[Row]) -> list[str]:
     return out
 
 
+_CELL = {"num": number_text, "pct": percent_text, "bytes": lambda v: None if v is None else human_bytes(v)}
+
+
+def _model_cells(r: ModelRow, cols: list[str]) -> dict:
+    """A row's report cells: numbers without scientific notation, fractions as percentages, sizes in
+    binary units, and no spread for a single repetition (one sample has none)."""
+    fmt = formats()
+    out = {**r.to_dict(), **{k: _CELL[fmt[k]](getattr(r, k)) for k in cols if fmt.get(k) in _CELL}}
+    if len(r.samples_s or []) < 2:
+        out["stdev_s"] = None
+    return out
+
+
 def _round(xs: list | None, i: int, digits: int = 0):
     v = xs[i] if xs and i < len(xs) else None
     return None if v is None else round(v, digits) if digits else round(v)
@@ -295,24 +373,23 @@ def _round(xs: list | None, i: int, digits: int = 0):
 
 def write_report(out_dir: Path, rows: list[Row], analysis: Analysis, spec_dict: dict, wall_s: float | None = None,
                  say: Callable[[str], None] | None = None) -> Path:
-    """report.md, rows.jsonl, analysis.json and the plots, into out_dir (fsutil.report_dir); every
-    string redacted (granite_cli.redact)."""
+    """report.md, report.html (the same, self-contained), rows.jsonl, analysis.json and the plots, into
+    out_dir (fsutil.report_dir); every string redacted (granite_cli.redact)."""
     out_dir = Path(out_dir)
     spec_dict = scrub(spec_dict)
     with report_dir(out_dir, REPORT_FILES, say) as tmp:
         plots = _plots(rows, analysis, tmp)
         cols = columns(ModelRow, "report")
-        sizes = [k for k in cols if formats().get(k) == "bytes"]
-        table = [{**r.to_dict(), "tokens_per_s": round(r.tokens_per_s, 1) if r.tokens_per_s else None,
-                  "latency_ms": round(r.latency_ms, 2) if r.latency_ms else None,
-                  "stdev_s": round(r.stdev_s, 4) if r.stdev_s is not None else None,
-                  **{k: human_bytes(getattr(r, k)) if getattr(r, k) is not None else None for k in sizes}}
-                 for r in rows if isinstance(r, ModelRow)]
+        table = [_model_cells(r, cols) for r in rows if isinstance(r, ModelRow)]
         env_keys = ("device", "cpu", "gpu", "threads", "torch", "kernel_impl", "commit", "dirty")
         env = {k: getattr(rows[0], k, None) for k in env_keys} if rows else {}
         lines = ["# granite bench report", ""]
         lines += [f"- {k}: `{v}`" for k, v in env.items() if v is not None]
         lines += [f"- sweep: `{json.dumps(spec_dict)}`"]
+        if ceil := next((r for r in rows if isinstance(r, ModelRow) and r.ceiling_gflops), None):
+            lines.append(f"- this machine's ceilings ({ceil.ceiling_source}): {number_text(ceil.ceiling_gflops)} "
+                         f"GFLOP/s matmul, {number_text(ceil.ceiling_gbps)} GB/s copy (read + write); each row's "
+                         "`of matmul` and `of copy` are its achieved rates over these")
         if wall_s is not None:
             lines.append(f"- wall time: {wall_s:.0f} s")
         lines += ["", "## Verdicts", ""] + [f"- {v}" for v in analysis.verdicts]
@@ -324,11 +401,17 @@ def write_report(out_dir: Path, rows: list[Row], analysis: Analysis, spec_dict: 
             lines += ["", "## Results", "",
                       "peak_total: the phase's total peak memory of record (`peak_total_source`); predicted_total: "
                       "memory-report's model of it; peak_delta: the peak's increase over the phase's baseline "
-                      "(RSS on a CPU), which leaves out the weights and the cache.", "", to_markdown(table, cols)]
+                      "(RSS on a CPU), which leaves out the weights and the cache. TFLOP/s and GB/s: the case's "
+                      "FLOPs and the bytes it must move at least (weights, KV, SSM state) over its median time, for "
+                      "a whole prefill or one decode step; `of matmul` and `of copy`: those over the machine's "
+                      "measured ceilings. stdev is blank for one repetition (`reps`).", "",
+                      to_markdown(table, cols)]
         lines += _serve_section(rows)
         for name in plots:
             lines += [f"## {PLOTS[name]}", "", f"![{name}]({name}.png)", ""]
-        (tmp / "report.md").write_text(redact("\n".join(lines)) + "\n", encoding="utf-8")
+        md = redact("\n".join(lines)) + "\n"
+        (tmp / "report.md").write_text(md, encoding="utf-8")
+        (tmp / "report.html").write_text(markdown_to_html(md, tmp, "granite bench report"), encoding="utf-8")
         with open(tmp / "rows.jsonl", "w", encoding="utf-8") as f:
             for r in rows:
                 f.write(json.dumps(json_safe(scrub(r.to_dict()))) + "\n")

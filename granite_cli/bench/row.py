@@ -49,7 +49,7 @@ class Case:
     workload: str | None = column("workload", serve=BOTH)  # a server case's rate, turns, API, dataset, ...
     gen: int | None = None
     ubatch: int | None = None
-    reps: int | None = None
+    reps: int | None = column("reps", model=("report",))  # timed repetitions (in-process)
 
     @property
     def key(self) -> tuple:
@@ -86,6 +86,23 @@ class Timing:
     prefill_from: int | None = None             # the smaller context whose end state this prefill continued
     decode_mode: str | None = None              # cuda_graph, compiled or eager
     decode_note: str | None = None
+
+
+@dataclass(kw_only=True)
+class Roofline:
+    """How close an in-process case came to the machine (bench.roofline): its FLOPs and bytes (a whole
+    prefill, or one decode step), the rates achieved, and their fractions of the measured ceilings."""
+
+    work_flops: float | None = None
+    work_bytes: float | None = None             # the floor: weights, KV, SSM state (not activations)
+    intensity_flop_per_byte: float | None = None
+    achieved_tflops: float | None = column("TFLOP/s", "num", model=("report",))
+    achieved_gbps: float | None = column("GB/s", "num", model=("report",))
+    flops_frac: float | None = column("of matmul", "pct", model=BOTH)      # of the probed matmul rate
+    bandwidth_frac: float | None = column("of copy", "pct", model=BOTH)    # of the probed copy bandwidth
+    ceiling_gflops: float | None = None
+    ceiling_gbps: float | None = None
+    ceiling_source: str | None = None
 
 
 @dataclass(kw_only=True)
@@ -306,10 +323,11 @@ class Row(Case, Result):
 
 
 @dataclass(kw_only=True)
-class ModelRow(Row, Spread, Timing, Memory, Energy, Guard, ModelInfo, Environment):
+class ModelRow(Row, Spread, Timing, Roofline, Memory, Energy, Guard, ModelInfo, Environment):
     """A case run in granite's own core (prefill or decode)."""
 
-    PARTS: ClassVar[tuple] = (Case, ModelInfo, Guard, Result, Spread, Timing, Memory, Energy, Environment)
+    PARTS: ClassVar[tuple] = (Case, ModelInfo, Guard, Result, Spread, Timing, Roofline, Memory, Energy,
+                              Environment)
 
 
 @dataclass(kw_only=True)
@@ -336,7 +354,7 @@ def headers() -> dict[str, str]:
 
 
 def formats() -> dict[str, str]:
-    """How each column's values print: num, bytes or errors."""
+    """How each column's values print: num, pct, bytes or errors."""
     return _marked("fmt")
 
 

@@ -32,12 +32,13 @@ import torch
 from granite_cli.bench.estimate import predicted_total, prefix_point
 from granite_cli.bench.fit import fit_scaling
 from granite_cli.bench.guard import GUARD_TOKENS, correctness_guard, depth_guard, judge
+from granite_cli.bench.roofline import Ceilings, case_rates, probe
 from granite_cli.bench.row import ModelRow
 from granite_cli.bench.rows import RowsNotStored, environment_fields, spec_key
 from granite_cli.bench.spec import SweepSpec
 from granite_cli.bench.steps import compiled_steps, eager_steps, graph_steps
 from granite_cli.checkpoint.dtypes import parse_dtype
-from granite_cli.config import load_config
+from granite_cli.config import ModelConfig, load_config
 from granite_cli.energy import NvmlSource, PowerMeter, load_nvml, nvml_index
 from granite_cli.errors import InputError
 from granite_cli.hostmem import retain_freed_memory
@@ -101,7 +102,7 @@ class _Attribution:
 def _stats(samples: list[float]) -> dict:
     return {
         "median_s": statistics.median(samples),
-        "stdev_s": statistics.stdev(samples) if len(samples) > 1 else 0.0,
+        "stdev_s": statistics.stdev(samples) if len(samples) > 1 else None,  # one sample has no spread
         "min_s": min(samples),
         "max_s": max(samples),
         "samples_s": samples,
@@ -113,6 +114,7 @@ class _ModelRun:
     """What the cases of one model share."""
 
     model: torch.nn.Module
+    cfg: ModelConfig
     base: dict                                               # the model's fields in every row
     fits: dict[int, list] = field(default_factory=dict)      # batch -> [(ctx, prefill s)] for the skip rule
     prefix: dict[int, dict] = field(default_factory=dict)    # batch -> the latest shareable prefill's end
@@ -148,6 +150,7 @@ class Runner:
         if self.device.type == "cpu":
             retain_freed_memory()  # reuse freed activations instead of faulting fresh pages (hostmem)
         self.env = environment_fields(self.device)
+        self.ceilings: Ceilings | None = None
 
     # ------------------------------------------------------------------------------------------
     def run(self) -> None:
@@ -166,7 +169,9 @@ class Runner:
             base = {"model": cfg.name, "kind": "hybrid" if cfg.is_hybrid else "dense", "params_total": params.total,
                     "params_active": params.active, "guard_max_diff": diff, "valid": ok,
                     "weights_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
-            run = _ModelRun(model, base)
+            if self.ceilings is None:  # once per sweep, before the first case, on a quiet machine
+                self.ceilings = probe(self.device, self.dtype)
+            run = _ModelRun(model, cfg, base)
             for b, c in pending:
                 self._case(run, b, c)
             del model, run
@@ -332,7 +337,8 @@ class Runner:
                         memory_source=pm.source, reserved_peak_bytes=pm.reserved, nvml_used_bytes=pm.nvml_used,
                         cache_bytes=case.cache_bytes, attribution_s=attribution,
                         prefill_from=None if start is None else start["ctx"],
-                        **self._totals(run, case, pm, tracked, min(c, spec.ubatch)), memory_s=memory_s, **energy)
+                        **self._totals(run, case, pm, tracked, min(c, spec.ubatch)), memory_s=memory_s, **energy,
+                        **case_rates(run.cfg, spec, "prefill", b, c, st["median_s"], self.ceilings))
         if not finite:
             row.update(status="invalid", error="non-finite logits")
         return row
@@ -409,7 +415,8 @@ class Runner:
                         latency_ms=st["median_s"] * 1e3, peak_bytes=pm.peak, peak_delta_bytes=pm.delta,
                         memory_source=pm.source, cache_bytes=case.cache_bytes, reserved_peak_bytes=pm.reserved,
                         nvml_used_bytes=pm.nvml_used, decode_mode=mode, decode_note=note,
-                        **self._totals(run, case, pm, None, 1), **energy)
+                        **self._totals(run, case, pm, None, 1), **energy,
+                        **case_rates(run.cfg, spec, "decode", case.b, case.c, st["median_s"], self.ceilings))
         if not finite:
             row.update(status="invalid", error="non-finite logits")
         return row

@@ -204,6 +204,9 @@ def _announce(spec: SweepSpec, found: list, serve: ServeOptions | None, est: flo
         say(f"granite bench: {len(spec.models)} model(s) x {len(spec.batch)} batch x {len(spec.ctx)} context(s) "
             f"on {spec.device} ({spec.dtype}, {spec.reps} rep(s) + {spec.warmup} warmup); expected about "
             f"{duration(est)}")
+        if spec.ctx_from:
+            say(f"--ctx {spec.ctx_from} is the sweep up to it: contexts {_list(spec.ctx)}, so the scaling can be "
+                f"fitted (--ctx ={spec.ctx_from} runs that context alone)")
     for s in found:
         say(f"granite bench: endpoint {s.name} ({s.engine or 'unknown engine'} {s.version or ''}".rstrip() +
             f", serving {s.served_model}): {serve_plan(spec, serve)}")

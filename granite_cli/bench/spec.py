@@ -49,6 +49,7 @@ class SweepSpec:
     guard: str = "depth"
     weights: str = "auto"
     energy: bool = True        # GPU energy per token from NVML (in-process on CUDA; servers on this host)
+    ctx_from: str | None = None  # a single --ctx value widened into the sweep up to it (see contexts)
 
     def validate(self, endpoints: bool = False) -> "SweepSpec":
         if not self.models and not endpoints:
@@ -106,7 +107,7 @@ def load_sweep_file(path: str | Path) -> dict:
         raise InputError(f"{path}: not valid TOML ({e})") from None
     except RecursionError:
         raise InputError(f"{path}: TOML nested too deeply to be a sweep file") from None
-    known = {f.name for f in fields(SweepSpec)}
+    known = {f.name for f in fields(SweepSpec)} - {"ctx_from"}
     unknown = sorted(set(d) - known)
     if unknown:
         raise InputError(f"{path}: unknown key {unknown[0]!r}; valid: {', '.join(sorted(known))}")
@@ -141,7 +142,29 @@ FLAG_FIELDS = ("models", "ctx", "batch", "phases", "gen", "dtype", "device", "re
 IN_PROCESS_FIELDS = ("reps", "dtype", "device", "phases", "ubatch", "share_prefill", "cuda_graph", "compile",
                "max_case_seconds", "guard", "weights")
 _FLAG = {"phases": "phase"}
+DEFAULT_CTX = {True: "1k-32k*2", False: "512-8k*2"}
+# A single --ctx widens into a sweep down to the default start, with at least this many contexts (where
+# they stay at least MIN_WIDENED tokens): a scaling fit needs points.
+FIT_POINTS, MIN_WIDENED = 4, 16
 GPU_MODELS, CPU_MODELS = ["granite-4.0-h-micro", "granite-4.0-micro"], ["cpu-hybrid", "cpu-dense"]
+
+
+def contexts(text: str, gpu: bool, widen: bool = True) -> tuple[list[int], bool]:
+    """--ctx as typed → (contexts, whether a single value was widened). `128k` alone is the sweep up to
+    it: 128k, 64k, ... halving down to the default start (512 on a CPU, 1k on a GPU), at least
+    FIT_POINTS contexts, so the scaling can be fitted. `=128k` is exactly that context; lists and
+    ranges are exactly what they say."""
+    t = str(text).strip()
+    if t.startswith("="):
+        return parse_list(t[1:], "context"), False
+    xs = parse_list(t, "context")
+    if not widen or len(xs) > 1 or "," in t or "-" in t:
+        return xs, False
+    start = parse_list(DEFAULT_CTX[gpu], "context")[0]
+    out = xs[:]
+    while out[-1] // 2 >= start or (len(out) < FIT_POINTS and out[-1] // 2 >= MIN_WIDENED):
+        out.append(out[-1] // 2)
+    return sorted(out), len(out) > 1
 
 
 def resolve_spec(flags: dict, sweep_file: str | Path | None, cuda_available: bool,
@@ -153,9 +176,9 @@ def resolve_spec(flags: dict, sweep_file: str | Path | None, cuda_available: boo
     if unknown:
         raise ValueError(f"unknown sweep fields {sorted(unknown)}")
     given = {k: v for k, v in flags.items() if v is not None}
-    for k in ("ctx", "batch"):
-        if k in given:
-            given[k] = parse_list(given[k], "context" if k == "ctx" else k)
+    ctx_text = given.pop("ctx", None)
+    if "batch" in given:
+        given["batch"] = parse_list(given["batch"], "batch")
     if "phases" in given:
         given["phases"] = [p.strip() for p in given["phases"].split(",") if p.strip()]
     file = load_sweep_file(sweep_file) if sweep_file else {}
@@ -164,11 +187,17 @@ def resolve_spec(flags: dict, sweep_file: str | Path | None, cuda_available: boo
     if device == "auto":
         device = "cuda" if cuda_available else "cpu"
     gpu = device.startswith("cuda")
+    if ctx_text is not None:
+        # only --endpoint: a prompt length is what was asked (with --turns, a message's), never a sweep
+        in_process = bool(chosen.get("models")) or not endpoints
+        chosen["ctx"], widened = contexts(ctx_text, gpu, widen=in_process)
+        if widened:
+            chosen["ctx_from"] = ctx_text.strip()
     if gpu and not cuda_available:
         raise InputError("--device cuda but no CUDA device is available; use --device cpu")
     if device != "cpu" and not gpu:
         raise InputError(f"--device must be cpu, cuda or auto, got {device!r}")
-    ctx = chosen.get("ctx") or parse_list("1k-32k*2" if gpu else "512-8k*2", "context")
+    ctx = chosen.get("ctx") or parse_list(DEFAULT_CTX[gpu], "context")
     quick = run_defaults(gpu, not chosen.keys() & {"models", "ctx", "batch"} and not sweep_file, max(ctx))
     models = [] if endpoints else GPU_MODELS if gpu else CPU_MODELS
     spec = SweepSpec(**{**quick, "models": models, "dtype": "bf16" if gpu else "fp32",
