@@ -8,19 +8,12 @@ the percentiles the samples support, and energy from a fake NVML and a fake DCGM
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
 
-from tests.conftest import one_error
+from tests.conftest import granite, one_error
 from tests.fake_server import FakeServer
-
-
-def granite(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "granite_cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout)
 
 
 def _json(r):
