@@ -120,7 +120,7 @@ def test_load_model_and_bench_take_a_hub_id(hub, tmp_path, monkeypatch):
     m = load_model("acme/tiny-hybrid", weights="checkpoint")
     assert m.cfg.name == "tiny-hybrid"
     assert all(torch.equal(v, main.state_dict()[k]) for k, v in m.state_dict().items())
-    r = granite(cache, "bench", "-m", "acme/tiny-hybrid", "--weights", "checkpoint", "--ctx", "64", "--batch",
+    r = granite(cache, "bench", "-m", "acme/tiny-hybrid", "--weights", "checkpoint", "--ctx", "=64", "--batch",
                 "1", "--phase", "prefill", "--reps", "1", "--warmup", "0", "--format", "json", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     rows = json.loads(r.stdout)["rows"]
