@@ -32,10 +32,15 @@ CompileOpt = Annotated[Optional[bool], typer.Option(
     "--compile",
     help="On a CPU, run decode steps under torch.compile (TorchInductor; needs a C++ compiler). Compiling takes "
          "1-2.5 minutes per model and batch size on 2 cores, in untimed first passes.")]
+DecodeKernelOpt = Annotated[Optional[bool], typer.Option(
+    "--decode-kernel/--no-decode-kernel",
+    help="On a CPU, run decode steps through granite's decode kernel: one call per step, built once per machine "
+         "with the C compiler (about 2 s) and cached under ~/.cache/granite; falls back to eager, with the reason, "
+         "where it cannot run. On by default; --no-decode-kernel times the eager PyTorch steps.")]
 SweepOpt = Annotated[Optional[Path], typer.Option(
     help="TOML sweep file with any of the options above (models, ctx, batch, phases, gen, dtype, device, reps, "
-         "warmup, ubatch, share_prefill, cuda_graph, compile, max_case_seconds, seed, guard, weights, energy). An "
-         "option given on the command line wins over the file, and the file over the defaults.")]
+         "warmup, ubatch, share_prefill, cuda_graph, compile, decode_kernel, max_case_seconds, seed, guard, weights, "
+         "energy). An option given on the command line wins over the file, and the file over the defaults.")]
 WeightsOpt = Annotated[Optional[str], typer.Option(
     help="random, checkpoint, or auto (the default: a local folder's weights where it has them, else random "
          "at the model's real shapes; a Hub id then fetches config.json only).")]
@@ -118,6 +123,7 @@ def bench(
     share_prefill: SharePrefillOpt = None,
     cuda_graph: CudaGraphOpt = None,
     compile_decode: CompileOpt = None,
+    decode_kernel: DecodeKernelOpt = None,
     sweep: SweepOpt = None,
     max_case_seconds: Annotated[Optional[float], typer.Option(
         help="Skip cases the fitted curve predicts to take longer (default 1800).")] = None,
@@ -196,7 +202,8 @@ def _specs(a: dict):
         raise InputError(f"{flag} is for --endpoint servers; give --endpoint URL, or leave {flag} out")
     flags = {"models": a["model"], "phases": a["phase"], "compile": a["compile_decode"],
              **{k: a[k] for k in ("ctx", "batch", "gen", "dtype", "device", "reps", "warmup", "ubatch", "share_prefill",
-                                  "cuda_graph", "max_case_seconds", "seed", "guard", "weights", "energy")}}
+                                  "cuda_graph", "decode_kernel", "max_case_seconds", "seed", "guard", "weights",
+                                  "energy")}}
     spec = resolve_spec(flags, a["sweep"], torch.cuda.is_available(), endpoints=bool(a["endpoint"]))
     rate = a["rate"]
     serve = ServeOptions(

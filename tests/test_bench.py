@@ -84,9 +84,14 @@ def test_runner_rows_schema_and_jsonl_round_trip(tmp_path):
         assert r.kernel_impl == "torch" and r.torch == torch.__version__
     assert set(rows[0].attribution_s) == {"mamba", "attention", "moe_mlp", "rest"}
     assert rows[0].tokens_per_s == pytest.approx(32 / rows[0].median_s)
-    # CPU decode is eager (CUDA graphs are a GPU path) and has no GPU memory counters
-    assert [r.decode_mode for r in rows if r.phase == "decode"] == ["eager", "eager"]
-    assert all(r.decode_note is None and r.nvml_used_bytes is None for r in rows)
+    # CPU decode runs the decode kernel where a C compiler can build it (CUDA graphs are a GPU path),
+    # and has no GPU memory counters; a note only says that this process built the kernel
+    from granite_cli.ops import native
+
+    mode = "eager" if native._compiler() is None else "native"
+    assert [r.decode_mode for r in rows if r.phase == "decode"] == [mode, mode]
+    assert all((r.decode_note is None or r.decode_note.startswith("built the CPU decode kernel"))
+               and r.nvml_used_bytes is None for r in rows)
     back = store.read()
     assert [(r.ctx, r.phase,
              r.tokens_per_s) for r in back] == [(r.ctx, r.phase, r.tokens_per_s) for r in rows]

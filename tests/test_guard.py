@@ -18,6 +18,7 @@ from granite_cli.bench.guard import GUARD_TOKENS
 from granite_cli.bench.runner import Runner
 from granite_cli.bench.spec import SweepSpec
 from granite_cli.model import model as M
+from granite_cli.model import native_decode as N
 
 DEPTH = 2 * GUARD_TOKENS  # deeper than the short guard ever goes
 
@@ -32,7 +33,8 @@ def _run(**over) -> list[dict]:
 
 @pytest.fixture
 def kv_offset_fault(monkeypatch):
-    """Single-token attention steps past DEPTH write their KV one slot early (an off-by-one offset)."""
+    """Single-token attention steps past DEPTH write their KV one slot early (an off-by-one offset),
+    in the eager step and in the CPU decode kernel alike (bench times the kernel's steps)."""
     real = M.Attention.forward
 
     def faulty(self, u, kv, pos, rope):
@@ -41,6 +43,17 @@ def kv_offset_fault(monkeypatch):
         return real(self, u, kv, pos, rope)
 
     monkeypatch.setattr(M.Attention, "forward", faulty)
+    real_step = N.NativeDecoder.__call__
+
+    def faulty_step(self, ids, cache=None, logits="last"):
+        if self.cache.pos < DEPTH:
+            return real_step(self, ids, cache, logits)
+        self.cache.pos -= 1  # the kernel writes K/V at pos - 1 and attends over one key too few
+        out = real_step(self, ids, cache, logits)
+        self.cache.pos += 1
+        return out
+
+    monkeypatch.setattr(N.NativeDecoder, "__call__", faulty_step)
 
 
 @pytest.fixture

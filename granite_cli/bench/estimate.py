@@ -91,7 +91,22 @@ def estimate_seconds(spec: SweepSpec, gflops: float) -> float:
         if spec.compile and "decode" in spec.phases and spec.device == "cpu":
             # compilation per model and batch size: two or three variants (docs/decisions.md)
             total += 120.0 * len(spec.batch)
+    if kernel_build_pending(spec):
+        total += KERNEL_BUILD_S
     return total
+
+
+KERNEL_BUILD_S = 3.0  # building the CPU decode kernel once: 1.3-1.5 s with gcc 12 on the 2-core VM, doubled
+
+
+def kernel_build_pending(spec: SweepSpec) -> bool:
+    """True when this sweep's CPU decode will first build the decode kernel (none cached for this machine)."""
+    if not (spec.models and spec.device == "cpu" and "decode" in spec.phases and spec.decode_kernel
+            and not spec.compile):
+        return False
+    from granite_cli.ops import native
+
+    return native.will_build()
 
 
 def matmul_gflops(device: torch.device, dtype: torch.dtype) -> float:

@@ -84,7 +84,7 @@ class Timing:
 
     attribution_s: dict | None = None           # prefill seconds by layer type (mamba, attention, moe_mlp, rest)
     prefill_from: int | None = None             # the smaller context whose end state this prefill continued
-    decode_mode: str | None = None              # cuda_graph, compiled or eager
+    decode_mode: str | None = None              # native, cuda_graph, compiled or eager
     decode_note: str | None = None
 
 

@@ -36,7 +36,7 @@ from granite_cli.bench.roofline import Ceilings, case_rates, probe
 from granite_cli.bench.row import ModelRow
 from granite_cli.bench.rows import RowsNotStored, environment_fields, spec_key
 from granite_cli.bench.spec import SweepSpec
-from granite_cli.bench.steps import compiled_steps, eager_steps, graph_steps
+from granite_cli.bench.steps import compiled_steps, eager_steps, graph_steps, native_steps
 from granite_cli.checkpoint.dtypes import parse_dtype
 from granite_cli.config import ModelConfig, load_config
 from granite_cli.energy import NvmlSource, PowerMeter, load_nvml, nvml_index
@@ -394,6 +394,8 @@ class Runner:
         step, mode, note = eager_steps(model, cache, nxt, spec.gen), "eager", None
         if spec.compile and self.device.type == "cpu":
             step, mode, note = compiled_steps(model, cache, nxt, spec.gen, snap)
+        elif spec.decode_kernel and self.device.type == "cpu":
+            step, mode, note = native_steps(model, cache, nxt, spec.gen)
         meter = None
         for r in range(spec.warmup + spec.reps):
             if r == spec.warmup:
@@ -424,7 +426,8 @@ class Runner:
     @torch.no_grad()
     def _tracked_step(self, run: _ModelRun, case: _Case, mark: dict) -> dict:
         """One untimed decode step at the case's depth under the live-tensor tracker (CPU): the decode
-        phase's tracked total. (Under --compile the timed steps run a compiled graph; this is the eager step.)"""
+        phase's tracked total. (The timed steps may run the decode kernel or a compiled graph; this is the
+        eager step, whose working set is the larger.)"""
         t0 = time.perf_counter()
         case.cache.rewind(mark)
         with LiveTensorBytes() as tr:

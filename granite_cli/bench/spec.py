@@ -42,6 +42,7 @@ class SweepSpec:
     warmup: int = 1
     cuda_graph: bool = True
     compile: bool = False
+    decode_kernel: bool = True  # CPU decode through granite_cli.ops.native's kernel (else eager)
     share_prefill: bool = True
     ubatch: int = 4096
     max_case_seconds: float = 1800.0
@@ -87,8 +88,8 @@ class SweepSpec:
 
 _FILE_TYPES = {"models": (list, str), "ctx": (list, str, int), "batch": (list, str, int), "phases": (list, str),
                "gen": int, "dtype": str, "device": str, "reps": int, "warmup": int, "cuda_graph": bool,
-               "compile": bool, "share_prefill": bool, "ubatch": int, "max_case_seconds": (int, float), "seed": int,
-               "guard": str, "weights": str, "energy": bool}
+               "compile": bool, "decode_kernel": bool, "share_prefill": bool, "ubatch": int,
+               "max_case_seconds": (int, float), "seed": int, "guard": str, "weights": str, "energy": bool}
 _FILE_WORDS = {k: ("true or false" if v is bool else "an integer" if v is int else "a string" if v is str
                    else "a number" if k == "max_case_seconds" else "a list or a string")
                for k, v in _FILE_TYPES.items()}
@@ -137,10 +138,11 @@ def load_sweep_file(path: str | Path) -> dict:
 # one precedence rule for every field: an option on the command line, else the sweep file, else the default
 
 FLAG_FIELDS = ("models", "ctx", "batch", "phases", "gen", "dtype", "device", "reps", "warmup", "ubatch",
-               "share_prefill", "cuda_graph", "compile", "max_case_seconds", "seed", "guard", "weights", "energy")
+               "share_prefill", "cuda_graph", "compile", "decode_kernel", "max_case_seconds", "seed", "guard",
+               "weights", "energy")
 # Fields a server sweep does not read: given with --endpoint alone, they would be silently ignored.
 IN_PROCESS_FIELDS = ("reps", "dtype", "device", "phases", "ubatch", "share_prefill", "cuda_graph", "compile",
-               "max_case_seconds", "guard", "weights")
+               "decode_kernel", "max_case_seconds", "guard", "weights")
 _FLAG = {"phases": "phase"}
 DEFAULT_CTX = {True: "1k-32k*2", False: "512-8k*2"}
 # A single --ctx widens into a sweep down to the default start, with at least this many contexts (where

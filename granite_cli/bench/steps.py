@@ -1,9 +1,11 @@
-"""Decode step loops for bench: eager, torch.compile'd (CPU) and CUDA graphs (GPU).
+"""Decode step loops for bench: eager, the CPU decode kernel (the CPU default), torch.compile'd
+(CPU) and CUDA graphs (GPU).
 
 Each builder returns (step, mode, note): step(record=None) runs `gen` decode steps over the tokens
 `nxt` from the cache's position and returns the last logits; with a list `record` it also appends
-each step's probe logits (bench.guard.probe) for the depth guard. mode is "eager", "compiled" or
-"cuda_graph"; note says why a faster mode fell back to eager, or what compiling took.
+each step's probe logits (bench.guard.probe) for the depth guard. mode is "eager", "native",
+"compiled" or "cuda_graph"; note says why a faster mode fell back to eager, or what building or
+compiling took.
 """
 
 from __future__ import annotations
@@ -25,6 +27,33 @@ def eager_steps(model, cache, nxt: torch.Tensor, gen: int):
         return out
 
     return step
+
+
+def native_steps(model, cache, nxt: torch.Tensor, gen: int):
+    """Decode through the CPU decode kernel (granite_cli.model.native_decode): one call per step.
+    Falls back to the eager loop, with the reason, for a model or cache the kernel does not cover or
+    where the kernel cannot be built (no C compiler)."""
+    from granite_cli.model.native_decode import NativeDecoder, unsupported
+    from granite_cli.ops import native
+
+    why = unsupported(model, cache)
+    if why is None:
+        try:
+            dec = NativeDecoder(model, cache)
+        except (RuntimeError, ValueError) as e:
+            why = str(e)
+    if why is not None:
+        return eager_steps(model, cache, nxt, gen), "eager", why
+    cols = [nxt[:, i : i + 1].contiguous() for i in range(gen)]  # one id per sequence and step, ready to pass
+
+    def step(record: list | None = None):
+        for c in cols:
+            out = dec(c)
+            if record is not None:
+                record.append(probe(out))
+        return out
+
+    return step, "native", native.build_note
 
 
 def compiled_steps(model, cache, nxt: torch.Tensor, gen: int, snap: dict):

@@ -218,6 +218,11 @@ class GraniteModel(nn.Module):
     def device(self) -> torch.device:
         return self.embed.weight.device
 
+    @property
+    def rope_inv_freq(self) -> torch.Tensor | None:
+        """RoPE's inverse frequencies [head_dim/2] (fp32), or None for a NoPE model."""
+        return self._inv_freq
+
     def allocate_cache(
         self, batch_size: int, max_len: int, dtype: torch.dtype | None = None, state_dtype: torch.dtype = torch.float32
     ) -> Cache:
