@@ -39,7 +39,9 @@ def unsupported(model, cache=None) -> str | None:
         return f"the decode kernel reads fp32 or bf16 weights, not {model.dtype}"
     has_mamba = "mamba" in cfg.layer_types
     why = [w for c, w in ((has_mamba and cfg.mamba_d_conv < 2, "convolution shorter than 2 taps"),
-                          ((cfg.num_experts_per_tok or 0) > 16, "more than 16 experts per token")) if c]
+                          ((cfg.num_experts_per_tok or 0) > 16, "more than 16 experts per token"),
+                          (cfg.num_attention_heads > 64 * cfg.num_key_value_heads,
+                           "more than 64 query heads per KV head")) if c]
     if why:
         return f"the decode kernel has no {why[0]} (this model has)"
     if cache is not None:

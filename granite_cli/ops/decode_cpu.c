@@ -330,14 +330,41 @@ static void mamba(const int64_t *G, const double *F, const int64_t *L, int B, co
             for (int i = 0; i < d; i++) out[(size_t)b * d + i] += ((const float *)L[L_OUTB])[i];
 }
 
-/* p = softmax(p) over n values, in place: the exponentials 16 at a time. */
-static void softmax_row(float *p, int n) {
+/* The four horizontal sums of a0..a3 at once: halves added pairwise, three shuffle levels for four sums
+ * instead of three for each. */
+static inline v4 hsum4(v16 a0, v16 a1, v16 a2, v16 a3) {
+    const v16 t01 = __builtin_shufflevector(a0, a1, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+                    __builtin_shufflevector(a0, a1, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    const v16 t23 = __builtin_shufflevector(a2, a3, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+                    __builtin_shufflevector(a2, a3, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    const v16 u = __builtin_shufflevector(t01, t23, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+                  __builtin_shufflevector(t01, t23, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+    const v8 w = __builtin_shufflevector(u, u, 0, 1, 4, 5, 8, 9, 12, 13) +
+                 __builtin_shufflevector(u, u, 2, 3, 6, 7, 10, 11, 14, 15);
+    return __builtin_shufflevector(w, w, 0, 2, 4, 6) + __builtin_shufflevector(w, w, 1, 3, 5, 7);
+}
+
+/* The largest of n values, 16 lanes at a time (fmaxf would be a libm call per value). */
+static float row_max(const float *p, int n) {
+    v16 m = (v16){0} - INFINITY;
+    int j = 0;
+    for (; j + 16 <= n; j += 16) {
+        const v16 x = ldf(p + j);
+        const i16v gt = x > m;
+        m = as_f((as_i(x) & gt) | (as_i(m) & ~gt));
+    }
     float mx = -INFINITY;
-    for (int j = 0; j < n; j++) mx = fmaxf(mx, p[j]);
+    for (int i = 0; i < 16; i++) mx = m[i] > mx ? m[i] : mx;
+    for (; j < n; j++) mx = p[j] > mx ? p[j] : mx;
+    return mx;
+}
+
+/* p[j] = exp(p[j] - mx) over n values, in place; returns their sum. */
+static float exp_sum(float *p, int n, float mx) {
     v16 acc = {0};
     int j = 0;
     for (; j + 16 <= n; j += 16) {
-        v16 e = vexp_neg(ldf(p + j) - mx);
+        const v16 e = vexp_neg(ldf(p + j) - mx);
         memcpy(p + j, &e, sizeof e);
         acc += e;
     }
@@ -346,54 +373,79 @@ static void softmax_row(float *p, int n) {
         p[j] = expf(p[j] - mx);
         sum += p[j];
     }
-    const float inv = 1.0f / sum;
-    for (j = 0; j < n; j++) p[j] *= inv;
+    return sum;
 }
 
-/* One KV head's attention for its `rep` query heads q [rep, hd]: scores p [rep, s], output o
- * [rep, hd]. Keys and values come in blocks small enough for L1, so each block is read from memory
- * once and the other query heads find it there. */
+/* One KV head's attention for its `rep` (at most 64) query heads q [rep, hd] over s keys; output o
+ * [rep, hd]; p: scratch of rep·BLK floats. One pass over the keys and values in blocks (the
+ * online softmax: a running maximum and sum per query head, the partial output rescaled when the
+ * maximum grows), so each key and value row is read from memory once, and a block's scores stay in
+ * L1. Each key row is loaded once for four query heads. */
+enum { BLK = 256 };
 static void attend(const void *K, const void *V, int kbf, size_t base, int hd, int s, int rep, const float *q,
                    float scale, float *p, float *o) {
-    enum { BLK = 128 };
     const int nc = hd / 16, vec = hd % 16 == 0 && nc <= 16;
-    for (int j0 = 0; j0 < s; j0 += BLK) {
-        const int j1 = s < j0 + BLK ? s : j0 + BLK;
-        for (int r = 0; r < rep; r++) {
-            const float *qr = q + (size_t)r * hd;
-            for (int j = j0; j < j1; j++) {
-                const size_t row = base + (size_t)j * hd;
-                float acc = 0.0f;
-                if (vec) {
-                    v16 a = ldw(K, kbf, row) * ldf(qr);
-                    for (int c = 1; c < nc; c++) a += ldw(K, kbf, row + 16 * c) * ldf(qr + 16 * c);
-                    acc = hsum(a);
-                } else {
-                    for (int i = 0; i < hd; i++) acc += qr[i] * ld(K, kbf, row + i);
-                }
-                p[(size_t)r * s + j] = acc * scale;
-            }
-        }
+    float mrun[64], lrun[64];
+    for (int r = 0; r < rep; r++) {
+        mrun[r] = -INFINITY;
+        lrun[r] = 0.0f;
     }
-    for (int r = 0; r < rep; r++) softmax_row(p + (size_t)r * s, s);
     for (int i = 0; i < rep * hd; i++) o[i] = 0.0f;
     for (int j0 = 0; j0 < s; j0 += BLK) {
-        const int j1 = s < j0 + BLK ? s : j0 + BLK;
+        const int n = s < j0 + BLK ? s - j0 : BLK;
+        for (int r0 = 0; r0 < rep; r0 += 4) { /* scores of the block: p[r, j - j0] */
+            const int nr = rep - r0 < 4 ? rep - r0 : 4;
+            const float *qr = q + (size_t)r0 * hd;
+            float *pr = p + (size_t)r0 * BLK;
+            for (int j = 0; j < n; j++) {
+                const size_t row = base + (size_t)(j0 + j) * hd;
+                if (vec && nr == 4) {
+                    v16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+                    for (int c = 0; c < nc; c++) {
+                        const v16 kv = ldw(K, kbf, row + 16 * c);
+                        a0 += kv * ldf(qr + 16 * c);
+                        a1 += kv * ldf(qr + hd + 16 * c);
+                        a2 += kv * ldf(qr + 2 * hd + 16 * c);
+                        a3 += kv * ldf(qr + 3 * hd + 16 * c);
+                    }
+                    const v4 z = hsum4(a0, a1, a2, a3);
+                    for (int r = 0; r < 4; r++) pr[r * BLK + j] = z[r] * scale;
+                } else {
+                    for (int r = 0; r < nr; r++) {
+                        float acc = 0.0f;
+                        if (vec) {
+                            v16 a = {0};
+                            for (int c = 0; c < nc; c++) a += ldw(K, kbf, row + 16 * c) * ldf(qr + r * hd + 16 * c);
+                            acc = hsum(a);
+                        } else {
+                            for (int i = 0; i < hd; i++) acc += qr[(size_t)r * hd + i] * ld(K, kbf, row + i);
+                        }
+                        pr[r * BLK + j] = acc * scale;
+                    }
+                }
+            }
+        }
         for (int r = 0; r < rep; r++) {
-            const float *pr = p + (size_t)r * s;
-            float *orow = o + (size_t)r * hd;
+            float *pr = p + (size_t)r * BLK, *orow = o + (size_t)r * hd;
+            const float bm = row_max(pr, n), m = bm > mrun[r] ? bm : mrun[r];
+            const float corr = expf(mrun[r] - m); /* 0 on the first block */
+            lrun[r] = lrun[r] * corr + exp_sum(pr, n, m);
+            mrun[r] = m;
             if (vec) {
                 v16 acc[16];
-                for (int c = 0; c < nc; c++) acc[c] = ldf(orow + 16 * c);
-                for (int j = j0; j < j1; j++)
-                    for (int c = 0; c < nc; c++) acc[c] += pr[j] * ldw(V, kbf, base + (size_t)j * hd + 16 * c);
+                for (int c = 0; c < nc; c++) acc[c] = ldf(orow + 16 * c) * corr;
+                for (int j = 0; j < n; j++)
+                    for (int c = 0; c < nc; c++) acc[c] += pr[j] * ldw(V, kbf, base + (size_t)(j0 + j) * hd + 16 * c);
                 memcpy(orow, acc, sizeof(float) * hd);
             } else {
-                for (int j = j0; j < j1; j++)
-                    for (int i = 0; i < hd; i++) orow[i] += pr[j] * ld(V, kbf, base + (size_t)j * hd + i);
+                for (int i = 0; i < hd; i++) orow[i] *= corr;
+                for (int j = 0; j < n; j++)
+                    for (int i = 0; i < hd; i++) orow[i] += pr[j] * ld(V, kbf, base + (size_t)(j0 + j) * hd + i);
             }
         }
     }
+    for (int r = 0; r < rep; r++)
+        for (int i = 0; i < hd; i++) o[(size_t)r * hd + i] /= lrun[r];
 }
 
 static void attention(const int64_t *G, const double *F, const int64_t *L, int B, int pos, const float *u,
@@ -405,7 +457,7 @@ static void attention(const int64_t *G, const double *F, const int64_t *L, int B
     const float scale = (float)F[F_SCALE];
     float *q = work, *k = q + (size_t)B * qh * hd, *v = k + (size_t)B * kvh * hd;
     float *o = v + (size_t)B * kvh * hd;      /* [B, qh·hd] */
-    float *sc = o + (size_t)B * qh * hd;      /* [B·kvh threads, rep, s] scores */
+    float *sc = o + (size_t)B * qh * hd;      /* [B·kvh, rep, BLK] a block's scores per KV head */
     void *K = (void *)L[L_KC], *V = (void *)L[L_VC];
 
     gemv((const void *)L[L_WQ], wbf, qh * hd, d, u, B, q, qh * hd);
@@ -446,7 +498,7 @@ static void attention(const int64_t *G, const double *F, const int64_t *L, int B
                 st(V, kbf, base + (size_t)pos * hd + i, v[((size_t)b * kvh + g) * hd + i]);
             }
             attend(K, V, kbf, base, hd, s, rep, q + ((size_t)b * qh + (size_t)g * rep) * hd, scale,
-                   sc + ((size_t)b * kvh + g) * rep * s, o + ((size_t)b * qh + (size_t)g * rep) * hd);
+                   sc + ((size_t)b * kvh + g) * rep * BLK, o + ((size_t)b * qh + (size_t)g * rep) * hd);
         }
     gemv((const void *)L[L_WO], wbf, d, qh * hd, o, B, out, d);
     if (L[L_BO])
@@ -535,18 +587,18 @@ int64_t granite_step_work(const int64_t *G, int B, int pos) {
     const int64_t qh = G[G_QH], kvh = G[G_KVH], hd = G[G_HD], E = G[G_E], I = G[G_I], S = G[G_SHARED];
     const int64_t proj = 2 * din + 2 * ng * ns + nh, wide = I > S ? I : S;
     int64_t mam = B * (proj + cd + din + nh);
-    int64_t att = B * (2 * qh * hd + 2 * kvh * hd) + B * kvh * (qh / (kvh ? kvh : 1)) * (int64_t)(pos + 1);
+    int64_t att = B * (2 * qh * hd + 2 * kvh * hd) + B * kvh * (qh / (kvh ? kvh : 1)) * (int64_t)BLK;
     int64_t ffn = B * (3 * wide + 2 * d + E + 16);
     int64_t mix = mam > att ? mam : att;
     return 3 * B * d + (mix > ffn ? mix : ffn) + B * G[G_VOCAB];
 }
 
 /* One token for each of B sequences at position pos: ids [B]; logits [B, vocab] (fp32). Returns 0;
- * -1 when B or topk is beyond the fixed routing tables; -2 for a token id outside the vocabulary. */
+ * -1 when B, topk or query heads per KV head are beyond the fixed tables; -2 for a token id outside the vocabulary. */
 int granite_step(const int64_t *G, const double *F, const int64_t *Ls, int B, const int64_t *ids, int pos,
                  float *work, float *logits) {
     const int d = (int)G[G_D], wbf = (int)G[G_WDT];
-    if (B > 64 || G[G_TOPK] > 16) return -1;
+    if (B > 64 || G[G_TOPK] > 16 || (G[G_KVH] && G[G_QH] / G[G_KVH] > 64)) return -1;
     for (int b = 0; b < B; b++)
         if (ids[b] < 0 || ids[b] >= G[G_VOCAB]) return -2;
     float *h = work, *u = h + (size_t)B * d, *mo = u + (size_t)B * d, *rest = mo + (size_t)B * d;
