@@ -55,6 +55,7 @@ def environment() -> dict:
     except ImportError:
         triton_version = None
     from granite_cli.ops.dispatch import impl_note, resolved_impl
+    from granite_cli.ops.native import status as native_status
 
     return {
         "python": sys.version.split()[0],
@@ -69,4 +70,5 @@ def environment() -> dict:
         "torch_threads": torch.get_num_threads(),
         "kernel_impl": resolved_impl(),
         "kernel_impl_note": impl_note(),
+        "cpu_decode_kernel": native_status(),
     }

@@ -61,7 +61,8 @@ def test_env_json():
     r = granite("env", "--format", "json")
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
-    for key in ("python", "torch", "triton", "cuda_available", "gpu", "cpu", "torch_threads", "kernel_impl"):
+    for key in ("python", "torch", "triton", "cuda_available", "gpu", "cpu", "torch_threads", "kernel_impl",
+                "cpu_decode_kernel"):
         assert key in d
     assert d["kernel_impl"] == "torch"
 

@@ -104,8 +104,9 @@ def fresh_kernel(tmp_path, monkeypatch):
 
 @needs_cc
 def test_the_kernel_is_built_once_per_source_and_then_only_loaded(fresh_kernel, monkeypatch):
-    assert native.will_build()
+    assert native.will_build() and native.status().startswith("not built yet")
     assert native.load() is not None and native.build_note.startswith("built the CPU decode kernel")
+    assert native.status() == f"built: {native.library_path(native._compiler())}"
     built = list((fresh_kernel / "cache" / "kernels").iterdir())
     assert len(built) == 1 and built[0].suffix == ".so"  # no temporary left beside it
     monkeypatch.setattr(native, "_lib", None)
@@ -122,6 +123,7 @@ def test_the_kernel_is_built_once_per_source_and_then_only_loaded(fresh_kernel, 
 
 def test_without_a_compiler_bench_decodes_eagerly_and_says_why(fresh_kernel, monkeypatch):
     monkeypatch.setattr(native, "_compiler", lambda: None)
+    assert native.status().startswith("unavailable: no C compiler") and not native.will_build()
     m = _model("hybrid-g2")
     cache = m.allocate_cache(1, 12)
     ids = torch.randint(0, m.cfg.vocab_size, (1, 12))

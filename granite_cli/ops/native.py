@@ -65,6 +65,17 @@ def library_path(cc: str) -> Path:
     return cache_dir() / "kernels" / f"decode_cpu-{key.hexdigest()[:20]}.so"
 
 
+def status() -> str:
+    """The kernel on this machine, in words, without building it (`granite env`)."""
+    cc = _compiler()
+    if cc is None:
+        return "unavailable: no C compiler (cc, gcc or clang) on PATH; CPU decode runs eagerly"
+    path = library_path(cc)
+    if path.exists():
+        return f"built: {path}"
+    return f"not built yet: the first CPU decode builds it (about 2 s) into {path.parent}"
+
+
 def will_build() -> bool:
     """True when the next load() compiles (no cached library for this machine yet)."""
     cc = _compiler()
