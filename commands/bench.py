@@ -35,7 +35,7 @@ CompileOpt = Annotated[Optional[bool], typer.Option(
 DecodeKernelOpt = Annotated[Optional[bool], typer.Option(
     "--decode-kernel/--no-decode-kernel",
     help="On a CPU, run decode steps through granite's decode kernel: one call per step, built once per machine "
-         "with the C compiler (about 2 s) and cached under ~/.cache/granite; falls back to eager, with the reason, "
+         "with the C compiler (a few seconds) and cached under ~/.cache/granite; falls back to eager, with the reason, "
          "where it cannot run. On by default; --no-decode-kernel times the eager PyTorch steps.")]
 SweepOpt = Annotated[Optional[Path], typer.Option(
     help="TOML sweep file with any of the options above (models, ctx, batch, phases, gen, dtype, device, reps, "

@@ -92,11 +92,10 @@ def estimate_seconds(spec: SweepSpec, gflops: float) -> float:
             # compilation per model and batch size: two or three variants (docs/decisions.md)
             total += 120.0 * len(spec.batch)
     if kernel_build_pending(spec):
-        total += KERNEL_BUILD_S
+        from granite_cli.ops.native import BUILD_S
+
+        total += BUILD_S
     return total
-
-
-KERNEL_BUILD_S = 3.0  # building the CPU decode kernel once: 1.3-1.5 s with gcc 12 on the 2-core VM, doubled
 
 
 def kernel_build_pending(spec: SweepSpec) -> bool:

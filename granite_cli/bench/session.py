@@ -20,7 +20,7 @@ from granite_cli.bench import analysis as an
 from granite_cli.bench.analysis import Analysis
 from granite_cli.bench.endpoints import RequestsFile, ServeOptions, cases, check_workload, run_endpoints, servers
 from granite_cli.bench.endpoints import check_fits as check_server_fits
-from granite_cli.bench.estimate import KERNEL_BUILD_S, check_fits, estimate_seconds, kernel_build_pending, matmul_gflops
+from granite_cli.bench.estimate import check_fits, estimate_seconds, kernel_build_pending, matmul_gflops
 from granite_cli.bench.report import REPORT_FILES, write_report
 from granite_cli.bench.row import Row
 from granite_cli.bench.rows import (
@@ -213,9 +213,9 @@ def _announce(spec: SweepSpec, found: list, serve: ServeOptions | None, est: flo
     if spec.device == "cpu" and spec.models:
         say("note: CPU timings share this machine with whatever else runs; compare ratios, not absolute times")
         if kernel_build_pending(spec):
-            from granite_cli.ops.native import cache_dir
+            from granite_cli.ops.native import BUILD_S, cache_dir
 
-            say(f"note: building the CPU decode kernel first (once per machine, about {KERNEL_BUILD_S:.0f} s; "
+            say(f"note: building the CPU decode kernel first (once per machine, about {BUILD_S:.0f} s; "
                 f"cached in {cache_dir() / 'kernels'})")
         if retain_freed_memory() == "glibc-retain":  # the runner would apply it too; here, to say so
             say("note: freed heap memory is kept for reuse during the sweep (GRANITE_HOST_MALLOC=system turns it off)")
