@@ -62,6 +62,15 @@ def granite(*args, timeout=600) -> subprocess.CompletedProcess:
                           timeout=timeout)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def kernel_cache(tmp_path_factory):
+    """The CPU decode kernel builds into this run's own folder (inherited by the CLI runs): nothing is
+    written to the user's cache, and a home folder that cannot be written does not change what runs."""
+    os.environ["GRANITE_CACHE_DIR"] = str(tmp_path_factory.mktemp("granite-cache"))
+    yield
+    os.environ.pop("GRANITE_CACHE_DIR", None)
+
+
 def one_error(r, code: int, *words: str) -> str:
     """The run exited with code, printed exactly one error line holding every word, and no traceback."""
     assert r.returncode == code, (r.returncode, r.stderr[-2000:])
