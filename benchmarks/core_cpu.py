@@ -6,8 +6,8 @@ tensors written as a GGUF by `granite convert` for llama.cpp (its server, llama-
 xllamacpp wheel, in the worker's process). One fresh process per (tool, model, dtype[, batch]); the
 tools alternate within each round, and the figures are medians over rounds.
 
-    python benchmarks/core_cpu.py --out reports/core-cpu              # the full grid (about 30 minutes)
-    python benchmarks/core_cpu.py --quick --out /tmp/core-cpu         # 4k only, one round
+    python benchmarks/core_cpu.py --out reports/core-cpu        # the full grid, 2 rounds (66 min on the 2-core VM)
+    python benchmarks/core_cpu.py --quick --out /tmp/core-cpu   # 4k only, one round
 
 How each tool's decode is timed, from the same state:
 - granite: the cache is filled by a chunked prefill to each depth in turn (1k, then on to 4k, ...);

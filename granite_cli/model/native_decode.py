@@ -134,7 +134,7 @@ class NativeDecoder:
         self.F = torch.tensor([float(f[n]) for n in F_NAMES], dtype=torch.float64)
         self.L = torch.tensor(rows, dtype=torch.int64)
         b = cache.batch_size
-        n = lib.granite_step_work(ctypes.c_void_p(self.G.data_ptr()), b, cache.max_len)
+        n = lib.granite_step_work(ctypes.c_void_p(self.G.data_ptr()), b)
         self.work = torch.empty(n, dtype=torch.float32)
         self._args = (ctypes.c_void_p(self.G.data_ptr()), ctypes.c_void_p(self.F.data_ptr()),
                       ctypes.c_void_p(self.L.data_ptr()), b)

@@ -644,8 +644,9 @@ static void feed_forward(const int64_t *G, const int64_t *L, int B, const float 
 /* The lengths of G, F and one layer's row of L, for the caller to check its tables against. */
 int granite_abi(int which) { return which == 0 ? G_N : which == 1 ? F_N : LSLOTS; }
 
-/* Floats of scratch one step needs (the caller's buffer, `work`). */
-int64_t granite_step_work(const int64_t *G, int B, int pos) {
+/* Floats of scratch one step of B sequences needs (the caller's buffer, `work`); attention's scores
+ * take a block of keys at a time, so it does not grow with the depth. */
+int64_t granite_step_work(const int64_t *G, int B) {
     const int64_t d = G[G_D], din = G[G_DIN], cd = G[G_CONVDIM], nh = G[G_NH], ng = G[G_NG], ns = G[G_NS];
     const int64_t qh = G[G_QH], kvh = G[G_KVH], hd = G[G_HD], E = G[G_E], I = G[G_I], S = G[G_SHARED];
     const int64_t proj = 2 * din + 2 * ng * ns + nh, wide = I > S ? I : S;

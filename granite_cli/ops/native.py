@@ -15,6 +15,7 @@ kernel's threads are torch's threads (two pools would fight over the cores).
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import shutil
@@ -59,10 +60,16 @@ def _cpu_flags() -> str:
     return platform.machine() + platform.processor()
 
 
+@functools.lru_cache(maxsize=4)
+def _compiler_version(cc: str) -> str:
+    # asked once per process: a bench run looks the library up for its estimate, its notes and the load
+    return subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+
+
 def library_path(cc: str) -> Path:
     """The cached library's path for this source, compiler, flags and CPU."""
-    ver = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, ver, " ".join(FLAGS), _cpu_flags()]).encode())
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, _compiler_version(cc), " ".join(FLAGS),
+                                    _cpu_flags()]).encode())
     return cache_dir() / "kernels" / f"decode_cpu-{key.hexdigest()[:20]}.so"
 
 
@@ -120,7 +127,7 @@ def load() -> ctypes.CDLL | None:
     p64, dbl, i32 = ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int
     lib.granite_step.argtypes = [p64, dbl, p64, i32, p64, i32, p64, p64]
     lib.granite_step.restype = i32
-    lib.granite_step_work.argtypes = [p64, i32, i32]
+    lib.granite_step_work.argtypes = [p64, i32]
     lib.granite_step_work.restype = ctypes.c_int64
     lib.granite_abi.argtypes = [i32]
     lib.granite_abi.restype = i32
