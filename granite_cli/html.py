@@ -3,8 +3,10 @@ sortable by a click on a heading (a few lines of inline script), no stylesheet, 
 image fetched from anywhere, so it opens offline from a CI artifact or a mail attachment.
 
 It reads the subset of markdown granite's reports write: `#` headings, `- ` bullets (two spaces per
-level), `|` tables, `![alt](file.png)` images, fenced code, paragraphs, and inline `code`,
-**bold** and [links](target).
+level), `|` tables, `![alt](file.png)` images, fenced code, paragraphs, and inline `code` (any
+backtick fence), **bold**, backslash escapes and [links](https://...). The page links to nothing
+and runs nothing but its own sorting script: a link is made only for an absolute http(s) URL, an
+image only for a PNG beside the report (embedded), and every other character is HTML-escaped.
 """
 
 from __future__ import annotations
@@ -48,25 +50,49 @@ document.querySelectorAll('table.sortable').forEach(function(tb){
 })();
 """
 
-_INLINE = re.compile(r"`([^`]+)`|\*\*(.+?)\*\*|!\[([^\]]*)\]\(([^)\s]+)\)|\[([^\]]+)\]\(([^)\s]+)\)")
+# An escaped character, a code span (fenced by a run of backticks; its text is literal), bold, an image,
+# a link: the inline markdown granite writes. Text from elsewhere reaches the markdown escaped
+# (granite_cli.render.md_text), so whatever of this it holds renders as text.
+_INLINE = re.compile(r"\\([!-/:-@\[-`{-~])|(?<!`)(`+)(.+?)(?<!`)\2(?!`)|\*\*(.+?)\*\*|!\[([^\]]*)\]\(([^)\s]+)\)"
+                     r"|\[([^\]]+)\]\(([^)\s]+)\)")
+_SAFE_SCHEMES = ("http", "https")
 
 
 def _inline(text: str, folder: Path) -> str:
     out, pos = [], 0
     for m in _INLINE.finditer(text):
         out.append(html.escape(text[pos:m.start()]))
-        code, bold, alt, src, label, href = m.groups()
-        if code is not None:
+        esc, _, code, bold, alt, src, label, href = m.groups()
+        if esc is not None:
+            out.append(html.escape(esc))
+        elif code is not None:
+            if len(code) > 1 and code.startswith(" ") and code.endswith(" ") and code.strip():
+                code = code[1:-1]
             out.append(f"<code>{html.escape(code)}</code>")
         elif bold is not None:
             out.append(f"<strong>{_inline(bold, folder)}</strong>")
         elif src is not None:
             out.append(_image(alt, src, folder))
-        else:
+        elif _safe_href(href):
             out.append(f'<a href="{html.escape(href, quote=True)}">{_inline(label, folder)}</a>')
+        else:  # javascript:, data:, a relative path...: shown as the text it is, never a link
+            out.append(html.escape(m.group(0)))
         pos = m.end()
     out.append(html.escape(text[pos:]))
     return "".join(out)
+
+
+def _safe_href(href: str) -> bool:
+    """Only absolute http(s) URLs become links."""
+    from urllib.parse import urlsplit
+
+    if any(ord(c) < 33 or ord(c) == 127 for c in href):
+        return False
+    try:
+        u = urlsplit(href)
+    except ValueError:
+        return False
+    return u.scheme.lower() in _SAFE_SCHEMES and bool(u.netloc)
 
 
 def _image(alt: str, src: str, folder: Path) -> str:
@@ -82,8 +108,8 @@ def _cells(line: str) -> list[str]:
     body = line.strip()[1:-1] if line.strip().endswith("|") else line.strip()[1:]
     cells, cur, esc = [], [], False
     for ch in body:
-        if esc:
-            cur.append(ch)
+        if esc:  # a cell's \| is its text's |; every other escape is the inline text's to read
+            cur.append(ch if ch == "|" else "\\" + ch)
             esc = False
         elif ch == "\\":
             esc = True

@@ -82,13 +82,42 @@ def to_csv(rows: Sequence[dict], columns: Sequence[str] | None = None) -> str:
     return buf.getvalue()
 
 
+# What makes markdown out of text: code spans, emphasis, links and images, raw HTML and autolinks, table
+# cells. Escaped, a server's or a file's text stays text in report.md and report.html.
+_MD_META = re.compile(r"([\\`*\[\]<>|])")
+_LINE_BREAKS = re.compile(r"[\r\n\x0b\x0c\x85\u2028\u2029]+")
+
+
+def md_text(v: Any) -> str:
+    """Any value as markdown that renders as exactly its text, on one line: the metacharacters that
+    could open a code span, emphasis, a link, an image, HTML or a table cell are backslash-escaped."""
+    return _MD_META.sub(r"\\\1", _LINE_BREAKS.sub(" ", cell(v)))
+
+
+def md_code(v: Any) -> str:
+    """Any value as one markdown code span, whatever backticks it holds: fenced by one more backtick
+    than its longest run (CommonMark), padded where it starts or ends with one or with spaces; empty
+    text is no span. Not for table cells (to_markdown's cells are md_text)."""
+    text = _LINE_BREAKS.sub(" ", cell(v))
+    if not text:
+        return ""
+    longest = max((len(m) for m in re.findall(r"`+", text)), default=0)
+    fence = "`" * (longest + 1)
+    # a reader strips one space from each end of a span that has both (and is not all spaces)
+    edge = text[0] == "`" or text[-1] == "`" or (text[0] == " " and text[-1] == " " and text.strip())
+    pad = " " if edge else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
 def to_markdown(rows: Sequence[dict], columns: Sequence[str] | None = None,
                 headers: dict[str, str] | None = None) -> str:
+    """A markdown table; every cell and heading is text (md_text), never markup."""
     cols = columns_of(rows, columns)
     headers = headers or {}
-    lines = ["| " + " | ".join(headers.get(c, c) for c in cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    lines = ["| " + " | ".join(md_text(headers.get(c, c)) for c in cols) + " |",
+             "|" + "|".join("---" for _ in cols) + "|"]
     for r in rows:
-        lines.append("| " + " | ".join(cell(r.get(c)).replace("|", "\\|") for c in cols) + " |")
+        lines.append("| " + " | ".join(md_text(r.get(c)) for c in cols) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -107,14 +136,16 @@ _UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2**
           "tib": 2**40, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 
 
-def parse_bytes(s: str) -> float:
-    """`10GiB`, `10GB` (decimal), `512MiB`, `80G` (binary), `1e10` → bytes."""
+def parse_bytes(s: str, flag: str | None = None) -> float:
+    """`10GiB`, `10GB` (decimal), `512MiB`, `80G` (binary), `1e10` → bytes. `flag`: the option the size
+    was given to, which an error names."""
+    what = f"bad {flag}" if flag else "bad size"
     m = re.match(r"^\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*$", str(s))
     if not m or m.group(2).lower() not in _UNITS:
-        raise InputError(f"bad size {s!r}: use a number with a unit such as 10GiB, 24GB or 512MiB")
+        raise InputError(f"{what} {str(s)[:40]!r}: use a number with a unit such as 10GiB, 24GB or 512MiB")
     v = float(m.group(1)) * _UNITS[m.group(2).lower()]
     if v <= 0:
-        raise InputError(f"bad size {s!r}: must be positive")
+        raise InputError(f"{what} {s!r}: must be positive")
     if not v < 2**63:
-        raise InputError(f"bad size {s[:40]!r}: too large (at most 2^63 bytes)")
+        raise InputError(f"{what} {s[:40]!r}: too large (at most 2^63 bytes)")
     return v

@@ -14,7 +14,7 @@ from granite_cli.fsutil import report_dir
 from granite_cli.html import markdown_to_html
 from granite_cli.ibm import MEMORY_RATIO, MEMORY_REDUCTION
 from granite_cli.redact import redact, scrub
-from granite_cli.render import human_bytes, json_safe, number_text, percent_text, to_markdown
+from granite_cli.render import human_bytes, json_safe, md_code, md_text, number_text, percent_text, to_markdown
 
 ATTRIBUTION_PARTS = ("mamba", "attention", "moe_mlp", "rest")
 PLOTS = {
@@ -331,9 +331,10 @@ def _serve_section(rows: list[Row]) -> list[str]:
            "streamed chunks (vLLM's ITL); TPOT is per request, (e2e - TTFT) / (tokens - 1), what AIPerf and "
            "GuideLLM call ITL. `reuse`: the prompt tokens the server reported cached, of those the workload made "
            "reusable; `server_running_max` from the server's /metrics.", ""]
-    out += [f"- {m}: {r.engine or 'unknown engine'} {r.server_version or ''}, serving "
-            f"`{r.served_model}` at {r.endpoint}, {r.server_slots or '?'} slot(s); client CPU "
-            f"`{r.cpu}`" for m, r in who.items()]
+    # every value here is the server's or a rows file's text: escaped, never markup
+    out += [f"- {md_text(m)}: {md_text(r.engine or 'unknown engine')} {md_text(r.server_version or '')}, serving "
+            f"{md_code(r.served_model)} at {md_text(r.endpoint)}, {md_text(r.server_slots or '?')} slot(s); client "
+            f"CPU {md_code(r.cpu)}" for m, r in who.items()]
     cols = columns(ServeRow, "report")
     nums = [k for k in cols if formats().get(k) == "num"]
     table = [{**r.to_dict(), **{k: number_text(getattr(r, k)) for k in nums},
@@ -384,19 +385,21 @@ def write_report(out_dir: Path, rows: list[Row], analysis: Analysis, spec_dict: 
         env_keys = ("device", "cpu", "gpu", "threads", "torch", "kernel_impl", "commit", "dirty")
         env = {k: getattr(rows[0], k, None) for k in env_keys} if rows else {}
         lines = ["# granite bench report", ""]
-        lines += [f"- {k}: `{v}`" for k, v in env.items() if v is not None]
-        lines += [f"- sweep: `{json.dumps(spec_dict)}`"]
+        lines += [f"- {k}: {md_code(v)}" for k, v in env.items() if v is not None]
+        lines += [f"- sweep: {md_code(json.dumps(spec_dict))}"]
         if ceil := next((r for r in rows if isinstance(r, ModelRow) and r.ceiling_gflops), None):
-            lines.append(f"- this machine's ceilings ({ceil.ceiling_source}): {number_text(ceil.ceiling_gflops)} "
-                         f"GFLOP/s matmul, {number_text(ceil.ceiling_gbps)} GB/s copy (read + write); each row's "
+            lines.append(f"- this machine's ceilings ({md_text(ceil.ceiling_source)}): "
+                         f"{number_text(ceil.ceiling_gflops)} GFLOP/s matmul, {number_text(ceil.ceiling_gbps)} GB/s "
+                         "copy (read + write); each row's "
                          "`of matmul` and `of copy` are its achieved rates over these")
         if wall_s is not None:
             lines.append(f"- wall time: {wall_s:.0f} s")
-        lines += ["", "## Verdicts", ""] + [f"- {v}" for v in analysis.verdicts]
+        lines += ["", "## Verdicts", ""] + [f"- {md_text(v)}" for v in analysis.verdicts]
         if claims := memory_claims(analysis.ratios):
             lines += ["", "## IBM's memory claim (70-80% less than a comparable Transformer)", "",
                       "Measured total peaks (weights + cache + working set; on a CPU the live-tensor tracker's, "
-                      "on a GPU the allocator's), hybrid against its dense twin:", ""] + [f"- {c}" for c in claims]
+                      "on a GPU the allocator's), hybrid against its dense twin:", ""]
+            lines += [f"- {md_text(c)}" for c in claims]
         if table:
             lines += ["", "## Results", "",
                       "peak_total: the phase's total peak memory of record (`peak_total_source`); predicted_total: "
