@@ -192,32 +192,6 @@ def shortened(name: str, limit: int = 48) -> str:
     return name if len(b) <= limit else os.fsdecode(b[:limit]).encode("utf-8", "ignore").decode("utf-8", "ignore")
 
 
-def check_output_paths(*paths: Path | None, what: str = "output") -> None:
-    """Refuse (exit 2, before any work) an output path the file system cannot hold: a name over its
-    limit (NAME_MAX, 255 bytes on most) or a path over PATH_MAX."""
-    for p in paths:
-        if p is None:
-            continue
-        full = os.fsencode(os.path.abspath(p))
-        if len(full) >= 4096:
-            raise InputError(f"{what} path {str(p)[:60]}...: {len(full)} bytes, longer than a path may be (4096)")
-        limit = _name_max(Path(os.path.abspath(p)))
-        for part in Path(os.path.abspath(p)).parts:
-            if len(os.fsencode(part)) > limit:
-                raise InputError(f"{what} name {part[:40]}...: {len(os.fsencode(part))} bytes, longer than a file "
-                                 f"name may be here ({limit}); choose a shorter name")
-
-
-def _name_max(p: Path) -> int:
-    q = p.parent
-    while not q.exists() and q != q.parent:
-        q = q.parent
-    try:
-        return os.pathconf(q, "PC_NAME_MAX")
-    except (OSError, ValueError):
-        return 255
-
-
 def rename_noreplace(src: Path, dst: Path) -> None:
     """Rename src to dst only if nothing is at dst (FileExistsError otherwise), atomically where the
     kernel offers it (renameat2 with RENAME_NOREPLACE), so a destination that appeared during the run

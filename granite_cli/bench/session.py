@@ -35,8 +35,9 @@ from granite_cli.bench.runner import Runner
 from granite_cli.bench.spec import IN_PROCESS_FIELDS, SweepSpec
 from granite_cli.checkpoint.dtypes import parse_dtype
 from granite_cli.errors import CheckFailed, GraniteError, InputError
-from granite_cli.fsutil import check_output_paths, check_report_dir, prepare_report_dir
+from granite_cli.fsutil import check_report_dir, prepare_report_dir
 from granite_cli.hostmem import retain_freed_memory
+from granite_cli.paths import check_distinct, check_output_paths
 from granite_cli.serve.probe import ServerGone
 
 
@@ -185,11 +186,14 @@ def _check_inputs(spec: SweepSpec, o: Outputs, g: Gates, serve: ServeOptions | N
     regression threshold and the baseline rows."""
     if o.resume and not (o.jsonl or o.out):
         raise InputError("--resume needs --jsonl FILE or --out DIR to find finished rows")
+    check_output_paths(o.out, o.jsonl, serve.requests_out if serve else None)
+    check_distinct({"--jsonl": o.jsonl, "--requests-out": serve.requests_out if serve else None},
+                   ("--out", o.out),
+                   {"--baseline": g.baseline, "--dataset": serve.dataset if serve else None})
     threshold = parse_threshold(g.fail_on_regression, g.baseline)
     base_rows = read_rows(g.baseline) if g.baseline else None
     if serve and serve.endpoints:
         check_workload(spec, serve.validate())
-    check_output_paths(o.out, o.jsonl)
     check_fits(spec)
     if o.out:
         check_report_dir(o.out, REPORT_FILES)
@@ -213,10 +217,9 @@ def _announce(spec: SweepSpec, found: list, serve: ServeOptions | None, est: flo
     if spec.device == "cpu" and spec.models:
         say("note: CPU timings share this machine with whatever else runs; compare ratios, not absolute times")
         if kernel_build_pending(spec):
-            from granite_cli.ops.native import BUILD_S, cache_dir
+            from granite_cli.ops.native import build_plan
 
-            say(f"note: building the CPU decode kernel first (once per machine, about {BUILD_S:.0f} s; "
-                f"cached in {cache_dir() / 'kernels'})")
+            say(f"note: {build_plan()}")
         if retain_freed_memory() == "glibc-retain":  # the runner would apply it too; here, to say so
             say("note: freed heap memory is kept for reuse during the sweep (GRANITE_HOST_MALLOC=system turns it off)")
 
