@@ -32,6 +32,13 @@ def out(text: str) -> None:
     sys.stdout.flush()
 
 
+def _data(text: str) -> None:
+    """Rendered rows to stdout. Their values are redacted already (scrub); redacting the text again
+    would mask granite's own keys and headers where a short key happens to spell them."""
+    sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    sys.stdout.flush()
+
+
 def say(msg: str) -> None:
     """Messages and progress to stderr, so stdout stays parseable (secrets masked)."""
     sys.stderr.write(redact(msg) + "\n")
@@ -52,13 +59,13 @@ def emit_rows(
     is redacted before it is rendered (a JSON-escaped secret would not match the text afterwards)."""
     rows, json_obj = scrub(list(rows)), scrub(json_obj)
     if fmt is Format.json:
-        out(render.to_json(json_obj if json_obj is not None else list(rows)))
+        _data(render.to_json(json_obj if json_obj is not None else list(rows)))
     elif fmt is Format.csv:
-        out(render.to_csv(rows, columns))
+        _data(render.to_csv(rows, columns))
     elif fmt is Format.md:  # for people: the table's formatting; csv stays raw for machines
         f = formatters or {}
         shown = [{k: (f[k](v) if k in f else v) for k, v in r.items()} for r in rows]
-        out(render.to_markdown(shown, columns, headers))
+        _data(render.to_markdown(shown, columns, headers))
     else:
         _rich_table(rows, columns, headers or {}, title, formatters or {})
 

@@ -16,6 +16,8 @@ from granite_cli.redact import printable
 
 # NVML answers in ms-scale calls; DCGM's exporter refreshes its fields about once a second.
 NVML_EVERY, DCGM_EVERY = 0.1, 0.5
+# No GPU draws more (a B200 board is rated 1.2 kW); a reading outside 0..this is not a measurement.
+MAX_GPU_WATTS = 5000.0
 MIB = 1 << 20
 
 
@@ -105,7 +107,7 @@ class DcgmSource:
     def __init__(self, url: str, timeout: float = 5.0) -> None:
         from granite_cli.serve.http import parse_endpoint
 
-        self.ep = parse_endpoint(url.removesuffix("/metrics"))
+        self.ep = parse_endpoint(url.removesuffix("/metrics"), flag="--dcgm")
         self.timeout = timeout
 
     def read(self) -> Reading | None:
@@ -121,6 +123,9 @@ class DcgmSource:
         power = series.get("DCGM_FI_DEV_POWER_USAGE")
         if not power:
             return None
+        if any(not 0 <= w <= MAX_GPU_WATTS for w in power):  # the meter then drops the source, with this note
+            bad = next(w for w in power if not 0 <= w <= MAX_GPU_WATTS)
+            raise ValueError(f"DCGM_FI_DEV_POWER_USAGE = {bad:g} W, not a GPU's power")
         energy = series.get("DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION")
         mem = series.get("DCGM_FI_DEV_FB_USED")  # MiB
         return Reading(time.perf_counter(), sum(power),

@@ -83,11 +83,13 @@ def _mask_runs(text: str) -> str:
 
 
 def scrub(obj: Any) -> Any:
-    """A copy of a JSON-like value (dicts, lists, strings, numbers) with every string redacted."""
+    """A copy of a JSON-like value (dicts, lists, strings, numbers) with every string value redacted.
+    Keys are granite's own names and are left alone: masking a short key that happens to be part of a
+    field's name would break the record (the sources keep a server's own keys out of records)."""
     if isinstance(obj, str):
         return redact(obj)
     if isinstance(obj, dict):
-        return {scrub(k) if isinstance(k, str) else k: scrub(v) for k, v in obj.items()}
+        return {k: scrub(v) for k, v in obj.items()}
     if isinstance(obj, list):
         return [scrub(x) for x in obj]
     if isinstance(obj, tuple):

@@ -101,7 +101,7 @@ class ServeOptions:
         self._check_combinations()
         self.slo.validate()
         if self.dcgm is not None:
-            parse_endpoint(self.dcgm)  # a bad URL is exit 2 here, not a silent lack of energy figures
+            parse_endpoint(self.dcgm, flag="--dcgm")  # a bad URL is exit 2 here, not a silent lack of energy figures
         if self.dataset is not None:
             self.loaded = load(self.dataset)
         if self.requests_out is not None:
@@ -230,7 +230,7 @@ def _meter(server: Server, opts: ServeOptions):
     this machine and NVML sees a GPU; None otherwise."""
     from granite_cli.energy import DcgmSource, NvmlSource, PowerMeter, load_nvml
 
-    if opts.dcgm:
+    if opts.dcgm is not None:
         return PowerMeter(DcgmSource(opts.dcgm))
     if opts.energy and _is_local(server) and (nvml := load_nvml()) is not None:
         return PowerMeter(NvmlSource(nvml))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import http.client
 import json
 import math
+import re
 import socket
 import threading
 import time
@@ -31,6 +32,7 @@ MAX_BODY = 16 * 2**20
 MAX_LINE = 2**20
 # usage counts above this are not counts of one request's tokens
 MAX_COUNT = 2**31 - 1
+TEMPLATE_TOKENS = 1024  # a chat template's or BOS's tokens per message, beyond one per byte of text
 
 
 @dataclass(frozen=True)
@@ -63,26 +65,32 @@ class Endpoint:
         return h
 
 
-def parse_endpoint(text: str, api_key: str | None = None) -> Endpoint:
+def parse_endpoint(text: str, api_key: str | None = None, flag: str = "--endpoint") -> Endpoint:
     """`URL` or `NAME=URL`; credentials in the URL move to the Authorization header and out of every
     row, name and message; a trailing /v1 is dropped (paths are added per request)."""
     register(api_key)
     name, _, url = text.partition("=") if "=" in text.split("://", 1)[0] else ("", "", text)
-    u = urlsplit(url.strip())
-    for part in (u.password, u.username):  # masked before any message can quote them
-        if part:
-            register(part)
-            register(unquote(part))
+    try:
+        u = urlsplit(url.strip())
+        password, username = u.password, u.username
+    except ValueError:
+        raise InputError(f"{flag} {redact(text)!r}: not a URL; give e.g. http://127.0.0.1:8080") from None
+    # Masked everywhere before any message can quote it: the key (the password, or a lone user name without
+    # --api-key). Other user names only inside URLs: masking "model" everywhere would mangle every record.
+    key = password or (username if not api_key else None)
+    if key:
+        register(key)
+        register(unquote(key))
     shown = redact(text)
     if u.scheme not in ("http", "https") or not u.hostname:
-        raise InputError(f"--endpoint {shown!r}: not an http(s) URL; give e.g. http://127.0.0.1:8080 or "
-                         "NAME=http://host:port")
+        raise InputError(f"{flag} {shown!r}: not an http(s) URL; give e.g. http://127.0.0.1:8080" +
+                         (" or NAME=http://host:port" if flag == "--endpoint" else ""))
     try:
         u.port
     except ValueError:
-        raise InputError(f"--endpoint {shown!r}: bad port; give e.g. http://127.0.0.1:8080") from None
-    if not api_key and (u.password or u.username):
-        api_key = unquote(u.password or u.username)
+        raise InputError(f"{flag} {shown!r}: bad port; give e.g. http://127.0.0.1:8080") from None
+    if not api_key and key:
+        api_key = unquote(key)  # the password, or a lone user name
     host = f"[{u.hostname}]" if ":" in u.hostname else u.hostname  # an IPv6 address keeps its brackets
     netloc = host + (f":{u.port}" if u.port else "")
     path = u.path.rstrip("/")
@@ -337,14 +345,31 @@ def _usage(u: dict, max_tokens: int | None) -> tuple[int | None, int | None, int
     return prompt, completion, cached
 
 
+# llama.cpp's timing names (prompt_ms, cache_n, ...): no other text of a server's becomes a key of our records.
+_TIMING_KEY = re.compile(r"^(?:prompt|predicted|cache|draft)(?:_[a-z]{1,24}){0,4}$")
+
+
 def _timings(t) -> dict | None:
     """llama.cpp's own timings: the finite, non-negative numbers among them (an optional extra; anything
     else is left out)."""
     if not isinstance(t, dict):
         return None
-    out = {k: float(v) for k, v in t.items() if isinstance(k, str) and isinstance(v, (int, float))
-           and not isinstance(v, bool) and math.isfinite(v) and v >= 0}
+    out = {k: float(v) for k, v in t.items() if isinstance(k, str) and _TIMING_KEY.match(k)
+           and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0}
     return out or None
+
+
+def prompt_bound(body: dict) -> int | None:
+    """The most prompt tokens a request can hold: its token ids; for text, a token per UTF-8 byte plus a
+    chat template's."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+        return len(prompt)
+    if isinstance(prompt, str):
+        return len(prompt.encode("utf-8")) + TEMPLATE_TOKENS
+    msgs = body.get("messages") if isinstance(body.get("messages"), list) else None
+    return None if msgs is None else TEMPLATE_TOKENS * (1 + len(msgs)) + sum(
+        len(str(m.get("content", "")).encode("utf-8")) for m in msgs if isinstance(m, dict))
 
 
 def stream_completion(ep: Endpoint, body: dict, timeout: float, api: str = "completions") -> Timed:
@@ -402,8 +427,23 @@ def stream_completion(ep: Endpoint, body: dict, timeout: float, api: str = "comp
                                          f"{'a finish reason' if finish is None else '[DONE]'}")
         except Exception as e:  # noqa: BLE001
             raise q.failure(e) from None
+    done = time.perf_counter()
+    prompt, completion, cached, own = _counts(body, usage, timings, len(chunks), finish)
+    return Timed(sent, chunks, done, finish, prompt, completion, cached, own, "".join(text))
+
+
+def _counts(body: dict, usage: dict | None, timings, chunks: int, finish: str | None):
+    """(prompt, completion, cached tokens, llama.cpp's timings) of an answer; HTTPFailure for more cached
+    tokens than the prompt can hold (prompt_tokens or not) and for no token at all (nothing to measure)."""
+    max_tokens = body.get("max_tokens")
     prompt, completion, cached = _usage(usage or {}, max_tokens if isinstance(max_tokens, int) else None)
+    bound = prompt if prompt is not None else prompt_bound(body)
+    if cached is not None and bound is not None and cached > bound:
+        raise HTTPFailure("bad_usage", f"{cached} cached prompt tokens for a prompt of at most {bound}")
     own = _timings(timings)
-    if cached is None and own and "cache_n" in own and (prompt is None or own["cache_n"] <= prompt):
+    if cached is None and own and "cache_n" in own and (bound is None or own["cache_n"] <= bound):
         cached = int(own["cache_n"])
-    return Timed(sent, chunks, time.perf_counter(), finish, prompt, completion, cached, own, "".join(text))
+    if completion == 0 or (not chunks and completion is None):
+        raise HTTPFailure("no_output", f"the server answered no token for max_tokens {max_tokens} "
+                                       f"(finish_reason {finish!r})")
+    return prompt, completion, cached, own

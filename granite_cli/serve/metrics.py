@@ -183,7 +183,10 @@ class Sampler:
                                          "/slots" if self.slots else None)
         if out["server_kv_cache_usage_max"] is None and self.slots:
             out["server_kv_cache_usage_max"] = max(self.slots)
-        out.update(prefix_counters(self.samples))
+        prefix = prefix_counters(self.samples)
+        if bad := prefix.pop("note", None):  # an impossible count is dropped, and the row says so
+            out["server_metrics"] += f"; dropped {printable(bad, 120)}"
+        out.update(prefix)
         out["server_ttft_mean_ms"] = None
         for h in TTFT_HIST:
             a, b = (self.samples[0], self.samples[-1]) if self.samples else ({}, {})
@@ -197,7 +200,7 @@ class Sampler:
 def prefix_counters(samples: list[dict[str, float]]) -> dict:
     """The prefix-cache tokens hit and queried over a case (its counters' change from the first sample to
     the last); None where the server exposes no such counter. A counter that fell (a restarted server)
-    gives None rather than a negative count."""
+    gives None rather than a negative count; more hits than queries gives None and a "note" saying so."""
     out = {"server_prefix_hits": None, "server_prefix_queries": None, "server_prefix_source": None}
     if len(samples) < 2:
         return out
@@ -206,8 +209,10 @@ def prefix_counters(samples: list[dict[str, float]]) -> dict:
         if hits in b and all(q in b for q in queries):
             dh = b[hits] - a.get(hits, 0.0)
             dq = sum(b[q] - a.get(q, 0.0) for q in queries)
-            if dh >= 0 and dq >= 0:
+            if 0 <= dh <= dq:
                 out.update(server_prefix_hits=dh, server_prefix_queries=dq, server_prefix_source=hits)
+            elif dh > dq >= 0:
+                out["note"] = f"{hits}: {dh:g} tokens hit of {dq:g} queried, impossible"
             return out
     return out
 

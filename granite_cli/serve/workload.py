@@ -88,7 +88,14 @@ class Prompts:
         self.vocab = server.n_vocab or FALLBACK_VOCAB
         self._cache: dict[tuple[int, int], list[int] | str] = {}
         self._lock = threading.Lock()
-        self._order = self._dataset_order() if w.dataset else None
+        self._order: list[int] | None = None
+        if w.dataset:
+            self._shuffled = list(range(len(w.dataset.conversations)))
+            random.Random(f"{w.seed}/{salt}/dataset").shuffle(self._shuffled)
+            self._order, self._scanned = [], 0
+            if self._fitting(0) is None:
+                raise InputError(f"--dataset {w.dataset.name}: no conversation's first prompt fits in {w.ctx} "
+                                 "tokens; give a larger --ctx")
         prefix_rng = random.Random(f"{w.seed}/{salt}/prefix")
         if not w.shared_prefix:
             self.prefix: list[int] | str = "" if self.text else []
@@ -97,24 +104,22 @@ class Prompts:
         else:
             self.prefix = [prefix_rng.randrange(self.vocab) for _ in range(w.shared_prefix)]
 
-    def _dataset_order(self) -> list[int]:
-        """The dataset's conversations whose first turn fits in ctx tokens (the server's count where it has
-        /tokenize, else a quarter of the characters), in a seeded order; enough for the run, or all."""
-        convs = self.w.dataset.conversations
-        order = list(range(len(convs)))
-        random.Random(f"{self.w.seed}/{self.salt}/dataset").shuffle(order)
-        want = self.w.conversations or len(order)
-        fits = []
-        for i in order:
+    def _fitting(self, conv: int) -> int | None:
+        """The dataset conversation that workload conversation `conv` sends: the conv-th, in a seeded order,
+        of those whose first turn fits in ctx tokens (the server's count where it has /tokenize, else a
+        quarter of the characters), wrapping around once the file is exhausted; None when none fits.
+        Found lazily: a 100k-row file under --duration costs a /tokenize call per conversation sent, not
+        one per row before the first request."""
+        order, convs = self._order, self.w.dataset.conversations
+        while len(order) <= conv and self._scanned < len(self._shuffled):
+            i = self._shuffled[self._scanned]
+            self._scanned += 1
             first = convs[i][0]
             if (count_tokens(self.server, first) or math.ceil(len(first) / 4)) <= self.w.ctx:
-                fits.append(i)
-                if len(fits) >= want:
-                    break
-        if not fits:
-            raise InputError(f"--dataset {self.w.dataset.name}: no conversation's first prompt fits in {self.w.ctx} "
-                             "tokens; give a larger --ctx")
-        return fits
+                order.append(i)
+        if not order:
+            return None
+        return order[conv % len(order)]
 
     def message(self, conv: int, turn: int) -> list[int] | str:
         key = (conv, turn)
@@ -123,7 +128,9 @@ class Prompts:
                 return self._cache[key]
         rng = random.Random(f"{self.w.seed}/{self.salt}/{conv}/{turn}")
         if self._order is not None:
-            turns = self.w.dataset.conversations[self._order[conv % len(self._order)]]
+            with self._lock:  # the scan is shared: every thread sees one order
+                pick = self._fitting(conv)
+            turns = self.w.dataset.conversations[pick]
             msg: list[int] | str = turns[(turn - 1) % len(turns)]
         else:
             n = _length(self.w, rng) - (self.w.shared_prefix if turn == 1 else 0)
