@@ -207,8 +207,8 @@ def _specs(a: dict):
     spec = resolve_spec(flags, a["sweep"], torch.cuda.is_available(), endpoints=bool(a["endpoint"]))
     rate = a["rate"]
     serve = ServeOptions(
-        a["endpoint"] or [], api_key=a["api_key"], api=a["api"], rates=parse_rates(rate) if rate else None,
-        max_concurrency=spec.batch if rate and a["batch"] else None, shared_prefix=a["shared_prefix"],
+        a["endpoint"] or [], api_key=a["api_key"], api=a["api"], rates=parse_rates(rate) if rate is not None else None,
+        max_concurrency=spec.batch if rate is not None and a["batch"] else None, shared_prefix=a["shared_prefix"],
         request_timeout=a["request_timeout"], requests=a["requests"], duration=a["duration"], turns=a["turns"],
         think_time=a["think_time"], dataset=a["dataset"], lengths=a["lengths"], runs=a["runs"], seed=a["seed"],
         warmup=1 if a["warmup"] is None else a["warmup"], requests_out=a["requests_out"], energy=spec.energy,

@@ -83,7 +83,7 @@ def memory_report(
     from granite_cli.render import human_bytes, parse_bytes
 
     vllm = VllmSettings(gpu_util, max_num_seqs, max_num_batched_tokens, block_size, prefix_caching,
-                        int(parse_bytes(kv_budget)) if kv_budget is not None else None)
+                        int(parse_bytes(kv_budget, "--kv-budget")) if kv_budget is not None else None)
     opts = R.MemoryOptions(model, ctx, batch, weights, kv, state, ubatch, trace, measure, device, budget, tp, gpus,
                            gpu, engine, vllm)
     outcome = R.run_report(opts, out=out, say=say)

@@ -67,7 +67,8 @@ class Arch:
         raw = d.get("layer_types")
         if raw is not None:
             if not isinstance(raw, list) or len(raw) != n:
-                raise InputError(f"{source}: layer_types must list one type per layer ({n})")
+                got = f"has {len(raw)} entries" if isinstance(raw, list) else "is not a list"
+                raise InputError(f"{source}: layer_types {got} for num_hidden_layers {n}; give one type per layer")
             bad = next((t for t in raw if t not in ("full_attention", "attention", SLIDING)), None)
             if bad is not None:
                 raise InputError(f"{source}: layer type {str(bad)[:40]!r} is not one architecture {self.name} has "

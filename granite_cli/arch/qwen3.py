@@ -23,6 +23,8 @@ class Qwen3(Arch):
             return []
         raw = d.get("layer_types")
         if raw is not None:
+            if not isinstance(raw, list) or len(raw) != g["num_hidden_layers"]:
+                return []  # not one type per layer: parse() refuses the list itself, naming the count
             return [i for i, t in enumerate(raw) if t == SLIDING]
         return list(range(d.get("max_window_layers", 28), g["num_hidden_layers"]))
 

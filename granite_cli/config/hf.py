@@ -136,8 +136,17 @@ def unknown_keys(d: dict[str, Any]) -> list[tuple[str, str | None]]:
             for k in sorted(d) if k not in known]
 
 
+# (model_type, key) pairs already warned of: a run reads one config several times (the estimate, the
+# load, a conversion's verification of its own staged output); the user hears of each key once, as
+# found in their own file.
+_WARNED: set[tuple[str, str]] = set()
+
+
 def _warn_unknown(d: dict[str, Any], source: str) -> None:
     for k, near in unknown_keys(d):
+        if (d["model_type"], k) in _WARNED:
+            continue
+        _WARNED.add((d["model_type"], k))
         hint = f"; did you mean {near!r}?" if near else " (transformers ignores it too)"
         warnings.warn(f"{source}: key {k!r} is not one granite reads for model_type {d['model_type']}, so it is "
                       f"ignored{hint}", GraniteWarning, stacklevel=3)

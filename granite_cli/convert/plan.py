@@ -16,7 +16,8 @@ from granite_cli.convert.formats import format_for
 from granite_cli.convert.layout import ConvertOptions, Out, Plan, existing_parent
 from granite_cli.convert.tokenizer import SYNTHETIC_NOTE
 from granite_cli.errors import InputError
-from granite_cli.fsutil import check_destination, check_output_paths
+from granite_cli.fsutil import check_destination
+from granite_cli.paths import check_output_paths
 from granite_cli.render import parse_bytes
 
 
@@ -36,7 +37,7 @@ def plan(source: Source, dst: str | Path, o: ConvertOptions | None = None, check
     if vocab is not None and vocab.synthetic:
         notes.append(SYNTHETIC_NOTE)
     p = Plan(source, dst, fmt, outs, hf_dtype, method, notes=notes, quant=qm, vocab=vocab, force=o.force)
-    p.shards = _shards(outs, int(parse_bytes(o.shard_size))) if fmt.sharded else []
+    p.shards = _shards(outs, int(parse_bytes(o.shard_size, "--shard-size"))) if fmt.sharded else []
     p.bytes_out = fmt.bytes_out(p)
     if check_disk and (short := disk_shortfall(p)):
         raise InputError(short)

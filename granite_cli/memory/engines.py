@@ -69,6 +69,27 @@ class VllmSettings:
     prefix_caching: bool = False
     kv_budget: int | None = None        # "Available KV cache memory", as vLLM logs it: replaces the estimate
 
+    FLAGS = {"gpu_util": "--gpu-util", "max_num_seqs": "--max-num-seqs",
+             "max_num_batched_tokens": "--max-num-batched-tokens", "block_size": "--block-size",
+             "prefix_caching": "--prefix-caching", "kv_budget": "--kv-budget"}
+
+    def given(self) -> list[str]:
+        """The options set away from vLLM's defaults, as flags."""
+        default = VllmSettings()
+        return [flag for name, flag in self.FLAGS.items() if getattr(self, name) != getattr(default, name)]
+
+    def check_for(self, engine: str, gpu_bytes: int) -> "VllmSettings":
+        """check(), and refuse what this engine would silently ignore (a vLLM setting under another
+        engine) or what no GPU of `gpu_bytes` can hold (a KV budget larger than the GPU)."""
+        self.check()
+        if engine != "vllm" and (given := self.given()):
+            raise InputError(f"{given[0]} is a vLLM setting and --engine {engine} would ignore it; leave it out or "
+                             "use --engine vllm")
+        if self.kv_budget is not None and self.kv_budget > gpu_bytes:
+            raise InputError(f"--kv-budget {gib(self.kv_budget)} is more than the GPU's {gib(gpu_bytes)}; give the "
+                             "'Available KV cache memory' vLLM logged for this GPU, or a larger --gpu")
+        return self
+
     def check(self) -> "VllmSettings":
         if not (0 < self.gpu_util <= 1):
             raise InputError(f"--gpu-util must be in (0, 1], got {self.gpu_util:g}")

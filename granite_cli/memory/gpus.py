@@ -47,5 +47,5 @@ def parse_gpu(text: str) -> GPU:
     try:
         n = int(parse_bytes(text))
     except InputError:
-        raise InputError(f"unknown GPU {text!r}: give a size such as 80GiB, or one of {', '.join(GPUS)}") from None
+        raise InputError(f"unknown --gpu {text!r}: give a size such as 80GiB, or one of {', '.join(GPUS)}") from None
     return GPU(text.strip(), text.strip(), n)

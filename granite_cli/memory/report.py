@@ -209,7 +209,9 @@ def budget_failures(rows: list[dict], budget: float) -> list[str]:
 def full_report(o: "MemoryOptions", sized: list[Sized], ctxs: list[int], batches: list[int], d: Deployment) -> dict:
     rows = rows_for(sized, ctxs, batches, d)
     long = [c for c in ctxs if c >= 4096] or ctxs
-    gpus = [d.gpu] if o.gpu is not None else [GPUS[g] for g in REPORT_GPUS]
+    # a KV budget is what vLLM logged on one GPU: it says nothing of another GPU's capacity
+    one = o.gpu is not None or d.vllm.kv_budget is not None
+    gpus = [d.gpu] if one else [GPUS[g] for g in REPORT_GPUS]
     return {
         "schema_version": 2, "rows": rows, "deployment": d.describe(), "engine": d.engine,
         "capacity_deployment": d.describe(gpu=len(gpus) == 1),
@@ -252,22 +254,23 @@ def run_report(o: MemoryOptions, out: Path | None = None, say=lambda msg: None) 
     engine counts them, optionally traced and measured rows, the report folder. Rows over the budget
     are returned, not raised, so the caller shows the table before ReportOutcome.raise_for_budget fails the
     job (exit 3)."""
-    from granite_cli.fsutil import check_output_paths, check_report_dir
+    from granite_cli.fsutil import check_report_dir
+    from granite_cli.paths import check_output_paths
     from granite_cli.render import parse_bytes
     from granite_cli.sizes import parse_list
 
     ctxs, batches = parse_list(o.ctx, "context"), parse_list(o.batch, "batch")
     if o.ubatch < 1:
         raise InputError("--ubatch must be at least 1")
-    limit = parse_bytes(o.budget) if o.budget is not None else None
+    limit = parse_bytes(o.budget, "--budget") if o.budget is not None else None
     if o.device not in ("cpu", "cuda"):
         raise InputError(f"--device must be cpu or cuda, got {o.device!r}")
     if not 1 <= o.gpus <= MAX_TP:
         raise InputError(f"--gpus must be between 1 and {MAX_TP}, got {o.gpus}")
     if o.tp > 1 and (o.trace or o.measure):
         raise InputError("--trace and --measure run one device; use them without --tp")
-    d = Deployment(check_engine(o.engine), parse_gpu(o.gpu or DEFAULT_GPU), o.tp, o.weights, o.kv, o.state, o.ubatch,
-                   o.vllm.check())
+    engine, gpu = check_engine(o.engine), parse_gpu(o.gpu or DEFAULT_GPU)
+    d = Deployment(engine, gpu, o.tp, o.weights, o.kv, o.state, o.ubatch, o.vllm.check_for(engine, gpu.total_bytes))
     check_dtypes(d)
     if d.engine == "llama.cpp":
         E.cache_type(d.kv)
