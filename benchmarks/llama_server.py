@@ -4,17 +4,20 @@
         [--ctx-size N] [--cache-type-k q8_0] [--cache-type-v q8_0] [--verbosity 4] [--load-only]
 
 --ctx-size gives the whole context (llama-server's -c) instead of --ctx-per-slot x --slots; --load-only
-exits once the model is loaded (with --verbosity 4 its log on stderr holds the KV-cache and
-recurrent-state sizes, which tests/test_engines.py compares with memory-report's).
+exits once the server answers /health (with --verbosity 4 its log on stderr holds the KV-cache and
+recurrent-state sizes, which tests/test_engines.py compares with memory-report's), without running
+the server's destructor, which can wait forever for a main loop that has not started yet.
 
 Used by the tests (tests/test_serve.py) and by reports/serve to serve GGUFs that `granite convert`
 writes. Continuous batching over --slots slots, /metrics and /slots on. Prints "ready" on stdout once
-the model is loaded and the port is listening.
+the server answers /health (the model loaded, the port listening); exits 1 if it does not within 300 s.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
 
 
@@ -50,11 +53,43 @@ def main() -> None:
     if a.verbosity is not None:
         p.verbosity = a.verbosity
     server = xlc.Server(p)  # noqa: F841 -- it serves while referenced
+    if not _healthy(a.port, READY_WITHIN_S):
+        _leave(1, f"llama.cpp's server did not answer /health within {READY_WITHIN_S} s")
     print("ready", flush=True)
     if a.load_only:
-        return
+        # Leave without running the server's destructor: it can wait forever for a main loop that has
+        # not started. The OS frees what the process holds.
+        _leave(0)
     while True:
         time.sleep(3600)
+
+
+READY_WITHIN_S = 300
+
+
+def _healthy(port: int, within_s: float) -> bool:
+    """Whether the server answers /health with 200 (model loaded, port listening) within `within_s`."""
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if r.status == 200:
+                    return True
+        except (OSError, urllib.error.URLError):
+            pass
+        time.sleep(0.1)
+    return False
+
+
+def _leave(code: int, why: str | None = None) -> None:
+    if why:
+        print(why, file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -59,7 +61,30 @@ HF_CLASSES = {
 def granite(*args, timeout=600) -> subprocess.CompletedProcess:
     """The CLI as a user runs it, in a fresh interpreter."""
     return subprocess.run([sys.executable, "-m", "granite_cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout)
+                          stdin=subprocess.DEVNULL, timeout=timeout)
+
+
+# No test may run longer than this (seconds; the slowest take about 3 minutes on 2 cores): a test
+# that hangs fails with a TimeoutError naming it, and the suite goes on, instead of holding CI for
+# hours. Subprocesses have their own, tighter limits where they are started.
+TEST_LIMIT_S = int(os.environ.get("GRANITE_TEST_LIMIT_S", "900"))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    def expired(signum, frame):
+        raise TimeoutError(f"{item.nodeid} ran over {TEST_LIMIT_S} s (GRANITE_TEST_LIMIT_S)")
+
+    armed = hasattr(signal, "SIGALRM") and threading.current_thread() is threading.main_thread()
+    if armed:
+        old = signal.signal(signal.SIGALRM, expired)
+        signal.alarm(TEST_LIMIT_S)
+    try:
+        yield
+    finally:
+        if armed:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, old)
 
 
 @pytest.fixture(scope="session", autouse=True)

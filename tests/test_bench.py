@@ -274,7 +274,7 @@ def test_analysis_verdicts_claims_and_regressions():
 
 def _cli(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "granite_cli", "bench", *args], capture_output=True, text=True,
-                          cwd=cwd)
+                          cwd=cwd, stdin=subprocess.DEVNULL, timeout=900)
 
 
 def test_cli_smoke_on_tiny_profiles(tmp_path):

@@ -13,13 +13,15 @@ import pytest
 
 
 def granite(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "granite_cli", *args], capture_output=True, text=True, cwd=cwd)
+    return subprocess.run([sys.executable, "-m", "granite_cli", *args], capture_output=True, text=True, cwd=cwd,
+                          stdin=subprocess.DEVNULL, timeout=600)
 
 
 def test_help_lists_commands_without_importing_torch():
     code = ("import sys; from typer.testing import CliRunner; from granite_cli.app import app; "
             "r = CliRunner().invoke(app, ['--help']); print(r.output); print('TORCH', 'torch' in sys.modules)")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                       timeout=120)
     for cmd in ("bench", "memory-report", "convert", "profiles", "env"):
         assert cmd in r.stdout
     assert "TORCH False" in r.stdout

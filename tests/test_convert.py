@@ -26,7 +26,8 @@ from tests.conftest import tiny
 
 
 def granite(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "granite_cli", *args], capture_output=True, text=True, cwd=cwd)
+    return subprocess.run([sys.executable, "-m", "granite_cli", *args], capture_output=True, text=True, cwd=cwd,
+                          stdin=subprocess.DEVNULL, timeout=900)
 
 
 def _checkpoint(folder: Path, dtype="fp32", arch_over=None, seed=3) -> Path:
@@ -252,7 +253,8 @@ def test_verification_catches_a_wrong_tensor(tmp_path, monkeypatch):
 def test_interrupted_conversion_leaves_no_dst(tmp_path, sig, name):
     dst = tmp_path / name
     p = subprocess.Popen([sys.executable, "-m", "granite_cli", "convert", "--from-profile", "granite-4.0-h-350m",
-                          "--dtype", "bf16", "--no-verify", str(dst)], stderr=subprocess.PIPE, stdout=subprocess.PIPE)
+                          "--dtype", "bf16", "--no-verify", str(dst)], stderr=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stdin=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and p.poll() is None:
         partials = list(tmp_path.glob(f".{dst.name}.*.partial"))  # the staging folder's name is fresh each run

@@ -26,6 +26,7 @@ RUN = ["--ctx", "16", "--batch", "1", "--gen", "4", "--requests", "2", "--warmup
 
 def granite(*args, env=None, timeout=120, **kw):
     e = {**os.environ, "GRANITE_DEBUG": "", **(env or {})}
+    kw.setdefault("stdin", subprocess.DEVNULL)
     return subprocess.run([sys.executable, "-m", "granite_cli", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, env=e, **kw)
 
@@ -394,7 +395,7 @@ def test_rows_past_a_file_size_limit_are_an_error_and_whole(tmp_path):
         resource.setrlimit(resource.RLIMIT_FSIZE, (6000, 6000))  # about two rows
 
     r = subprocess.run([sys.executable, "-m", "granite_cli", *BENCH, "--ctx", "32,64,128", "--jsonl", str(rows)],
-                       capture_output=True, text=True, preexec_fn=limit, timeout=120)
+                       capture_output=True, text=True, preexec_fn=limit, timeout=120, stdin=subprocess.DEVNULL)
     stored = clean(r, 1, rows)
     assert "cannot store a row" in r.stderr and "--resume" in r.stderr
     assert 1 <= len(stored) < 6 and rows.stat().st_size <= 6000
@@ -430,7 +431,8 @@ def test_unwritable_rows_store_is_an_error_not_a_silent_loss(tmp_path, monkeypat
 def test_sigterm_keeps_rows_and_says_so(tmp_path):
     rows = tmp_path / "rows.jsonl"
     p = subprocess.Popen([sys.executable, "-m", "granite_cli", *BENCH, "--ctx", "32,64,128,256,512,1k,2k,4k",
-                          "--jsonl", str(rows)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                          "--jsonl", str(rows)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         stdin=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and (not rows.exists() or rows.read_text().count("\n") < 2):
         time.sleep(0.1)
@@ -444,7 +446,7 @@ def test_sigterm_keeps_rows_and_says_so(tmp_path):
 def test_closed_stdout_is_one_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "granite_cli", "profiles", "list"], stdout=subprocess.DEVNULL,
                        stderr=subprocess.PIPE, text=True, pass_fds=(), close_fds=True,
-                       preexec_fn=lambda: os.close(1))
+                       preexec_fn=lambda: os.close(1), stdin=subprocess.DEVNULL, timeout=120)
     assert r.returncode == 2 and r.stderr.count("error:") == 1 and "standard output is closed" in r.stderr
     assert "Traceback" not in r.stderr
 
@@ -477,7 +479,8 @@ def test_force_never_replaces_a_folder_of_tokenizer_files(tmp_path):
 def test_two_converts_into_one_dst_refuse_the_second(tmp_path):
     dst = tmp_path / "h350m"
     first = subprocess.Popen([sys.executable, "-m", "granite_cli", "convert", "--from-profile", "granite-4.0-h-350m",
-                              "--dtype", "bf16", dst], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              "--dtype", "bf16", dst], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             stdin=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not list(tmp_path.glob(".h350m.*.granite-lock")):
         time.sleep(0.02)

@@ -28,7 +28,8 @@ print(json.dumps(out))
 
 def _run(env_extra):
     env = {**os.environ, **env_extra}
-    p = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, check=True)
+    p = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, check=True,
+                       stdin=subprocess.DEVNULL, timeout=300)
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 

@@ -57,7 +57,8 @@ def _env(cache: Path) -> dict:
 
 def granite(cache: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "granite_cli", *args], capture_output=True, text=True, cwd=cwd,
-                          env={**_env(cache), "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+                          env={**_env(cache), "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+                          stdin=subprocess.DEVNULL, timeout=600)
 
 
 def test_profiles_and_memory_report_read_the_config_of_a_hub_id(hub, tmp_path):

@@ -364,7 +364,8 @@ def test_gpu_check_script_dry_run_prints_its_plan():
 
     root = Path(__file__).resolve().parents[1]
     r = subprocess.run([str(root / "scripts" / "gpu-check"), "--dry-run", "--out", "/nonexistent/x"],
-                       capture_output=True, text=True, env={**os.environ, "PYTHON": sys.executable})
+                       capture_output=True, text=True, env={**os.environ, "PYTHON": sys.executable},
+                       stdin=subprocess.DEVNULL, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "pytest -m gpu" in r.stdout and "kernels_gpu.py" in r.stdout and "granite-4.0-h-tiny" in r.stdout
     assert not Path("/nonexistent/x").exists()

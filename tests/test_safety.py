@@ -27,7 +27,7 @@ MEMORY = ["memory-report", "-m", "tiny-hybrid", "--ctx", "1k", "--batch", "1", "
 
 def granite(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "granite_cli", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd)
+                          cwd=cwd, stdin=subprocess.DEVNULL, timeout=900)
 
 
 def tree(root: Path) -> dict[str, str]:

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def granite(*args, timeout=600):
     return subprocess.run([sys.executable, "-m", "granite_cli", *args], capture_output=True, text=True,
-                          timeout=timeout)
+                          stdin=subprocess.DEVNULL, timeout=timeout)
 
 
 def _free_port() -> int:
@@ -41,9 +41,9 @@ class LlamaServer:
         self.proc = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "llama_server.py"), str(gguf),
                                       "--port", str(self.port), "--slots", str(slots), "--ctx-per-slot",
                                       str(ctx_per_slot), "--threads", "1"],
-                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 120
-        while time.time() < deadline:
+        while time.time() < deadline and self.proc.poll() is None:
             try:
                 with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
                     if r.status == 200:
@@ -61,7 +61,7 @@ class LlamaServer:
 
     def stop(self) -> None:
         self.proc.kill()
-        self.proc.wait()
+        self.proc.wait(60)
 
 
 @pytest.fixture(scope="module")
@@ -290,7 +290,7 @@ def test_ctrl_c_keeps_the_finished_rows(tmp_path):
                               "8,16,32", "--batch", "1", "--gen", "2", "--requests", "2", "--warmup", "0",
                               "--jsonl", str(rows)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              # a test run started in the background inherits SIGINT ignored, and Python keeps it so
-                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), stdin=subprocess.DEVNULL)
         deadline = time.time() + 60
         while time.time() < deadline and not (rows.exists() and rows.read_text().strip()):
             time.sleep(0.1)
