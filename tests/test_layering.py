@@ -12,8 +12,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # granite_cli.commands). A unit imports only from units in rows below its own.
 LAYERS = [
     {"errors", "redact", "ggml"},                  # exit-code errors; secrets out of outputs; GGUF/ggml constants
-    # architectures, files, host memory, tables, sizes, Hub ids, IBM's claims as numbers
-    {"arch", "fsutil", "hostmem", "render", "html", "sizes", "hub", "ibm"},
+    # architectures, files, output paths, host memory, tables, sizes, Hub ids, IBM's claims as numbers
+    {"arch", "fsutil", "paths", "hostmem", "render", "html", "sizes", "hub", "ibm"},
     {"config", "measure"},
     {"checkpoint", "ops", "params"},
     {"model", "env", "flops", "profile_info"},

@@ -136,7 +136,8 @@ def test_parse_bytes():
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "granite_cli", "memory-report", *args], capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "granite_cli", "memory-report", *args], capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, timeout=600)
 
 
 def test_cli_json_rows_and_claims():
@@ -164,7 +165,7 @@ def test_cli_budget_gate_exit_codes():
 
 
 @pytest.mark.parametrize("args,msg", [(["-m", "nope"], "unknown model"), (["--ctx", "12x"], "bad context '12x'"),
-                                      (["--batch", "-1"], "bad batch"), (["--budget", "ten"], "bad size 'ten'"),
+                                      (["--batch", "-1"], "bad batch"), (["--budget", "ten"], "bad --budget 'ten'"),
                                       (["--weights", "int3"], "unknown dtype")])
 def test_cli_bad_input_exits_2(args, msg):
     r = _cli(*args)
@@ -295,7 +296,8 @@ def test_tp_that_does_not_divide_the_heads_is_refused_and_node_capacity_grows_wi
 def test_memory_report_tp_rows_are_per_gpu():
     def run(*extra):
         r = subprocess.run([sys.executable, "-m", "granite_cli", "memory-report", "-m", "granite-4.0-h-small", "--ctx",
-                            "128k", "--batch", "8", "-f", "json", *extra], capture_output=True, text=True)
+                            "128k", "--batch", "8", "-f", "json", *extra], capture_output=True, text=True,
+                           stdin=subprocess.DEVNULL, timeout=300)
         assert r.returncode == 0, r.stderr
         return json.loads(r.stdout)["rows"][0]
 
@@ -305,5 +307,5 @@ def test_memory_report_tp_rows_are_per_gpu():
     assert four["kv_bytes"] == one["kv_bytes"] / 4 and four["state_bytes"] < one["state_bytes"] / 3
     assert one["weights_bytes"] / 4 < four["weights_bytes"] < one["weights_bytes"] / 3.9
     r = subprocess.run([sys.executable, "-m", "granite_cli", "memory-report", "-m", "granite-4.0-h-small", "--tp", "3"],
-                       capture_output=True, text=True)
+                       capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300)
     assert r.returncode == 2 and "cannot be split over 3 GPUs" in r.stderr and "Traceback" not in r.stderr
