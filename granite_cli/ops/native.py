@@ -16,11 +16,11 @@ Loading a shared library runs its constructors inside granite, so a library is l
 - the file itself is a regular file owned by this user, writable by nobody else, opened without
   following links;
 - its SHA-256 equals the digest granite recorded beside it when it built it.
-The bytes that were checked are the bytes loaded (copied into a fresh folder only this user can
-open, and loaded from there), so nothing can swap the file between the check and the load. Where the cache cannot be
-trusted, or holds a file granite did not record, the kernel is built privately for this run (in a
-fresh 0700 temporary folder, removed after loading) and the row's note says why; a file granite did
-not record is never replaced or removed (it may be the user's).
+The bytes that were checked are the bytes loaded (from an anonymous memory file, or a copy in a
+fresh folder only this user can open), so nothing can swap the file between the check and the load.
+Where the cache cannot be trusted, or holds a file granite did not record, the kernel is built
+privately for this run (in a fresh 0700 temporary folder, removed after loading) and the row's note
+says why; a file granite did not record is never replaced or removed (it may be the user's).
 
 The build takes a lock in the kernels folder, writes the digest and the library under temporary
 names and renames them, digest first, so concurrent first runs cannot load half a file or record a
@@ -289,10 +289,25 @@ def _build_private(cc: str) -> bytes:
         shutil.rmtree(d, ignore_errors=True)
 
 
+_held: list[int] = []  # memory files of loaded libraries, kept open so their /proc names are never reused
+
+
 def _dlopen(data: bytes) -> ctypes.CDLL:
-    """Load a library from the bytes that were checked: a copy in a fresh folder only this user can open
-    (so nothing can swap it before the load; a new path each time, so the loader never hands back an
-    earlier library by name), removed once loaded."""
+    """Load a library from the bytes that were checked, so nothing can swap it before the load: from an
+    anonymous memory file where the kernel has them (kept open, so the loader never hands back an earlier
+    library under a reused name), else from a copy in a fresh folder only this user can open."""
+    if hasattr(os, "memfd_create"):
+        fd = os.memfd_create("granite-decode-kernel", getattr(os, "MFD_CLOEXEC", 0))
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            lib = ctypes.CDLL(f"/proc/self/fd/{fd}")
+        except OSError:  # no /proc, or memory files may not be mapped executable here
+            os.close(fd)
+        else:
+            _held.append(fd)
+            return lib
     d = tempfile.mkdtemp(prefix="granite-kernel-")
     try:
         p = os.path.join(d, "decode_cpu.so")
