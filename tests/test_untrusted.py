@@ -574,7 +574,8 @@ def test_layer_types_longer_than_the_model_are_refused_with_the_right_count(tmp_
            "max_position_embeddings": 64, "use_sliding_window": True, "sliding_window": 16,
            "layer_types": ["sliding_attention"] * 6}
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    one_error(granite("memory-report", "-m", tmp_path / "config.json"), 2, "layer_types has 6 entries for num_hidden_layers 4")
+    one_error(granite("memory-report", "-m", tmp_path / "config.json"), 2,
+              "layer_types has 6 entries for num_hidden_layers 4")
     cfg["layer_types"] = ["full_attention", "full_attention", "sliding_attention", "full_attention"]
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     one_error(granite("memory-report", "-m", tmp_path / "config.json"), 2, "on 1 layer(s) (from layer 2)")
