@@ -167,6 +167,19 @@ class Environment(ClientEnvironment):
 
 
 @dataclass(kw_only=True)
+class Contention:
+    """What a CPU case's timed repetitions shared the machine with (bench.contention): a contended case is
+    measured again (contended_retries times), and a row still contended is left out of fits and verdicts."""
+
+    cpu_share: float | None = None           # own CPU time / (wall time x threads)
+    cpu_others_cores: float | None = column("others' cores", "num", model=("report",))
+    cpu_steal_pct: float | None = None
+    cpu_pressure_pct: float | None = None    # PSI: share of the time some task waited for a CPU
+    contended: bool | None = None
+    contended_retries: int | None = None
+
+
+@dataclass(kw_only=True)
 class Energy:
     """GPU energy over the measured work (NVML, or a server host's DCGM exporter; granite_cli.energy)."""
 
@@ -323,10 +336,10 @@ class Row(Case, Result):
 
 
 @dataclass(kw_only=True)
-class ModelRow(Row, Spread, Timing, Roofline, Memory, Energy, Guard, ModelInfo, Environment):
+class ModelRow(Row, Spread, Timing, Roofline, Memory, Energy, Contention, Guard, ModelInfo, Environment):
     """A case run in granite's own core (prefill or decode)."""
 
-    PARTS: ClassVar[tuple] = (Case, ModelInfo, Guard, Result, Spread, Timing, Roofline, Memory, Energy,
+    PARTS: ClassVar[tuple] = (Case, ModelInfo, Guard, Result, Spread, Contention, Timing, Roofline, Memory, Energy,
                               Environment)
 
 

@@ -29,6 +29,7 @@ from typing import Callable
 
 import torch
 
+from granite_cli.bench.contention import RETRIES, CpuWindow, Watch, usable_cpus
 from granite_cli.bench.estimate import predicted_total, prefix_point
 from granite_cli.bench.fit import fit_scaling
 from granite_cli.bench.guard import GUARD_TOKENS, correctness_guard, depth_guard, judge
@@ -150,6 +151,7 @@ class Runner:
         if self.device.type == "cpu":
             retain_freed_memory()  # reuse freed activations instead of faulting fresh pages (hostmem)
         self.env = environment_fields(self.device)
+        self.threads = torch.get_num_threads()
         self.ceilings: Ceilings | None = None
 
     # ------------------------------------------------------------------------------------------
@@ -303,23 +305,27 @@ class Runner:
                 attribution, _ = self._attributed(model, cache, ids)
             else:
                 self._prefill_once(model, cache, ids)
-        samples, routing, finite = [], [], True
-        pm = PeakMemory(self.device)
-        meter = self._meter()
-        for r in range(spec.reps):
-            # from before the restore: restored KV counts as prefill memory; the first repetition's
-            # MoE routing is kept for the allocation replay below
-            with (pm if r == 0 else nullcontext()), (record_routing(routing) if r == 0 else nullcontext()):
-                self._prefill_ready(cache, start)
-                if r == 0 and not hook_warm and not gpu:
-                    t0 = time.perf_counter()
-                    attribution, out = self._attributed(model, cache, ids)
-                    samples.append(time.perf_counter() - t0)
-                else:
-                    with Stopwatch(self.device) as sw:
-                        out = self._prefill_once(model, cache, ids)
-                    samples.append(sw.seconds)
-            finite = finite and bool(torch.isfinite(out).all())
+        for retries in range(RETRIES + 1):  # measured again while other processes take the CPU it needs
+            samples, routing, finite = [], [], True
+            pm = PeakMemory(self.device)
+            meter = self._meter()
+            with Watch(self.threads) as watch:
+                for r in range(spec.reps):
+                    # from before the restore: restored KV counts as prefill memory; the first repetition's
+                    # MoE routing is kept for the allocation replay below
+                    with (pm if r == 0 else nullcontext()), (record_routing(routing) if r == 0 else nullcontext()):
+                        self._prefill_ready(cache, start)
+                        if r == 0 and not hook_warm and not gpu:
+                            t0 = time.perf_counter()
+                            attribution, out = self._attributed(model, cache, ids)
+                            samples.append(time.perf_counter() - t0)
+                        else:
+                            with Stopwatch(self.device) as sw:
+                                out = self._prefill_once(model, cache, ids)
+                            samples.append(sw.seconds)
+                    finite = finite and bool(torch.isfinite(out).all())
+            if gpu or not self._contended(watch.window):
+                break
         energy = self._energy(meter, prompt=spec.reps * case.b * case.c)
         t0 = time.perf_counter()
         tracked = None if gpu else self._replayed_prefill(model, cache, ids, start, routing)
@@ -338,10 +344,19 @@ class Runner:
                         cache_bytes=case.cache_bytes, attribution_s=attribution,
                         prefill_from=None if start is None else start["ctx"],
                         **self._totals(run, case, pm, tracked, min(c, spec.ubatch)), memory_s=memory_s, **energy,
+                        **(self._shared(watch.window, retries) if not gpu else {}),
                         **case_rates(run.cfg, spec, "prefill", b, c, st["median_s"], self.ceilings))
         if not finite:
             row.update(status="invalid", error="non-finite logits")
         return row
+
+    def _contended(self, w: CpuWindow) -> bool:
+        """Whether other processes took CPU this case needed: more busy cores elsewhere than it left free
+        (the usable CPUs beyond its threads), or a hypervisor's steal."""
+        return w.contended_beyond(usable_cpus() - self.threads)
+
+    def _shared(self, w: CpuWindow, retries: int) -> dict:
+        return {**w.fields(), "contended": self._contended(w), "contended_retries": retries}
 
     def _meter(self):
         """A started power meter on this run's GPU (NVML), or None (a CPU, --no-energy, no NVML)."""
@@ -396,21 +411,27 @@ class Runner:
             step, mode, note = compiled_steps(model, cache, nxt, spec.gen, snap)
         elif spec.decode_kernel and self.device.type == "cpu":
             step, mode, note = native_steps(model, cache, nxt, spec.gen)
-        meter = None
-        for r in range(spec.warmup + spec.reps):
-            if r == spec.warmup:
-                meter = self._meter()
+        for _ in range(spec.warmup):
             cache.restore(snap)
-            if r == spec.warmup and self.device.type == "cuda" and spec.cuda_graph:
-                # After the eager warmups (Triton kernels compiled, cuBLAS initialised): capture.
-                step, mode, note = graph_steps(model, cache, nxt, spec.gen, snap, warmed=spec.warmup > 0)
-                cache.restore(snap)
-            timed_rep = r >= spec.warmup
-            with (pm if r == spec.warmup else nullcontext()), Stopwatch(self.device) as sw:
-                out = step(record) if r == spec.warmup + spec.reps - 1 else step()
-            if timed_rep:
-                samples.append(sw.seconds / spec.gen)
-                finite = finite and bool(torch.isfinite(out).all())
+            step()
+        gpu = self.device.type == "cuda"
+        for retries in range(RETRIES + 1):  # measured again while other processes take the CPU it needs
+            samples, finite = [], True
+            record.clear()
+            meter = self._meter()
+            with Watch(self.threads) as watch:
+                for r in range(spec.reps):
+                    cache.restore(snap)
+                    if r == 0 and retries == 0 and gpu and spec.cuda_graph:
+                        # After the eager warmups (Triton kernels compiled, cuBLAS initialised): capture.
+                        step, mode, note = graph_steps(model, cache, nxt, spec.gen, snap, warmed=spec.warmup > 0)
+                        cache.restore(snap)
+                    with (pm if r == 0 and retries == 0 else nullcontext()), Stopwatch(self.device) as sw:
+                        out = step(record) if r == spec.reps - 1 else step()
+                    samples.append(sw.seconds / spec.gen)
+                    finite = finite and bool(torch.isfinite(out).all())
+            if gpu or not self._contended(watch.window):
+                break
         energy = self._energy(meter, output=spec.reps * case.b * spec.gen)
         st = _stats(samples)
         row = self._row(run.base, case.b, case.c, "decode", **st, tokens_per_s=case.b / st["median_s"],
@@ -418,6 +439,7 @@ class Runner:
                         memory_source=pm.source, cache_bytes=case.cache_bytes, reserved_peak_bytes=pm.reserved,
                         nvml_used_bytes=pm.nvml_used, decode_mode=mode, decode_note=note,
                         **self._totals(run, case, pm, None, 1), **energy,
+                        **(self._shared(watch.window, retries) if not gpu else {}),
                         **case_rates(run.cfg, spec, "decode", case.b, case.c, st["median_s"], self.ceilings))
         if not finite:
             row.update(status="invalid", error="non-finite logits")
