@@ -40,7 +40,11 @@ DecodeKernelOpt = Annotated[Optional[bool], typer.Option(
 SweepOpt = Annotated[Optional[Path], typer.Option(
     help="TOML sweep file with any of the options above (models, ctx, batch, phases, gen, dtype, device, reps, "
          "warmup, ubatch, share_prefill, cuda_graph, compile, decode_kernel, max_case_seconds, seed, guard, weights, "
-         "energy). An option given on the command line wins over the file, and the file over the defaults.")]
+         "energy, threads). An option given on the command line wins over the file, and the file over the defaults.")]
+ThreadsOpt = Annotated[Optional[str], typer.Option(
+    help="CPU threads: auto (the default: the CPUs other processes leave free, measured before the sweep) or a "
+         "number. A case measured while other processes take CPU it needs is measured again (twice at most), "
+         "flagged `contended`, and left out of fits and verdicts.")]
 WeightsOpt = Annotated[Optional[str], typer.Option(
     help="random, checkpoint, or auto (the default: a local folder's weights where it has them, else random "
          "at the model's real shapes; a Hub id then fetches config.json only).")]
@@ -124,6 +128,7 @@ def bench(
     cuda_graph: CudaGraphOpt = None,
     compile_decode: CompileOpt = None,
     decode_kernel: DecodeKernelOpt = None,
+    threads: ThreadsOpt = None,
     sweep: SweepOpt = None,
     max_case_seconds: Annotated[Optional[float], typer.Option(
         help="Skip cases the fitted curve predicts to take longer (default 1800).")] = None,
@@ -203,7 +208,7 @@ def _specs(a: dict):
     flags = {"models": a["model"], "phases": a["phase"], "compile": a["compile_decode"],
              **{k: a[k] for k in ("ctx", "batch", "gen", "dtype", "device", "reps", "warmup", "ubatch", "share_prefill",
                                   "cuda_graph", "decode_kernel", "max_case_seconds", "seed", "guard", "weights",
-                                  "energy")}}
+                                  "energy", "threads")}}
     spec = resolve_spec(flags, a["sweep"], torch.cuda.is_available(), endpoints=bool(a["endpoint"]))
     rate = a["rate"]
     serve = ServeOptions(
@@ -290,6 +295,9 @@ class _Progress:
     def row(self, r) -> None:
         tps = f"{r.tokens_per_s:.1f} tok/s" if r.tokens_per_s else (r.error or "")
         line = f"    {r.phase:7s} {r.status:7s} {tps}"
+        if getattr(r, "contended", None):
+            line += (f"  contended: {r.cpu_others_cores or 0:.1f} cores busy elsewhere after "
+                     f"{r.contended_retries} retries")
         if self.bar:
             self.bar.console.print(redact(f"{r.model} b{r.batch} ctx {r.ctx}{line}"), markup=False)
         else:

@@ -35,6 +35,9 @@ def analyse(rows: list[Row], slo=None) -> Analysis:
     if dropped:
         out.verdicts.append(f"note: {dropped} row(s) repeat a case already in the rows; the last row of each case "
                             "counts")
+    rows, shared = uncontended(rows)
+    if shared:
+        out.verdicts.append(contended_note(shared))
     for (model, batch), rs in sorted(_group(rows, "prefill").items()):
         rs = sorted(rs, key=lambda r: r.ctx)
         n = [r.ctx for r in rs]
@@ -62,6 +65,21 @@ def analyse(rows: list[Row], slo=None) -> Analysis:
     out.verdicts += [ratio_verdict(r) for r in out.ratios]
     serve_analysis(rows, out, slo)
     return out
+
+
+def uncontended(rows: list[Row]) -> tuple[list[Row], list[Row]]:
+    """(the rows measured with the CPU they needed, those measured while other processes took it)."""
+    shared = [r for r in rows if getattr(r, "contended", None)]
+    return [r for r in rows if not getattr(r, "contended", None)], shared
+
+
+def contended_note(shared: list[Row]) -> str:
+    """What the fits and verdicts leave out, and why."""
+    worst = max((getattr(r, "cpu_others_cores", None) or 0.0) for r in shared)
+    cases = ", ".join(f"{r.model} b{r.batch} ctx {r.ctx} {r.phase}" for r in shared[:4]) + (
+        ", ..." if len(shared) > 4 else "")
+    return (f"note: {len(shared)} case(s) were measured while other processes took CPU they needed (up to "
+            f"{worst:.1f} cores busy elsewhere; contended: {cases}); they are left out of the fits and verdicts")
 
 
 def unique(rows: list[Row]) -> tuple[list[Row], int]:
@@ -146,6 +164,8 @@ def regressions(rows: list[Row], baseline: list[Row], threshold: float) -> list[
     for r in rows:
         b = base.get(r.key)
         if not b or r.status != "ok" or not b.tokens_per_s or not r.tokens_per_s:
+            continue
+        if getattr(r, "contended", None) or getattr(b, "contended", None):  # not this code's speed
             continue
         change = r.tokens_per_s / b.tokens_per_s - 1
         if change < -threshold:

@@ -18,6 +18,7 @@ import torch
 
 from granite_cli.bench import analysis as an
 from granite_cli.bench.analysis import Analysis
+from granite_cli.bench.contention import CONTENDED_CORES, RETRIES, auto_threads, busy_elsewhere, usable_cpus
 from granite_cli.bench.endpoints import RequestsFile, ServeOptions, cases, check_workload, run_endpoints, servers
 from granite_cli.bench.endpoints import check_fits as check_server_fits
 from granite_cli.bench.estimate import check_fits, estimate_seconds, kernel_build_pending, matmul_gflops
@@ -137,6 +138,8 @@ def run_sweep(spec: SweepSpec, outputs: Outputs | None = None, gates: Gates | No
     if requests_file:
         requests_file.open(o.resume)
     rows = [r for r in kept if r.finished]
+    if spec.models and spec.device == "cpu":
+        _choose_threads(spec, say)
     device = torch.device(spec.device)
     est = estimate_seconds(spec, matmul_gflops(device, parse_dtype(spec.dtype))) if spec.models else 0.0
     _announce(spec, found, serve, est, say)
@@ -172,12 +175,28 @@ def run_sweep(spec: SweepSpec, outputs: Outputs | None = None, gates: Gates | No
     order = {m: i for i, m in enumerate([*spec.models, *(s.name for s in found)])}
     rows.sort(key=lambda r: (order.get(r.model, len(order)), r.workload or "", r.batch, r.ctx, r.phase))
     result = an.analyse(rows, slo=serve.slo if serve else None)
+    if shared := an.uncontended(fresh)[1]:
+        say("warning: " + an.contended_note(shared).removeprefix("note: "))
     if out:
         _report(out, rows, result, _sweep_record(spec, found, serve), wall, say, gone)
     failed = an.check_claims(rows, result) if g.check else []
     if base_rows is not None and threshold is not None:
         failed += an.regressions(rows, base_rows, threshold)
     return SweepOutcome(rows, result, wall, failed, gone, fresh)
+
+
+def _choose_threads(spec: SweepSpec, say: Callable[[str], None]) -> None:
+    """The CPU cases' threads: --threads N, or auto: the CPUs other processes leave free (measured over
+    half a second before any work). A busy machine is named before the sweep, not found out after it."""
+    others, cpus = busy_elsewhere(0.5), usable_cpus()
+    n = auto_threads(others, cpus) if spec.threads == "auto" else int(spec.threads)
+    torch.set_num_threads(n)
+    if others is not None and others >= CONTENDED_CORES:
+        use = (f"granite uses the {n} thread(s) left free (--threads auto)" if spec.threads == "auto" else
+               f"--threads {n} competes with them")
+        say(f"warning: {others:.1f} of {cpus} cores busy elsewhere before the sweep; {use}. A case measured while "
+            f"others take CPU it needs is measured again (up to {RETRIES} times), then flagged contended and left "
+            "out of fits and verdicts")
 
 
 def _check_inputs(spec: SweepSpec, o: Outputs, g: Gates, serve: ServeOptions | None) -> tuple[float | None,

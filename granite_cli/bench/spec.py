@@ -50,6 +50,7 @@ class SweepSpec:
     guard: str = "depth"
     weights: str = "auto"
     energy: bool = True        # GPU energy per token from NVML (in-process on CUDA; servers on this host)
+    threads: int | str = "auto"  # CPU threads: a number, or auto (the CPUs other processes leave free)
     ctx_from: str | None = None  # a single --ctx value widened into the sweep up to it (see contexts)
 
     def validate(self, endpoints: bool = False) -> "SweepSpec":
@@ -74,6 +75,7 @@ class SweepSpec:
             raise InputError(f"unknown --weights {self.weights!r}; use auto, random or checkpoint")
         if not self.max_case_seconds > 0:
             raise InputError("--max-case-seconds must be positive")
+        self.threads = parse_threads(self.threads)
         from granite_cli.checkpoint.dtypes import parse_dtype
         from granite_cli.checkpoint.random_weights import check_seed
 
@@ -89,10 +91,26 @@ class SweepSpec:
 _FILE_TYPES = {"models": (list, str), "ctx": (list, str, int), "batch": (list, str, int), "phases": (list, str),
                "gen": int, "dtype": str, "device": str, "reps": int, "warmup": int, "cuda_graph": bool,
                "compile": bool, "decode_kernel": bool, "share_prefill": bool, "ubatch": int,
-               "max_case_seconds": (int, float), "seed": int, "guard": str, "weights": str, "energy": bool}
+               "max_case_seconds": (int, float), "seed": int, "guard": str, "weights": str, "energy": bool,
+               "threads": (int, str)}
 _FILE_WORDS = {k: ("true or false" if v is bool else "an integer" if v is int else "a string" if v is str
-                   else "a number" if k == "max_case_seconds" else "a list or a string")
+                   else "a number" if k == "max_case_seconds" else "a number or auto" if k == "threads"
+                   else "a list or a string")
                for k, v in _FILE_TYPES.items()}
+MAX_THREADS = 4096
+
+
+def parse_threads(v: int | str) -> int | str:
+    """--threads: `auto` or a number of threads from 1 to MAX_THREADS."""
+    if isinstance(v, str) and v.strip().lower() == "auto":
+        return "auto"
+    try:
+        n = int(str(v).strip()) if not isinstance(v, bool) else None
+    except ValueError:
+        n = None
+    if n is None or not 1 <= n <= MAX_THREADS:
+        raise InputError(f"bad --threads {str(v)[:20]!r}: give auto or a number of threads from 1 to {MAX_THREADS}")
+    return n
 
 
 def load_sweep_file(path: str | Path) -> dict:
@@ -139,10 +157,10 @@ def load_sweep_file(path: str | Path) -> dict:
 
 FLAG_FIELDS = ("models", "ctx", "batch", "phases", "gen", "dtype", "device", "reps", "warmup", "ubatch",
                "share_prefill", "cuda_graph", "compile", "decode_kernel", "max_case_seconds", "seed", "guard",
-               "weights", "energy")
+               "weights", "energy", "threads")
 # Fields a server sweep does not read: given with --endpoint alone, they would be silently ignored.
 IN_PROCESS_FIELDS = ("reps", "dtype", "device", "phases", "ubatch", "share_prefill", "cuda_graph", "compile",
-               "decode_kernel", "max_case_seconds", "guard", "weights")
+               "decode_kernel", "max_case_seconds", "guard", "weights", "threads")
 _FLAG = {"phases": "phase"}
 DEFAULT_CTX = {True: "1k-32k*2", False: "512-8k*2"}
 # A single --ctx widens into a sweep down to the default start, with at least this many contexts (where
