@@ -21,6 +21,22 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 logging.getLogger("transformers").setLevel(logging.ERROR)
 
 
+def _free_threads() -> int:
+    """The CPUs other processes leave free now. Beside a busy process a thread pool as wide as the machine
+    waits on the busy core at every barrier (decode ran 13-15x slower); on the free ones the suite runs
+    at the speed those cores give. GRANITE_TEST_THREADS fixes the count."""
+    if os.environ.get("GRANITE_TEST_THREADS"):
+        return int(os.environ["GRANITE_TEST_THREADS"])
+    from granite_cli.bench.contention import auto_threads, busy_elsewhere
+
+    return auto_threads(busy_elsewhere(0.3))
+
+
+THREADS = _free_threads()
+torch.set_num_threads(THREADS)
+os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))  # the CLI runs the tests start take it too
+
+
 def tiny(arch: str = "granitemoehybrid", **over) -> ModelConfig:
     """A tiny config of any architecture; keyword overrides are profile keys."""
     base = dict(architecture=arch, vocab_size=128, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
