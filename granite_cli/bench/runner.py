@@ -414,6 +414,7 @@ class Runner:
         for _ in range(spec.warmup):
             cache.restore(snap)
             step()
+        sync(self.device)  # the warmups finished before a capture or a timed step begins
         gpu = self.device.type == "cuda"
         for retries in range(RETRIES + 1):  # measured again while other processes take the CPU it needs
             samples, finite = [], True

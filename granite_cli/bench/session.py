@@ -193,7 +193,8 @@ def _choose_threads(spec: SweepSpec, say: Callable[[str], None]) -> None:
     torch.set_num_threads(n)
     if others is not None and others >= CONTENDED_CORES:
         use = (f"granite uses the {n} thread(s) left free (--threads auto)" if spec.threads == "auto" else
-               f"--threads {n} competes with them")
+               f"--threads {n} competes with them" if n > auto_threads(others, cpus) else
+               f"--threads {n} runs on the cores left free")
         say(f"warning: {others:.1f} of {cpus} cores busy elsewhere before the sweep; {use}. A case measured while "
             f"others take CPU it needs is measured again (up to {RETRIES} times), then flagged contended and left "
             "out of fits and verdicts")
