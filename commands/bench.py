@@ -41,6 +41,11 @@ SweepOpt = Annotated[Optional[Path], typer.Option(
     help="TOML sweep file with any of the options above (models, ctx, batch, phases, gen, dtype, device, reps, "
          "warmup, ubatch, share_prefill, cuda_graph, compile, decode_kernel, max_case_seconds, seed, guard, weights, "
          "energy, threads). An option given on the command line wins over the file, and the file over the defaults.")]
+DtypeOpt = Annotated[Optional[str], typer.Option(help="fp32, bf16 or fp16 (default: fp32 on CPU, bf16 on GPU).")]
+RepsOpt = Annotated[Optional[int], typer.Option(
+    help="Timed repetitions per case (default 3; on a CPU 1 for the default sweep and above 16k).")]
+WarmupOpt = Annotated[Optional[int], typer.Option(
+    help="Untimed runs per case (default 1; on a CPU 0 for the default sweep and above 16k).")]
 ThreadsOpt = Annotated[Optional[str], typer.Option(
     help="CPU threads: auto (the default: the CPUs other processes leave free, measured before the sweep) or a "
          "number. A case measured while other processes take CPU it needs is measured again (twice at most), "
@@ -116,13 +121,10 @@ def bench(
     batch: Annotated[Optional[str], typer.Option(help="Batch sizes: 1,4 or a range 1-16*2.")] = None,
     phase: Annotated[Optional[str], typer.Option(help="prefill, decode, or prefill,decode (the default).")] = None,
     gen: Annotated[Optional[int], typer.Option(help="Decode tokens timed per repetition (default 16).")] = None,
-    dtype: Annotated[Optional[str], typer.Option(
-        help="fp32, bf16 or fp16 (default: fp32 on CPU, bf16 on GPU).")] = None,
+    dtype: DtypeOpt = None,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda or auto (the default).")] = None,
-    reps: Annotated[Optional[int], typer.Option(
-        help="Timed repetitions per case (default 3; on a CPU 1 for the default sweep and above 16k).")] = None,
-    warmup: Annotated[Optional[int], typer.Option(
-        help="Untimed runs per case (default 1; on a CPU 0 for the default sweep and above 16k).")] = None,
+    reps: RepsOpt = None,
+    warmup: WarmupOpt = None,
     ubatch: Annotated[Optional[int], typer.Option(help="Prefill tokens per forward (chunked prefill; 4096).")] = None,
     share_prefill: SharePrefillOpt = None,
     cuda_graph: CudaGraphOpt = None,

@@ -29,6 +29,7 @@ from typing import Callable
 
 import torch
 
+from granite_cli.bench.attribution import Attribution
 from granite_cli.bench.contention import RETRIES, CpuWindow, Watch, usable_cpus
 from granite_cli.bench.estimate import predicted_total, prefix_point
 from granite_cli.bench.fit import fit_scaling
@@ -65,39 +66,6 @@ def _weights_for(spec_model: str, choice: str) -> str:
     if p.is_dir() and (any(p.glob("*.safetensors")) or (p / "model.safetensors.index.json").exists()):
         return "checkpoint"
     return "random"
-
-
-class _Attribution:
-    """Forward hooks timing each layer type; synchronises on CUDA (used in one run of a case only)."""
-
-    def __init__(self, model, device) -> None:
-        self.device = device
-        self.times = {"mamba": 0.0, "attention": 0.0, "moe_mlp": 0.0}
-        self.started: dict[int, float] = {}
-        self.handles = []
-        for layer in model.layers:
-            self._hook(layer.mixer, "mamba" if layer.kind == "mamba" else "attention")
-            for sub in (layer.moe, layer.mlp):
-                if sub is not None:
-                    self._hook(sub, "moe_mlp")
-
-    def _hook(self, mod, key) -> None:
-        def pre(_m, _a):
-            sync(self.device)
-            self.started[id(_m)] = time.perf_counter()
-
-        def post(_m, _a, _o):
-            sync(self.device)
-            self.times[key] += time.perf_counter() - self.started.pop(id(_m))
-
-        self.handles += [mod.register_forward_pre_hook(pre), mod.register_forward_hook(post)]
-
-    def close(self, total: float) -> dict:
-        for h in self.handles:
-            h.remove()
-        out = dict(self.times)
-        out["rest"] = max(0.0, total - sum(self.times.values()))
-        return out
 
 
 def _stats(samples: list[float]) -> dict:
@@ -389,7 +357,7 @@ class Runner:
 
     def _attributed(self, model, cache, ids) -> tuple[dict, torch.Tensor]:
         """(attribution by layer type, last logits) of one prefill run with the timing hooks on."""
-        att = _Attribution(model, self.device)
+        att = Attribution(model, self.device)
         sync(self.device)
         t0 = time.perf_counter()
         try:
