@@ -327,13 +327,6 @@ def test_escaped_text_comes_back_as_itself(text):
         assert "<" not in code[6:-7]
 
 
-def _tokens_route(h, body):
-    if not body.get("stream"):
-        return send_json(h, {"choices": [{"text": "x", "finish_reason": "length"}],
-                             "usage": {"prompt_tokens": 4, "completion_tokens": 1}})
-    send_events(h, good_tokens(h, body))
-
-
 def test_report_of_a_hostile_server_and_dataset_has_no_live_link(server, tmp_path):
     evil = "[x](javascript:alert(1))` [y](data:text/html,z) `"
     srv = server({
