@@ -27,9 +27,7 @@ FormatOpt = Annotated[
 
 def out(text: str) -> None:
     """Data to stdout (secrets masked: granite_cli.redact)."""
-    text = redact(text)
-    sys.stdout.write(text if text.endswith("\n") else text + "\n")
-    sys.stdout.flush()
+    _data(redact(text))
 
 
 def _data(text: str) -> None:

@@ -16,7 +16,7 @@ from granite_cli.redact import printable
 
 # NVML answers in ms-scale calls; DCGM's exporter refreshes its fields about once a second.
 NVML_EVERY, DCGM_EVERY = 0.1, 0.5
-# No GPU draws more (a B200 board is rated 1.2 kW); a reading outside 0..this is not a measurement.
+# Several times any GPU board's rated power: a reading outside 0..this is not a measurement.
 MAX_GPU_WATTS = 5000.0
 MIB = 1 << 20
 

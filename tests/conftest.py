@@ -23,7 +23,7 @@ logging.getLogger("transformers").setLevel(logging.ERROR)
 
 def _free_threads() -> int:
     """The CPUs other processes leave free now. Beside a busy process a thread pool as wide as the machine
-    waits on the busy core at every barrier (decode ran 13-15x slower); on the free ones the suite runs
+    waits on the busy core at every barrier (decode at 0.20-0.45x); on the free ones the suite runs
     at the speed those cores give. GRANITE_TEST_THREADS fixes the count."""
     if os.environ.get("GRANITE_TEST_THREADS"):
         return int(os.environ["GRANITE_TEST_THREADS"])
@@ -110,6 +110,23 @@ def kernel_cache(tmp_path_factory):
     os.environ["GRANITE_CACHE_DIR"] = str(tmp_path_factory.mktemp("granite-cache"))
     yield
     os.environ.pop("GRANITE_CACHE_DIR", None)
+
+
+@pytest.fixture
+def server():
+    """Make hostile servers (tests/hostile_server.py) from routes; all stopped after the test."""
+    from tests.hostile_server import HostileServer
+
+    made = []
+
+    def make(routes):
+        s = HostileServer(routes)
+        made.append(s)
+        return s
+
+    yield make
+    for s in made:
+        s.stop()
 
 
 def one_error(r, code: int, *words: str) -> str:

@@ -55,20 +55,6 @@ def sweep(srv: HostileServer, tmp: Path, *extra, key: str = KEY, env=None, timeo
     return r, rows
 
 
-@pytest.fixture
-def server():
-    made = []
-
-    def make(routes):
-        s = HostileServer(routes)
-        made.append(s)
-        return s
-
-    yield make
-    for s in made:
-        s.stop()
-
-
 def _quote_key(h, body):
     return h.headers.get("Authorization") or ""
 

@@ -27,24 +27,10 @@ from granite_cli.html import _SCRIPT, _inline, markdown_to_html
 from granite_cli.ops import native
 from granite_cli.render import md_code, md_text
 from tests.conftest import one_error
-from tests.hostile_server import HostileServer, good_tokens, send_events, send_json
+from tests.hostile_server import good_tokens, send_events, send_json
 from tests.test_hostile import KEY, RUN, clean, granite, sweep
 
 needs_cc = pytest.mark.skipif(native._compiler() is None, reason="no C compiler")
-
-
-@pytest.fixture
-def server():
-    made = []
-
-    def make(routes):
-        s = HostileServer(routes)
-        made.append(s)
-        return s
-
-    yield make
-    for s in made:
-        s.stop()
 
 
 # ---- 1 and 7: the kernel cache runs nothing granite did not build -----------------------------------
@@ -491,18 +477,22 @@ def test_impossible_answers_are_error_rows_of_their_kind(server, tmp_path, name,
         assert row["requests_ok"] == 0 and row["tokens_per_s"] is None
 
 
+def _send_text(h, body: str) -> None:
+    """A Prometheus page."""
+    h.send_response(200)
+    h.send_header("Content-Type", "text/plain")
+    h.send_header("Content-Length", str(len(body)))
+    h.end_headers()
+    h.wfile.write(body.encode())
+
+
 def test_impossible_prefix_counters_are_dropped_with_a_note(server, tmp_path):
     n = {"k": 0}
 
     def metrics(h, b):
         n["k"] += 1
-        body = (f"vllm:prefix_cache_queries_total 100\nvllm:prefix_cache_hits_total {100 + 50 * n['k']}\n"
-                "vllm:num_requests_running 1\n")
-        h.send_response(200)
-        h.send_header("Content-Type", "text/plain")
-        h.send_header("Content-Length", str(len(body)))
-        h.end_headers()
-        h.wfile.write(body.encode())
+        _send_text(h, f"vllm:prefix_cache_queries_total 100\nvllm:prefix_cache_hits_total {100 + 50 * n['k']}\n"
+                      "vllm:num_requests_running 1\n")
 
     srv = server({"/metrics": metrics})
     r, rows = sweep(srv, tmp_path)
@@ -513,12 +503,7 @@ def test_impossible_prefix_counters_are_dropped_with_a_note(server, tmp_path):
 
 def test_negative_dcgm_power_is_dropped_with_a_note(server, tmp_path):
     def dcgm(h, b):
-        body = 'DCGM_FI_DEV_POWER_USAGE{gpu="0"} -250\nDCGM_FI_DEV_GPU_UTIL{gpu="0"} 50\n'
-        h.send_response(200)
-        h.send_header("Content-Type", "text/plain")
-        h.send_header("Content-Length", str(len(body)))
-        h.end_headers()
-        h.wfile.write(body.encode())
+        _send_text(h, 'DCGM_FI_DEV_POWER_USAGE{gpu="0"} -250\nDCGM_FI_DEV_GPU_UTIL{gpu="0"} 50\n')
 
     srv = server({"/metrics": dcgm})
     r, rows = sweep(srv, tmp_path, "--dcgm", srv.url)

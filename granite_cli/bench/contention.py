@@ -1,7 +1,7 @@
 """Whether a CPU measurement had the machine to itself.
 
 A timing taken while another process used the CPU is not this machine's figure: on 2 cores one busy
-loop beside the bench slowed decode 13-15x and turned a linear fit quadratic. So each timed window
+loop beside a 2-thread bench cut decode to 0.20-0.45x its quiet tokens/s. So each timed window
 reads, at its start and end,
 - this process's CPU time (all its threads; `time.process_time`, nanosecond clock),
 - the machine's busy and stolen CPU time from /proc/stat (every core, in clock ticks),
